@@ -1,0 +1,27 @@
+# refreshd. `make help` lists the targets; longer logic lives in deploy/.
+.DEFAULT_GOAL := help
+CARGO ?= cargo
+
+.PHONY: help run test services build lint bench
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+run: services ## start everything locally (refreshd dev) against the local services
+	@deploy/local/run.sh
+
+test: services ## run every test (unit and integration) against the real services
+	$(CARGO) test --workspace --all-targets --no-fail-fast
+
+services: ## make sure Redis, RabbitMQ and PostgreSQL answer (installs them if missing)
+	@deploy/local/services.sh
+
+build: ## build every crate and binary
+	$(CARGO) build --workspace --all-targets
+
+lint: ## rustfmt check and clippy with warnings denied
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench: ## run the benchmarks
+	@echo "no benchmarks yet"
