@@ -1,0 +1,241 @@
+//! CloudEvents 1.0 (structured JSON) for refresh status changes and refused requests, and their routing keys.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{ConsentId, EventId, TenantId};
+use crate::problem::Problem;
+use crate::record::RefreshRecord;
+use crate::requested_by::RequestedBy;
+
+/// The CloudEvents version produced.
+pub const SPEC_VERSION: &str = "1.0";
+/// The `source` of every event.
+pub const EVENT_SOURCE: &str = "refreshd";
+/// The `datacontenttype` of every event.
+pub const DATA_CONTENT_TYPE: &str = "application/json";
+/// Event types are this prefix plus the status segment.
+pub const EVENT_TYPE_PREFIX: &str = "io.refreshd.refresh.";
+/// The segment of refused requests (not a refresh status).
+pub const REJECTED_SEGMENT: &str = "rejected";
+
+/// A CloudEvent in structured JSON mode; field names as CloudEvents spells them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CloudEvent<T> {
+    /// Always `"1.0"`.
+    pub specversion: String,
+    /// Unique per status change; consumers dedupe on it.
+    pub id: EventId,
+    /// Always `"refreshd"`.
+    pub source: String,
+    /// `io.refreshd.refresh.{initialized|updated|error|rejected}`.
+    pub r#type: String,
+    /// The consent id.
+    pub subject: String,
+    /// When the change happened.
+    pub time: DateTime<Utc>,
+    /// Always `"application/json"`.
+    pub datacontenttype: String,
+    /// The payload.
+    pub data: T,
+}
+
+impl<T> CloudEvent<T> {
+    fn new(
+        segment: &str,
+        id: EventId,
+        consent_id: ConsentId,
+        time: DateTime<Utc>,
+        data: T,
+    ) -> Self {
+        Self {
+            specversion: SPEC_VERSION.to_owned(),
+            id,
+            source: EVENT_SOURCE.to_owned(),
+            r#type: format!("{EVENT_TYPE_PREFIX}{segment}"),
+            subject: consent_id.to_string(),
+            time,
+            datacontenttype: DATA_CONTENT_TYPE.to_owned(),
+            data,
+        }
+    }
+
+    /// The status segment of the type (`updated` etc.), when the type is one of ours.
+    pub fn segment(&self) -> Option<&str> {
+        self.r#type.strip_prefix(EVENT_TYPE_PREFIX)
+    }
+}
+
+impl CloudEvent<RefreshRecord> {
+    /// The event for `record`'s current status.
+    pub fn refresh(record: &RefreshRecord, id: EventId, time: DateTime<Utc>) -> Self {
+        Self::new(
+            record.status.event_segment(),
+            id,
+            record.consent_id,
+            time,
+            record.clone(),
+        )
+    }
+
+    /// `refresh.{status}.{tenantId}`.
+    pub fn routing_key(&self) -> String {
+        routing_key(self.data.status.event_segment(), &self.data.tenant_id)
+    }
+}
+
+/// The data of a `rejected` event: a request the gate refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RejectedRequest {
+    /// The consent asked for.
+    pub consent_id: ConsentId,
+    /// The tenant that asked.
+    pub tenant_id: TenantId,
+    /// Who asked.
+    pub requested_by: RequestedBy,
+    /// The refusal, as the requester received it.
+    pub problem: Problem,
+}
+
+impl CloudEvent<RejectedRequest> {
+    /// The event for a refused request.
+    pub fn rejected(request: RejectedRequest, id: EventId, time: DateTime<Utc>) -> Self {
+        let consent_id = request.consent_id;
+        Self::new(REJECTED_SEGMENT, id, consent_id, time, request)
+    }
+
+    /// `refresh.rejected.{tenantId}`.
+    pub fn routing_key(&self) -> String {
+        routing_key(REJECTED_SEGMENT, &self.data.tenant_id)
+    }
+}
+
+/// The `events` exchange routing key `refresh.{segment}.{tenantId}`. Tenant ids
+/// may contain dots, so subscribers to one status should bind `refresh.{segment}.#`.
+pub fn routing_key(segment: &str, tenant: &TenantId) -> String {
+    format!("refresh.{segment}.{tenant}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::tests::record;
+    use crate::record::{RefreshError, RefreshSummary};
+    use serde_json::json;
+    use uuid::Uuid;
+
+    fn event_id() -> EventId {
+        EventId::from_uuid(Uuid::from_u128(0x0190f5d3_0000_7000_8000_000000000001))
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn refresh_events() {
+        let check = |r: &RefreshRecord, ty: &str, key: &str| {
+            let event = CloudEvent::refresh(r, event_id(), at("2024-05-01T10:00:06Z"));
+            assert_eq!(event.r#type, ty);
+            assert_eq!(event.routing_key(), key);
+            assert_eq!(event.segment(), ty.strip_prefix("io.refreshd.refresh."));
+            let json = serde_json::to_value(&event).unwrap();
+            assert_eq!(json["type"], ty);
+            assert_eq!(json["data"], serde_json::to_value(r).unwrap());
+            assert_eq!(
+                serde_json::from_value::<CloudEvent<RefreshRecord>>(json).unwrap(),
+                event
+            );
+        };
+        let initialized = record();
+        let mut updated = record();
+        updated
+            .finish_updated(RefreshSummary::default(), at("2024-05-01T10:00:05Z"))
+            .unwrap();
+        let mut error = record();
+        error
+            .finish_error(RefreshError::bank_error(), at("2024-05-01T10:00:05Z"))
+            .unwrap();
+        check(
+            &initialized,
+            "io.refreshd.refresh.initialized",
+            "refresh.initialized.acme",
+        );
+        check(
+            &updated,
+            "io.refreshd.refresh.updated",
+            "refresh.updated.acme",
+        );
+        check(&error, "io.refreshd.refresh.error", "refresh.error.acme");
+    }
+
+    #[test]
+    fn envelope_fields() {
+        let event = CloudEvent::refresh(&record(), event_id(), at("2024-05-01T10:00:06Z"));
+        let mut json = serde_json::to_value(&event).unwrap();
+        json.as_object_mut().unwrap().remove("data");
+        assert_eq!(
+            json,
+            json!({
+                "specversion": "1.0",
+                "id": "0190f5d3-0000-7000-8000-000000000001",
+                "source": "refreshd",
+                "type": "io.refreshd.refresh.initialized",
+                "subject": "7d4c4b2a-1111-4222-8333-444455556666",
+                "time": "2024-05-01T10:00:06Z",
+                "datacontenttype": "application/json",
+            })
+        );
+    }
+
+    #[test]
+    fn rejected_event() {
+        let r = record();
+        let request = RejectedRequest {
+            consent_id: r.consent_id,
+            tenant_id: r.tenant_id.clone(),
+            requested_by: RequestedBy::App,
+            problem: Problem::refresh_in_progress(r.refresh_id),
+        };
+        let event = CloudEvent::rejected(request, event_id(), at("2024-05-01T10:00:06Z"));
+        assert_eq!(event.routing_key(), "refresh.rejected.acme");
+        assert_eq!(event.segment(), Some("rejected"));
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["type"], "io.refreshd.refresh.rejected");
+        assert_eq!(json["subject"], "7d4c4b2a-1111-4222-8333-444455556666");
+        assert_eq!(
+            json["data"],
+            json!({
+                "consentId": "7d4c4b2a-1111-4222-8333-444455556666",
+                "tenantId": "acme",
+                "requestedBy": "APP",
+                "problem": {
+                    "type": "https://tools.ietf.org/html/rfc9110#section-15.5.10",
+                    "title": "Conflict",
+                    "status": 409,
+                    "detail": "A refresh is already in progress for this consent",
+                    "code": "refresh_in_progress",
+                    "refreshId": "0190f5d2-6c1a-7b3e-8d4f-0a1b2c3d4e5f",
+                },
+            })
+        );
+        assert_eq!(
+            serde_json::from_value::<CloudEvent<RejectedRequest>>(json).unwrap(),
+            event
+        );
+    }
+
+    #[test]
+    fn routing_keys() {
+        let check = |segment: &str, tenant: &str, expected: &str| {
+            assert_eq!(
+                routing_key(segment, &TenantId::parse(tenant).unwrap()),
+                expected
+            );
+        };
+        check("updated", "acme", "refresh.updated.acme");
+        check("error", "t-1", "refresh.error.t-1");
+        check("rejected", "acme.eu", "refresh.rejected.acme.eu");
+    }
+}

@@ -1,0 +1,75 @@
+//! An admitted refresh as it travels on the `jobs` queue: written by the ingress once
+//! the gate admitted it, read by the workers.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::{ConsentId, ProviderId, RefreshId, RequestedBy, TenantId};
+
+/// The body of a job message (JSON, camelCase). Parsing validates every id, so a job
+/// that parses is well-formed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Job {
+    pub refresh_id: RefreshId,
+    pub consent_id: ConsentId,
+    pub tenant_id: TenantId,
+    pub provider_id: ProviderId,
+    pub requested_by: RequestedBy,
+    /// The initial connection load (all data kinds) rather than a plain refresh.
+    pub initial: bool,
+    /// The worker must not start the refresh before this instant.
+    pub not_before: DateTime<Utc>,
+    /// Bank attempts already made (retries re-publish the job with this raised).
+    #[serde(default)]
+    pub attempt: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("malformed job message: {0}")]
+pub struct JobError(String);
+
+impl Job {
+    pub fn parse(body: &[u8]) -> Result<Self, JobError> {
+        serde_json::from_slice(body).map_err(|e| JobError(e.to_string()))
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_refusals() {
+        let job = Job {
+            refresh_id: "0190d3c4-7a00-7000-8000-000000000001".parse().unwrap(),
+            consent_id: "5b1d0c2e-6f1a-4d3b-9c8e-7a6b5c4d3e2f".parse().unwrap(),
+            tenant_id: TenantId::parse("acme").unwrap(),
+            provider_id: ProviderId::parse("sim").unwrap(),
+            requested_by: RequestedBy::Api,
+            initial: false,
+            not_before: "2026-01-01T00:00:00Z".parse().unwrap(),
+            attempt: 0,
+        };
+        assert_eq!(Job::parse(&job.to_bytes()).unwrap(), job);
+        let check = |body: &str| assert!(Job::parse(body.as_bytes()).is_err(), "{body}");
+        check("");
+        check("{}");
+        check("not json");
+        check(
+            &String::from_utf8(job.to_bytes())
+                .unwrap()
+                .replace("acme", "a c m e"),
+        );
+        check(
+            &String::from_utf8(job.to_bytes())
+                .unwrap()
+                .replace("\"API\"", "\"NOBODY\""),
+        );
+    }
+}

@@ -1,0 +1,276 @@
+//! The global stagger: how far apart refresh starts are spaced, and the pure slot decision.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::ids::{ProviderId, TenantId};
+use crate::parse::string_enum;
+
+string_enum! {
+    /// Which refreshes share one stagger budget.
+    pub enum StaggerScope as "stagger scope" {
+        /// All refreshes, whatever the tenant or bank.
+        Global => "global",
+        /// Each tenant separately.
+        Tenant => "tenant",
+        /// Each bank (provider) separately.
+        Provider => "provider",
+    }
+}
+
+impl StaggerScope {
+    /// The name of the budget a refresh of `tenant` at `provider` draws from,
+    /// for use in a key: `global`, `tenant.{tenantId}` or `provider.{providerId}`.
+    pub fn bucket(self, tenant: &TenantId, provider: &ProviderId) -> String {
+        match self {
+            Self::Global => "global".to_owned(),
+            Self::Tenant => format!("tenant.{tenant}"),
+            Self::Provider => format!("provider.{provider}"),
+        }
+    }
+}
+
+/// The `stagger` settings: at most `limit` refresh starts in any
+/// `period_secs` window; admission is refused when the earliest free slot is
+/// more than `max_delay_secs` away.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StaggerSettings {
+    /// Starts allowed per period (default 30).
+    pub limit: u32,
+    /// The period in seconds (default 60).
+    pub period_secs: u64,
+    /// The longest wait for a slot before `backlog_full` (default 3600).
+    pub max_delay_secs: u64,
+    /// Which refreshes share a budget (default `global`).
+    pub scope: StaggerScope,
+}
+
+impl Default for StaggerSettings {
+    fn default() -> Self {
+        Self {
+            limit: 30,
+            period_secs: 60,
+            max_delay_secs: 3600,
+            scope: StaggerScope::Global,
+        }
+    }
+}
+
+/// Stagger settings that cannot work.
+#[derive(Debug, Error, Clone, Copy, PartialEq, Eq)]
+pub enum StaggerError {
+    /// `stagger.limit` is 0.
+    #[error("stagger.limit must be at least 1")]
+    ZeroLimit,
+    /// `stagger.period_secs` is 0.
+    #[error("stagger.period_secs must be at least 1")]
+    ZeroPeriod,
+}
+
+/// Where a new refresh may start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotDecision {
+    /// Admitted: start no earlier than this.
+    Start {
+        /// The start slot (`notBefore`).
+        not_before: DateTime<Utc>,
+    },
+    /// The earliest free slot is beyond `max_delay_secs`; ask again after `retry_after`.
+    BacklogFull {
+        /// How long until a slot within the allowed delay frees up.
+        retry_after: TimeDelta,
+    },
+}
+
+impl StaggerSettings {
+    /// Checks the settings are usable; run once when settings are loaded.
+    pub fn validate(&self) -> Result<(), StaggerError> {
+        if self.limit == 0 {
+            return Err(StaggerError::ZeroLimit);
+        }
+        if self.period_secs == 0 {
+            return Err(StaggerError::ZeroPeriod);
+        }
+        Ok(())
+    }
+
+    /// The period as a duration.
+    pub fn period(&self) -> TimeDelta {
+        secs(self.period_secs)
+    }
+
+    /// The longest allowed wait for a slot.
+    pub fn max_delay(&self) -> TimeDelta {
+        secs(self.max_delay_secs)
+    }
+
+    /// The gap between consecutive start slots: period / limit, rounded up to
+    /// the nanosecond so that `limit + 1` starts never fit in one period.
+    /// A limit of 0 (refused by [`Self::validate`]) is read as 1.
+    pub fn spacing(&self) -> TimeDelta {
+        const NANOS_PER_SEC: u128 = 1_000_000_000;
+        let nanos =
+            (u128::from(self.period_secs) * NANOS_PER_SEC).div_ceil(u128::from(self.limit.max(1)));
+        i64::try_from(nanos).map_or(TimeDelta::MAX, TimeDelta::nanoseconds)
+    }
+
+    /// The slot decision, given the latest slot already handed out in this
+    /// budget: the next slot is one spacing after it, and never before `now`.
+    /// This is the reference the atomic Redis script implements.
+    pub fn assign_slot(
+        &self,
+        last_slot: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> SlotDecision {
+        let earliest = last_slot
+            .and_then(|last| last.checked_add_signed(self.spacing()))
+            .map_or(now, |next| next.max(now));
+        let wait = earliest.signed_duration_since(now);
+        if wait > self.max_delay() {
+            SlotDecision::BacklogFull {
+                retry_after: wait - self.max_delay(),
+            }
+        } else {
+            SlotDecision::Start {
+                not_before: earliest,
+            }
+        }
+    }
+}
+
+/// Seconds from configuration as a duration, saturating far beyond any sensible value.
+fn secs(s: u64) -> TimeDelta {
+    i64::try_from(s)
+        .ok()
+        .and_then(TimeDelta::try_seconds)
+        .unwrap_or(TimeDelta::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(limit: u32, period_secs: u64, max_delay_secs: u64) -> StaggerSettings {
+        StaggerSettings {
+            limit,
+            period_secs,
+            max_delay_secs,
+            scope: StaggerScope::Global,
+        }
+    }
+
+    #[test]
+    fn spacing_is_period_over_limit_rounded_up() {
+        let check = |limit: u32, period: u64, nanos: i64| {
+            assert_eq!(
+                settings(limit, period, 0).spacing(),
+                TimeDelta::nanoseconds(nanos),
+                "{period}/{limit}"
+            );
+        };
+        check(30, 60, 2_000_000_000);
+        check(1, 1, 1_000_000_000);
+        check(1, 60, 60_000_000_000);
+        check(7, 60, 8_571_428_572);
+        check(3, 1, 333_333_334);
+        check(1000, 1, 1_000_000);
+        check(0, 60, 60_000_000_000);
+    }
+
+    #[test]
+    fn limit_plus_one_starts_never_fit_in_a_period() {
+        let check = |limit: u32, period: u64| {
+            let s = settings(limit, period, 0);
+            assert!(
+                s.spacing() * i32::try_from(limit).unwrap() >= s.period(),
+                "{period}/{limit}"
+            );
+        };
+        check(30, 60);
+        check(7, 60);
+        check(3, 1);
+        check(9, 10);
+    }
+
+    #[test]
+    fn validation() {
+        let check = |limit: u32, period: u64, expected: Result<(), StaggerError>| {
+            assert_eq!(settings(limit, period, 0).validate(), expected);
+        };
+        check(30, 60, Ok(()));
+        check(1, 1, Ok(()));
+        check(0, 60, Err(StaggerError::ZeroLimit));
+        check(30, 0, Err(StaggerError::ZeroPeriod));
+        assert_eq!(StaggerSettings::default().validate(), Ok(()));
+    }
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn slots() {
+        let s = settings(30, 60, 10);
+        let now = "2024-01-01T12:00:00Z";
+        let check = |last: Option<&str>, expected: SlotDecision| {
+            assert_eq!(s.assign_slot(last.map(at), at(now)), expected, "{last:?}");
+        };
+        let start = |t: &str| SlotDecision::Start { not_before: at(t) };
+        let full = |ms: i64| SlotDecision::BacklogFull {
+            retry_after: TimeDelta::milliseconds(ms),
+        };
+        check(None, start(now));
+        check(Some("2024-01-01T11:00:00Z"), start(now));
+        check(Some("2024-01-01T11:59:58Z"), start(now));
+        check(Some("2024-01-01T11:59:59Z"), start("2024-01-01T12:00:01Z"));
+        check(Some("2024-01-01T12:00:00Z"), start("2024-01-01T12:00:02Z"));
+        check(Some("2024-01-01T12:00:08Z"), start("2024-01-01T12:00:10Z"));
+        check(Some("2024-01-01T12:00:08.5Z"), full(500));
+        check(Some("2024-01-01T12:01:00Z"), full(52_000));
+    }
+
+    #[test]
+    fn config() {
+        let check = |json: &str, expected: Result<StaggerSettings, &str>| {
+            let got = serde_json::from_str::<StaggerSettings>(json).map_err(|e| e.to_string());
+            match (got, expected) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want),
+                (Err(got), Err(want)) => assert!(got.contains(want), "{got}"),
+                (got, want) => panic!("{json}: got {got:?}, expected {want:?}"),
+            }
+        };
+        check("{}", Ok(StaggerSettings::default()));
+        check(
+            r#"{"limit": 5, "period_secs": 10, "max_delay_secs": 60, "scope": "provider"}"#,
+            Ok(StaggerSettings {
+                limit: 5,
+                period_secs: 10,
+                max_delay_secs: 60,
+                scope: StaggerScope::Provider,
+            }),
+        );
+        check(
+            r#"{"scope": "tenant"}"#,
+            Ok(StaggerSettings {
+                scope: StaggerScope::Tenant,
+                ..Default::default()
+            }),
+        );
+        check(r#"{"scope": "Global"}"#, Err("unknown stagger scope"));
+        check(r#"{"limt": 5}"#, Err("unknown field"));
+    }
+
+    #[test]
+    fn buckets() {
+        let tenant = TenantId::parse("acme").unwrap();
+        let provider = ProviderId::parse("sim").unwrap();
+        let check = |scope: StaggerScope, expected: &str| {
+            assert_eq!(scope.bucket(&tenant, &provider), expected)
+        };
+        check(StaggerScope::Global, "global");
+        check(StaggerScope::Tenant, "tenant.acme");
+        check(StaggerScope::Provider, "provider.sim");
+    }
+}
