@@ -1,0 +1,19 @@
+//! PostgreSQL adapter: connection pool, per-namespace schema and migrations, the
+//! store of consents, refreshes, idempotency keys, tenant settings and the outbox, and
+//! the encryption of bank tokens at rest.
+//!
+//! Every namespace lives in its own PostgreSQL schema; connections set `search_path`
+//! to it, so the migrations and queries never name a schema.
+
+mod crypto;
+mod pool;
+mod store;
+
+pub use crypto::{CryptoError, TokenCipher};
+pub use pool::{
+    DatabaseSettings, PgError, Schema, check_migrated, connect, drop_schema, health, migrate,
+};
+pub use store::{
+    ClaimedEvents, ConsentRow, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
+    PendingEvent, Store, StoreError, TenantSettingsRow,
+};

@@ -1,0 +1,545 @@
+//! The ingress's view of the database: consents, refresh records and history,
+//! idempotency keys, tenant settings, and the event outbox.
+
+use chrono::{DateTime, Utc};
+use refresh_core::{
+    ConsentId, ConsentStatus, EventId, ProblemCode, ProviderId, RefreshError, RefreshId,
+    RefreshRecord, RefreshStatus, RefreshSummary, RequestedBy, TenantId,
+};
+use secrecy::SecretString;
+use serde_json::Value;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Postgres, Row, Transaction};
+
+use crate::crypto::{CryptoError, TokenCipher};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database query failed")]
+    Query(#[source] sqlx::Error),
+    #[error("a row with this key exists already")]
+    Conflict,
+    #[error("a stored value is invalid: {0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached (answer 503) rather than a bug.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Self::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match &error {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_) => Self::Unavailable(error),
+            sqlx::Error::Database(db) if db.is_unique_violation() => Self::Conflict,
+            _ => Self::Query(error),
+        }
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+/// A consent as stored (the token stays encrypted; see [`Store::access_token`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConsentRow {
+    pub consent_id: ConsentId,
+    pub tenant_id: TenantId,
+    pub provider_id: ProviderId,
+    pub bank_consent_id: String,
+    pub expires_at: DateTime<Utc>,
+    pub status: ConsentStatus,
+    pub created_at: DateTime<Utc>,
+    pub last_refreshed_at: Option<DateTime<Utc>>,
+}
+
+/// A consent to register.
+#[derive(Debug)]
+pub struct NewConsent {
+    pub consent_id: ConsentId,
+    pub tenant_id: TenantId,
+    pub provider_id: ProviderId,
+    pub bank_consent_id: String,
+    pub access_token: SecretString,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An event to publish through the outbox.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxEvent {
+    pub event_id: EventId,
+    pub routing_key: String,
+    pub payload: Value,
+}
+
+/// An outbox row not yet published.
+#[derive(Clone, Debug)]
+pub struct PendingEvent {
+    pub id: i64,
+    pub event: OutboxEvent,
+}
+
+/// A tenant's auto-sync and inactivation settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TenantSettingsRow {
+    pub autosync_interval_hours: Option<i32>,
+    pub inactivation_days: i32,
+}
+
+/// What an idempotency key says about a request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum KeyReservation {
+    /// The key is new and now reserved for this request.
+    Reserved,
+    /// A request with this key finished; here is its answer.
+    Done { http_status: u16, response: Value },
+    /// A request with this key is still being answered.
+    Pending,
+}
+
+/// Placeholder status of a reserved, unanswered idempotency key.
+const PENDING_STATUS: i32 = 0;
+
+/// The database, with the cipher that keeps bank tokens encrypted at rest.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+    cipher: TokenCipher,
+}
+
+const CONSENT_COLUMNS: &str = "consent_id, tenant_id, provider_id, bank_consent_id, expires_at, \
+     status, created_at, last_refreshed_at";
+
+const REFRESH_COLUMNS: &str = "refresh_id, consent_id, tenant_id, requested_by, status, \
+     date_requested, not_before, started_at, finished_at, error_code, error_message, summary";
+
+fn consent_row(row: &PgRow) -> Result<ConsentRow, StoreError> {
+    Ok(ConsentRow {
+        consent_id: ConsentId::from_uuid(row.try_get("consent_id")?),
+        tenant_id: TenantId::parse(row.try_get::<&str, _>("tenant_id")?).map_err(corrupt)?,
+        provider_id: ProviderId::parse(row.try_get::<&str, _>("provider_id")?).map_err(corrupt)?,
+        bank_consent_id: row.try_get("bank_consent_id")?,
+        expires_at: row.try_get("expires_at")?,
+        status: row.try_get::<&str, _>("status")?.parse().map_err(corrupt)?,
+        created_at: row.try_get("created_at")?,
+        last_refreshed_at: row.try_get("last_refreshed_at")?,
+    })
+}
+
+fn refresh_record(row: &PgRow) -> Result<RefreshRecord, StoreError> {
+    let error = match row.try_get::<Option<&str>, _>("error_code")? {
+        Some(code) => Some(RefreshError {
+            code: code.parse::<ProblemCode>().map_err(corrupt)?,
+            message: row
+                .try_get::<Option<String>, _>("error_message")?
+                .unwrap_or_default(),
+        }),
+        None => None,
+    };
+    let summary = match row.try_get::<Option<Value>, _>("summary")? {
+        Some(value) => Some(serde_json::from_value::<RefreshSummary>(value).map_err(corrupt)?),
+        None => None,
+    };
+    Ok(RefreshRecord {
+        refresh_id: RefreshId::from_uuid(row.try_get("refresh_id")?),
+        consent_id: ConsentId::from_uuid(row.try_get("consent_id")?),
+        tenant_id: TenantId::parse(row.try_get::<&str, _>("tenant_id")?).map_err(corrupt)?,
+        requested_by: row
+            .try_get::<&str, _>("requested_by")?
+            .parse::<RequestedBy>()
+            .map_err(corrupt)?,
+        status: row
+            .try_get::<&str, _>("status")?
+            .parse::<RefreshStatus>()
+            .map_err(corrupt)?,
+        date_requested: row.try_get("date_requested")?,
+        not_before: row.try_get("not_before")?,
+        started_at: row.try_get("started_at")?,
+        finished_at: row.try_get("finished_at")?,
+        error,
+        summary,
+    })
+}
+
+/// An admitted refresh whose rows are written but not committed: the job is published
+/// while this is open, and it commits only once the broker confirmed the job.
+pub struct PendingAdmission {
+    tx: Transaction<'static, Postgres>,
+}
+
+impl PendingAdmission {
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await.map_err(StoreError::from)
+    }
+
+    pub async fn rollback(self) -> Result<(), StoreError> {
+        self.tx.rollback().await.map_err(StoreError::from)
+    }
+}
+
+/// Unpublished outbox rows, locked against other relays until committed.
+pub struct ClaimedEvents {
+    tx: Transaction<'static, Postgres>,
+    pub events: Vec<PendingEvent>,
+}
+
+impl ClaimedEvents {
+    /// Marks `ids` published and releases the claim on the rest.
+    pub async fn finish(mut self, published: &[i64], at: DateTime<Utc>) -> Result<(), StoreError> {
+        if !published.is_empty() {
+            sqlx::query("UPDATE outbox SET published_at = $2 WHERE id = ANY($1)")
+                .bind(published)
+                .bind(at)
+                .execute(&mut *self.tx)
+                .await?;
+        }
+        self.tx.commit().await.map_err(StoreError::from)
+    }
+}
+
+async fn insert_outbox(
+    executor: impl sqlx::PgExecutor<'_>,
+    event: &OutboxEvent,
+    at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, routing_key, payload, created_at) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (event_id) DO NOTHING",
+    )
+    .bind(event.event_id.as_uuid())
+    .bind(&event.routing_key)
+    .bind(&event.payload)
+    .bind(at)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+impl Store {
+    pub fn new(pool: PgPool, cipher: TokenCipher) -> Self {
+        Self { pool, cipher }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    // --- consents -------------------------------------------------------------------
+
+    /// Registers a consent with its token encrypted; `Conflict` if the id is taken.
+    pub async fn insert_consent(&self, consent: &NewConsent) -> Result<ConsentRow, StoreError> {
+        let sealed = self.cipher.encrypt(
+            &consent.access_token,
+            consent.consent_id.as_uuid().as_bytes(),
+        )?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO consents (consent_id, tenant_id, provider_id, bank_consent_id, \
+             access_token_enc, expires_at, status, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $7) RETURNING {CONSENT_COLUMNS}"
+        )))
+        .bind(consent.consent_id.as_uuid())
+        .bind(consent.tenant_id.as_str())
+        .bind(consent.provider_id.as_str())
+        .bind(&consent.bank_consent_id)
+        .bind(sealed)
+        .bind(consent.expires_at)
+        .bind(consent.created_at)
+        .fetch_one(&self.pool)
+        .await?;
+        consent_row(&row)
+    }
+
+    pub async fn consent(&self, consent_id: ConsentId) -> Result<Option<ConsentRow>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CONSENT_COLUMNS} FROM consents WHERE consent_id = $1"
+        )))
+        .bind(consent_id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(consent_row).transpose()
+    }
+
+    /// The decrypted bank access token (for the connector only; never log it).
+    pub async fn access_token(
+        &self,
+        consent_id: ConsentId,
+    ) -> Result<Option<SecretString>, StoreError> {
+        let sealed: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT access_token_enc FROM consents WHERE consent_id = $1")
+                .bind(consent_id.as_uuid())
+                .fetch_optional(&self.pool)
+                .await?;
+        sealed
+            .map(|sealed| {
+                self.cipher
+                    .decrypt(&sealed, consent_id.as_uuid().as_bytes())
+            })
+            .transpose()
+            .map_err(StoreError::from)
+    }
+
+    /// Sets the consent's status; false if there is no such consent.
+    pub async fn set_consent_status(
+        &self,
+        consent_id: ConsentId,
+        status: ConsentStatus,
+        at: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE consents SET status = $2, updated_at = $3 WHERE consent_id = $1")
+                .bind(consent_id.as_uuid())
+                .bind(status.as_str())
+                .bind(at)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    // --- refreshes ------------------------------------------------------------------
+
+    /// Writes the INITIALIZED record and its event in a transaction left open: the
+    /// caller publishes the job, then commits (or rolls back if the publish failed).
+    /// `Conflict` when another refresh of the consent is still INITIALIZED.
+    pub async fn begin_admission(
+        &self,
+        record: &RefreshRecord,
+        initial: bool,
+        event: &OutboxEvent,
+    ) -> Result<PendingAdmission, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO refreshes (refresh_id, consent_id, tenant_id, requested_by, status, \
+             initial, date_requested, not_before) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(record.refresh_id.as_uuid())
+        .bind(record.consent_id.as_uuid())
+        .bind(record.tenant_id.as_str())
+        .bind(record.requested_by.as_str())
+        .bind(record.status.as_str())
+        .bind(initial)
+        .bind(record.date_requested)
+        .bind(record.not_before)
+        .execute(&mut *tx)
+        .await?;
+        insert_outbox(&mut *tx, event, record.date_requested).await?;
+        Ok(PendingAdmission { tx })
+    }
+
+    pub async fn refresh(
+        &self,
+        refresh_id: RefreshId,
+    ) -> Result<Option<RefreshRecord>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {REFRESH_COLUMNS} FROM refreshes WHERE refresh_id = $1"
+        )))
+        .bind(refresh_id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(refresh_record).transpose()
+    }
+
+    /// The consent's refreshes requested since `since`, newest first.
+    pub async fn history(
+        &self,
+        consent_id: ConsentId,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<RefreshRecord>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {REFRESH_COLUMNS} FROM refreshes WHERE consent_id = $1 AND date_requested >= $2 \
+             ORDER BY date_requested DESC, refresh_id DESC"
+        )))
+        .bind(consent_id.as_uuid())
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(refresh_record).collect()
+    }
+
+    /// The consent's INITIALIZED refresh, if any.
+    pub async fn in_flight(&self, consent_id: ConsentId) -> Result<Option<RefreshId>, StoreError> {
+        let id: Option<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT refresh_id FROM refreshes WHERE consent_id = $1 AND status = 'INITIALIZED'",
+        )
+        .bind(consent_id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(id.map(RefreshId::from_uuid))
+    }
+
+    // --- outbox ---------------------------------------------------------------------
+
+    /// An event on its own (e.g. `refresh.rejected`), through the outbox.
+    pub async fn insert_event(
+        &self,
+        event: &OutboxEvent,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        insert_outbox(&self.pool, event, at).await
+    }
+
+    /// Up to `limit` unpublished events, oldest first, locked (SKIP LOCKED) so that
+    /// several relays never publish the same row at once.
+    pub async fn claim_events(&self, limit: i64) -> Result<ClaimedEvents, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, event_id, routing_key, payload FROM outbox WHERE published_at IS NULL \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        let events = rows
+            .iter()
+            .map(|row| {
+                Ok(PendingEvent {
+                    id: row.try_get("id")?,
+                    event: OutboxEvent {
+                        event_id: EventId::from_uuid(row.try_get("event_id")?),
+                        routing_key: row.try_get("routing_key")?,
+                        payload: row.try_get("payload")?,
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok(ClaimedEvents { tx, events })
+    }
+
+    // --- idempotency ----------------------------------------------------------------
+
+    /// Reserves `key` for this request unless a request with it was answered (or is
+    /// being answered) since `since` (24 h ago); an older row is replaced.
+    pub async fn reserve_key(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        now: DateTime<Utc>,
+        since: DateTime<Utc>,
+    ) -> Result<KeyReservation, StoreError> {
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (tenant_id, key, created_at, http_status, response) \
+             VALUES ($1, $2, $3, $4, 'null') \
+             ON CONFLICT (tenant_id, key) DO UPDATE \
+               SET created_at = EXCLUDED.created_at, http_status = EXCLUDED.http_status, \
+                   response = EXCLUDED.response \
+               WHERE idempotency_keys.created_at < $5",
+        )
+        .bind(tenant.as_str())
+        .bind(key)
+        .bind(now)
+        .bind(PENDING_STATUS)
+        .bind(since)
+        .execute(&self.pool)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            return Ok(KeyReservation::Reserved);
+        }
+        let row = sqlx::query(
+            "SELECT http_status, response FROM idempotency_keys WHERE tenant_id = $1 AND key = $2",
+        )
+        .bind(tenant.as_str())
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => KeyReservation::Pending,
+            Some(row) => {
+                let status: i32 = row.try_get("http_status")?;
+                if status == PENDING_STATUS {
+                    KeyReservation::Pending
+                } else {
+                    KeyReservation::Done {
+                        http_status: u16::try_from(status).map_err(corrupt)?,
+                        response: row.try_get("response")?,
+                    }
+                }
+            }
+        })
+    }
+
+    /// Records the answer given to the request that reserved `key`.
+    pub async fn complete_key(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        http_status: u16,
+        response: &Value,
+    ) -> Result<(), StoreError> {
+        sqlx::query("UPDATE idempotency_keys SET http_status = $3, response = $4 WHERE tenant_id = $1 AND key = $2")
+            .bind(tenant.as_str())
+            .bind(key)
+            .bind(i32::from(http_status))
+            .bind(response)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Forgets a reservation whose request failed before it was answered, so a retry
+    /// with the same key is handled afresh.
+    pub async fn release_key(&self, tenant: &TenantId, key: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND http_status = $3",
+        )
+        .bind(tenant.as_str())
+        .bind(key)
+        .bind(PENDING_STATUS)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // --- tenant settings ------------------------------------------------------------
+
+    pub async fn tenant_settings(
+        &self,
+        tenant: &TenantId,
+    ) -> Result<Option<TenantSettingsRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT autosync_interval_hours, inactivation_days FROM tenant_settings WHERE tenant_id = $1",
+        )
+        .bind(tenant.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(TenantSettingsRow {
+                autosync_interval_hours: row.try_get("autosync_interval_hours")?,
+                inactivation_days: row.try_get("inactivation_days")?,
+            })
+        })
+        .transpose()
+    }
+
+    pub async fn put_tenant_settings(
+        &self,
+        tenant: &TenantId,
+        settings: TenantSettingsRow,
+        at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO tenant_settings (tenant_id, autosync_interval_hours, inactivation_days, updated_at) \
+             VALUES ($1, $2, $3, $4) ON CONFLICT (tenant_id) DO UPDATE SET \
+             autosync_interval_hours = EXCLUDED.autosync_interval_hours, \
+             inactivation_days = EXCLUDED.inactivation_days, updated_at = EXCLUDED.updated_at",
+        )
+        .bind(tenant.as_str())
+        .bind(settings.autosync_interval_hours)
+        .bind(settings.inactivation_days)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
