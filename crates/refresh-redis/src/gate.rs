@@ -1,0 +1,560 @@
+//! The admission gate (SPEC §2 rules 3–5) and the workers' start slots, as atomic Redis scripts.
+//!
+//! Key layout (every key starts with `{namespace}:`; the `{…}` after it is the
+//! Redis Cluster hash tag, so each script touches one slot):
+//!
+//! | key | type | holds |
+//! | --- | --- | --- |
+//! | `{ns}:{c:<consentId>}:lock` | string, PX lease | the refresh id in flight |
+//! | `{ns}:{c:<consentId>}:q:<rule>` | sorted set | admissions counted by `quota.rules[rule]`: member refresh id, score admission time (ms); expires 24 h after the newest (rolling) or at the next local midnight (calendar day) |
+//! | `{ns}:{stagger:<bucket>}` | string, expires a period after the slot | the last start slot handed out: `<ms>:<refresh id>` |
+//! | `{ns}:{stagger:<bucket>}:starts` | sorted set | bank refresh starts of the last period: member attempt id, score start time (ms) |
+//!
+//! An admission is two scripts, because the consent and the stagger bucket live in
+//! different slots: `admit` (lock, then quota; on success the lock is taken and the
+//! admission counted) and `take_slot`. When `take_slot` refuses `backlog_full`,
+//! `release_admission` undoes `admit`. In the few milliseconds between those two,
+//! a concurrent request for the same consent sees the lock and is refused 409
+//! with the id of a refresh that never comes to exist, and a quota status read
+//! counts it; the lock never outlives the undo (or, if Redis fails in between, its lease).
+//!
+//! Every record is keyed by the refresh id, so undoing is idempotent, and after a
+//! timeout (when a script may or may not have run) the gate undoes blindly.
+
+mod lua;
+mod reply;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use redis::aio::ConnectionManager;
+use redis::{ErrorKind, ScriptInvocation, ServerErrorKind, Value};
+use refresh_core::{
+    ConsentId, Problem, ProviderId, QuotaRule, QuotaWindow, RefreshId, RequestedBy,
+    StaggerSettings, TenantId,
+};
+
+use reply::{AdmitReply, SlotReply, StartReply, UsageReply};
+
+/// What the gate needs from the settings.
+#[derive(Clone, Debug)]
+pub struct GateConfig {
+    /// Prefix of every key.
+    pub namespace: String,
+    /// `quota.rules`. A rule's position names its keys: reordering the rules
+    /// reassigns the counts already made.
+    pub rules: Vec<QuotaRule>,
+    /// `quota.time_zone`, for `calendar_day` rules.
+    pub time_zone: chrono_tz::Tz,
+    /// `stagger`.
+    pub stagger: StaggerSettings,
+    /// `lock.lease_secs`: how long a lock lives without renewal.
+    pub lease: Duration,
+}
+
+/// One request to admit, after the caller has checked rules 1 and 2 against the database.
+#[derive(Clone, Debug)]
+pub struct GateRequest {
+    pub consent_id: ConsentId,
+    pub tenant_id: TenantId,
+    pub provider_id: ProviderId,
+    pub requested_by: RequestedBy,
+    /// The id the refresh gets if admitted; the lock holds it.
+    pub refresh_id: RefreshId,
+    /// `false` for the initial connection load, which no quota counts or limits.
+    pub count_quota: bool,
+}
+
+/// The gate's answer.
+#[derive(Clone, Debug)]
+pub enum GateDecision {
+    Admitted(Ticket),
+    Refused(Problem),
+}
+
+/// An admission: the lock is held by `refresh_id`, the quota counted, a start slot taken.
+#[derive(Clone, Debug)]
+pub struct Ticket {
+    pub refresh_id: RefreshId,
+    pub consent_id: ConsentId,
+    /// The start slot.
+    pub not_before: DateTime<Utc>,
+    /// Redis `TIME` at the decision: the admission time the quota counted.
+    pub now: DateTime<Utc>,
+    /// Indices in `quota.rules` of the rules that counted the admission.
+    counted: Vec<usize>,
+    bucket: String,
+    /// The slot (ms) and the bucket's value before it, to give it back.
+    slot: i64,
+    previous_slot: Option<String>,
+}
+
+/// A consent's standing against its most restrictive quota rule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaStatus {
+    pub limit: u32,
+    pub used: u32,
+    pub window: QuotaWindow,
+    /// `None` while the rule still admits.
+    pub next_refresh_possible_at: Option<DateTime<Utc>>,
+}
+
+/// Whether a worker may start a bank refresh now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartDecision {
+    /// Start now; the start is recorded.
+    Go,
+    /// Nothing recorded; ask again at this time.
+    WaitUntil(DateTime<Utc>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    /// Redis did not answer (refused, dropped, timed out, loading, failing over):
+    /// the caller answers 503. A script runs whole or not at all.
+    #[error("redis unavailable")]
+    Unavailable(#[source] redis::RedisError),
+    /// Redis answered something the gate does not understand: a bug or a foreign key.
+    #[error("unexpected redis reply to {operation}: {detail}")]
+    Script {
+        operation: &'static str,
+        detail: String,
+        #[source]
+        source: Option<redis::RedisError>,
+    },
+}
+
+impl GateError {
+    fn reply(operation: &'static str, detail: impl Into<String>) -> Self {
+        Self::Script {
+            operation,
+            detail: detail.into(),
+            source: None,
+        }
+    }
+
+    fn skew(operation: &'static str) -> Self {
+        Self::reply(
+            operation,
+            "redis time is more than two days away from this host's clock",
+        )
+    }
+
+    /// Whether the failed command may have reached Redis (and so may have run).
+    fn may_have_run(&self) -> bool {
+        match self {
+            Self::Unavailable(e) => !e.is_connection_refusal(),
+            Self::Script { .. } => true,
+        }
+    }
+}
+
+/// Classifies a failure once: dependency down (transient) or unexpected reply.
+fn classify(operation: &'static str, error: redis::RedisError) -> GateError {
+    let transient = error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_refusal()
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
+        || error.code() == Some("BUSY")
+        || matches!(
+            error.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                )
+        );
+    if transient {
+        GateError::Unavailable(error)
+    } else {
+        GateError::Script {
+            operation,
+            detail: error.to_string(),
+            source: Some(error),
+        }
+    }
+}
+
+/// Milliseconds kept exact through Lua's doubles (about 35 000 years).
+const MAX_MS: i64 = 1 << 50;
+
+fn secs_to_ms(secs: u64) -> i64 {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| s.checked_mul(1000))
+        .map_or(MAX_MS, |ms| ms.min(MAX_MS))
+}
+
+/// The admission gate. Cheap to clone; all state is in Redis.
+#[derive(Clone)]
+pub struct Gate {
+    conn: ConnectionManager,
+    config: Arc<GateConfig>,
+    spacing_ms: i64,
+    max_delay_ms: i64,
+    period_ms: i64,
+    lease_ms: i64,
+}
+
+impl Gate {
+    pub fn new(conn: ConnectionManager, config: GateConfig) -> Self {
+        // Rounded up, so `limit + 1` slots never fit in one period.
+        let spacing_ms = reply::millis_ceil(config.stagger.spacing()).clamp(1, MAX_MS);
+        let max_delay_ms = secs_to_ms(config.stagger.max_delay_secs);
+        let period_ms = secs_to_ms(config.stagger.period_secs).max(1);
+        let lease_ms = i64::try_from(config.lease.as_millis())
+            .map_or(MAX_MS, |ms| ms.min(MAX_MS))
+            .max(1);
+        Self {
+            conn,
+            config: Arc::new(config),
+            spacing_ms,
+            max_delay_ms,
+            period_ms,
+            lease_ms,
+        }
+    }
+
+    /// SPEC §2 rules 3–5 in order (lock → quota → stagger); rules 1–2 are checked by the caller against the database first.
+    ///
+    /// One script on the consent's slot checks the lock (409 `refresh_in_progress`,
+    /// naming the holder) and every quota rule counting `requested_by` (429
+    /// `daily_limit_reached`, reporting the rule with the longest wait), and if
+    /// both pass takes the lock and counts the admission; a second script on the
+    /// stagger bucket's slot hands out the start slot, or refuses 429
+    /// `backlog_full`, in which case the first is undone and nothing is consumed.
+    pub async fn admit(&self, req: &GateRequest) -> Result<GateDecision, GateError> {
+        let counted: Vec<usize> = if req.count_quota {
+            self.rule_indices(req.requested_by)
+        } else {
+            Vec::new()
+        };
+        let rules = self.rules_at(&counted);
+        let mut invocation = lua::ADMIT_SCRIPT.prepare_invoke();
+        invocation
+            .key(reply::lock_key(&self.config.namespace, req.consent_id))
+            .arg(req.refresh_id.to_string())
+            .arg(self.lease_ms);
+        self.add_rules(&mut invocation, req.consent_id, &counted, &rules);
+        let decided = self
+            .eval("admit", &invocation)
+            .await
+            .and_then(|value| reply::parse_admit(value).map_err(|e| GateError::reply("admit", e)));
+        let now = match decided {
+            Ok(AdmitReply::Admitted { now }) => now,
+            Ok(AdmitReply::Locked { holder, .. }) => {
+                let holder: RefreshId = holder
+                    .parse()
+                    .map_err(|_| GateError::reply("admit", format!("lock holds {holder:?}")))?;
+                return Ok(GateDecision::Refused(Problem::refresh_in_progress(holder)));
+            }
+            Ok(AdmitReply::OverQuota { now, refusals }) => {
+                let problem = reply::quota_problem(&rules, &refusals, now)
+                    .map_err(|e| GateError::reply("admit", e))?;
+                return Ok(GateDecision::Refused(problem));
+            }
+            Ok(AdmitReply::Skew { .. }) => return Err(GateError::skew("admit")),
+            Err(error) => {
+                if error.may_have_run() {
+                    self.forget_quietly(req.consent_id, req.refresh_id, &counted)
+                        .await;
+                }
+                return Err(error);
+            }
+        };
+
+        let bucket = self
+            .config
+            .stagger
+            .scope
+            .bucket(&req.tenant_id, &req.provider_id);
+        match self.take_slot(&bucket, req.refresh_id).await {
+            Ok(SlotReply::Slot { slot, previous, .. }) => {
+                let times = reply::instant(now).and_then(|n| Ok((n, reply::instant(slot)?)));
+                match times {
+                    Ok((now, not_before)) => Ok(GateDecision::Admitted(Ticket {
+                        refresh_id: req.refresh_id,
+                        consent_id: req.consent_id,
+                        not_before,
+                        now,
+                        counted,
+                        bucket,
+                        slot,
+                        previous_slot: previous,
+                    })),
+                    Err(detail) => {
+                        self.forget_quietly(req.consent_id, req.refresh_id, &counted)
+                            .await;
+                        Err(GateError::reply("take_slot", detail))
+                    }
+                }
+            }
+            Ok(SlotReply::Full { retry_after_ms, .. }) => {
+                self.forget(req.consent_id, req.refresh_id, &counted)
+                    .await?;
+                Ok(GateDecision::Refused(Problem::backlog_full(
+                    TimeDelta::milliseconds(retry_after_ms),
+                )))
+            }
+            Err(error) => {
+                self.forget_quietly(req.consent_id, req.refresh_id, &counted)
+                    .await;
+                Err(error)
+            }
+        }
+    }
+
+    /// Undo an admission whose publish or commit failed: release the lock (only if still owned by this refresh id), give the quota back, free the stagger slot where possible (e.g. if it is still the last one handed out).
+    ///
+    /// Idempotent. A slot followed by later ones stays taken: that only leaves a gap.
+    pub async fn undo(&self, ticket: &Ticket) -> Result<(), GateError> {
+        let admission = self
+            .forget(ticket.consent_id, ticket.refresh_id, &ticket.counted)
+            .await;
+        let mut invocation = lua::RETURN_SLOT_SCRIPT.prepare_invoke();
+        invocation
+            .key(reply::slot_key(&self.config.namespace, &ticket.bucket))
+            .arg(reply::slot_value(ticket.slot, ticket.refresh_id))
+            .arg(ticket.previous_slot.as_deref().unwrap_or_default());
+        let slot = self.eval("return_slot", &invocation).await;
+        admission?;
+        slot.map(|_| ())
+    }
+
+    /// Extends the lock to a full `lease` if `refresh` still holds it (compare-and-pexpire).
+    pub async fn renew_lock(
+        &self,
+        consent: ConsentId,
+        refresh: RefreshId,
+    ) -> Result<bool, GateError> {
+        let mut invocation = lua::RENEW_LOCK_SCRIPT.prepare_invoke();
+        invocation
+            .key(reply::lock_key(&self.config.namespace, consent))
+            .arg(refresh.to_string())
+            .arg(self.lease_ms);
+        self.eval_flag("renew_lock", &invocation).await
+    }
+
+    /// Frees the lock if `refresh` still holds it (compare-and-delete).
+    pub async fn release_lock(
+        &self,
+        consent: ConsentId,
+        refresh: RefreshId,
+    ) -> Result<bool, GateError> {
+        let mut invocation = lua::RELEASE_LOCK_SCRIPT.prepare_invoke();
+        invocation
+            .key(reply::lock_key(&self.config.namespace, consent))
+            .arg(refresh.to_string());
+        self.eval_flag("release_lock", &invocation).await
+    }
+
+    /// The refresh holding the consent's lock, if any.
+    pub async fn in_flight(&self, consent: ConsentId) -> Result<Option<RefreshId>, GateError> {
+        let mut conn = self.conn.clone();
+        let holder: Option<String> = redis::cmd("GET")
+            .arg(reply::lock_key(&self.config.namespace, consent))
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| classify("in_flight", e))?;
+        holder
+            .map(|h| {
+                h.parse()
+                    .map_err(|_| GateError::reply("in_flight", format!("lock holds {h:?}")))
+            })
+            .transpose()
+    }
+
+    /// The most restrictive applicable rule's status for `source` (None if the source is exempt), for GET /v1/consents/{id}.
+    ///
+    /// Of the exhausted rules the one that admits again last, otherwise the one
+    /// with the fewest admissions left. Reads only.
+    pub async fn quota(
+        &self,
+        consent: ConsentId,
+        source: RequestedBy,
+    ) -> Result<Option<QuotaStatus>, GateError> {
+        let indices = self.rule_indices(source);
+        if indices.is_empty() {
+            return Ok(None);
+        }
+        let rules = self.rules_at(&indices);
+        let mut invocation = lua::QUOTA_STATUS_SCRIPT.prepare_invoke();
+        self.add_rules(&mut invocation, consent, &indices, &rules);
+        let value = self.eval("quota", &invocation).await?;
+        match reply::parse_usage(value, rules.len()).map_err(|e| GateError::reply("quota", e))? {
+            UsageReply::Usage(usage) => {
+                reply::most_restrictive(&rules, &usage).map_err(|e| GateError::reply("quota", e))
+            }
+            UsageReply::Skew => Err(GateError::skew("quota")),
+        }
+    }
+
+    /// Worker side (SPEC §2 hard invariant at the bank): across all replicas at most `stagger.limit` bank refresh starts in any `stagger.period_secs` window of the bucket (`StaggerScope::bucket`), counting retries; idempotent per `attempt_id` (taking it twice for the same attempt counts once). Go → the start is recorded; WaitUntil(t) → nothing recorded, try again at t.
+    ///
+    /// Times are whole milliseconds of Redis `TIME`; a start occupies its period
+    /// plus one millisecond, so the truncated sub-millisecond part cannot let a
+    /// `limit + 1`-th start into a real period.
+    pub async fn take_start_slot(
+        &self,
+        bucket: &str,
+        attempt_id: &str,
+    ) -> Result<StartDecision, GateError> {
+        let mut invocation = lua::TAKE_START_SCRIPT.prepare_invoke();
+        invocation
+            .key(reply::starts_key(&self.config.namespace, bucket))
+            .arg(attempt_id)
+            .arg(self.config.stagger.limit.max(1))
+            .arg(self.period_ms);
+        let value = self.eval("take_start_slot", &invocation).await?;
+        match reply::parse_start(value).map_err(|e| GateError::reply("take_start_slot", e))? {
+            StartReply::Go => Ok(StartDecision::Go),
+            StartReply::Wait { until } => reply::instant(until)
+                .map(StartDecision::WaitUntil)
+                .map_err(|e| GateError::reply("take_start_slot", e)),
+        }
+    }
+
+    /// Indices of the rules counting `source`, in configuration order.
+    fn rule_indices(&self, source: RequestedBy) -> Vec<usize> {
+        self.config
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, rule)| rule.applies_to(source))
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    fn rules_at(&self, indices: &[usize]) -> Vec<&QuotaRule> {
+        indices
+            .iter()
+            .filter_map(|&i| self.config.rules.get(i))
+            .collect()
+    }
+
+    /// Adds each rule's key and `limit, window` arguments, then the local-day
+    /// boundaries if a `calendar_day` rule is among them.
+    fn add_rules(
+        &self,
+        invocation: &mut ScriptInvocation<'_>,
+        consent: ConsentId,
+        indices: &[usize],
+        rules: &[&QuotaRule],
+    ) {
+        for (&index, rule) in indices.iter().zip(rules) {
+            invocation
+                .key(reply::quota_key(&self.config.namespace, consent, index))
+                .arg(rule.limit)
+                .arg(rule.window.as_str());
+        }
+        if rules.iter().any(|r| r.window == QuotaWindow::CalendarDay) {
+            // The host clock only chooses which days to send; Redis time picks among them.
+            invocation.arg(reply::day_boundaries(Utc::now(), self.config.time_zone));
+        }
+    }
+
+    async fn take_slot(&self, bucket: &str, refresh: RefreshId) -> Result<SlotReply, GateError> {
+        let mut invocation = lua::TAKE_SLOT_SCRIPT.prepare_invoke();
+        invocation
+            .key(reply::slot_key(&self.config.namespace, bucket))
+            .arg(self.spacing_ms)
+            .arg(self.max_delay_ms)
+            .arg(self.period_ms)
+            .arg(refresh.to_string());
+        let value = self.eval("take_slot", &invocation).await?;
+        reply::parse_slot(value).map_err(|e| GateError::reply("take_slot", e))
+    }
+
+    /// Undoes the consent half of an admission: the lock if `refresh` holds it,
+    /// and `refresh`'s entries in the quota sets. Idempotent.
+    async fn forget(
+        &self,
+        consent: ConsentId,
+        refresh: RefreshId,
+        counted: &[usize],
+    ) -> Result<(), GateError> {
+        let mut invocation = lua::RELEASE_ADMISSION_SCRIPT.prepare_invoke();
+        invocation
+            .key(reply::lock_key(&self.config.namespace, consent))
+            .arg(refresh.to_string());
+        for &index in counted {
+            invocation.key(reply::quota_key(&self.config.namespace, consent, index));
+        }
+        self.eval("release_admission", &invocation)
+            .await
+            .map(|_| ())
+    }
+
+    /// [`Self::forget`] on a path that already fails: a failure here is logged,
+    /// and the lease bounds what is left.
+    async fn forget_quietly(&self, consent: ConsentId, refresh: RefreshId, counted: &[usize]) {
+        if let Err(error) = self.forget(consent, refresh, counted).await {
+            tracing::warn!(
+                error = &error as &dyn std::error::Error,
+                %consent,
+                %refresh,
+                "could not undo a failed admission; the lock expires with its lease"
+            );
+        }
+    }
+
+    async fn eval(
+        &self,
+        operation: &'static str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<Value, GateError> {
+        let mut conn = self.conn.clone();
+        invocation
+            .invoke_async(&mut conn)
+            .await
+            .map_err(|e| classify(operation, e))
+    }
+
+    async fn eval_flag(
+        &self,
+        operation: &'static str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<bool, GateError> {
+        match self.eval(operation, invocation).await? {
+            Value::Int(0) => Ok(false),
+            Value::Int(1) => Ok(true),
+            other => Err(GateError::reply(
+                operation,
+                format!("expected 0 or 1, got {other:?}"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seconds_to_millis_saturate() {
+        let check = |secs: u64, ms: i64| assert_eq!(secs_to_ms(secs), ms, "{secs}");
+        check(0, 0);
+        check(60, 60_000);
+        check(3600, 3_600_000);
+        check(u64::MAX, MAX_MS);
+        check(1 << 45, MAX_MS);
+    }
+
+    #[test]
+    fn errors_read_lowercase() {
+        let check = |e: GateError, text: &str| assert_eq!(e.to_string(), text);
+        check(
+            GateError::reply("admit", "unknown reply tag \"x\""),
+            "unexpected redis reply to admit: unknown reply tag \"x\"",
+        );
+        check(
+            GateError::skew("quota"),
+            "unexpected redis reply to quota: redis time is more than two days away from this host's clock",
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! The gate's server-side Lua scripts: each runs atomically on one hash slot, with time from Redis `TIME`.
+//!
+//! Times are UTC milliseconds. Redis 7 replicates script effects, so calling `TIME`
+//! before writing is allowed and replicas never re-evaluate it. Replies are flat arrays
+//! whose first element is a tag; `reply.rs` turns them into values.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// Helpers every script starts with.
+const PRELUDE: &str = r"
+local DAY = 86400000
+-- Integers as exact decimal strings (Lua numbers are doubles).
+local function int(x) return string.format('%d', x) end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+";
+
+/// Quota helpers shared by the admission and status scripts.
+const QUOTA: &str = r"
+-- The local day [start, stop) holding `now`, found among the client's ascending
+-- day boundaries ARGV[first..]: Lua knows no time zones, Redis knows the time.
+-- nil when Redis time lies outside them (a client clock off by days).
+local function local_day(now, first)
+  for j = first, #ARGV - 1 do
+    local start, stop = tonumber(ARGV[j]), tonumber(ARGV[j + 1])
+    if start <= now and now < stop then return start, stop end
+  end
+end
+-- Admissions `key` counts at `now` and, once they reach `limit`, when it admits again.
+local function usage(key, limit, window, now, day_start, day_stop)
+  if window == 'rolling_24h' then
+    local since = '(' .. int(now - DAY)
+    local used = redis.call('ZCOUNT', key, since, '+inf')
+    if used < limit then return used end
+    -- A place frees up when the (used - limit + 1)-th oldest counted admission ages out.
+    local kth = redis.call('ZRANGE', key, since, '+inf', 'BYSCORE',
+      'LIMIT', used - limit, 1, 'WITHSCORES')
+    return used, tonumber(kth[2]) + DAY
+  end
+  local used = redis.call('ZCOUNT', key, int(day_start), '+inf')
+  if used < limit then return used end
+  return used, day_stop
+end
+";
+
+/// Admission rules 3 and 4 for one consent, and if both pass, the admission recorded.
+const ADMIT: &str = r"
+-- KEYS[1]: the consent's lock; KEYS[2..]: the quota sets of the rules counting
+-- this request (score = admission time, member = refresh id).
+-- ARGV[1]: refresh id; ARGV[2]: lease (ms); then limit and window of each quota
+-- set; then the local-day boundaries if a calendar_day rule is among them.
+local now = now_ms()
+local holder = redis.call('GET', KEYS[1])
+if holder then return {'locked', now, holder} end
+local n = #KEYS - 1
+local day_start, day_stop = local_day(now, 3 + 2 * n)
+local refused = {'quota', now}
+for i = 1, n do
+  local limit, window = tonumber(ARGV[1 + 2 * i]), ARGV[2 + 2 * i]
+  if window ~= 'rolling_24h' and not day_start then return {'skew', now} end
+  local used, at = usage(KEYS[i + 1], limit, window, now, day_start, day_stop)
+  if at then
+    table.insert(refused, i - 1)
+    table.insert(refused, used)
+    table.insert(refused, at)
+  end
+end
+if #refused > 2 then return refused end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+for i = 1, n do
+  local key = KEYS[i + 1]
+  if ARGV[2 + 2 * i] == 'rolling_24h' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - DAY))
+    redis.call('ZADD', key, int(now), ARGV[1])
+    redis.call('PEXPIREAT', key, int(now + DAY))
+  else
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(day_start))
+    redis.call('ZADD', key, int(now), ARGV[1])
+    redis.call('PEXPIREAT', key, int(day_stop))
+  end
+end
+return {'ok', now}
+";
+
+/// Undoes [`ADMIT`]; idempotent, because everything it removes is keyed by the refresh id.
+const RELEASE_ADMISSION: &str = r"
+-- KEYS[1]: the lock; KEYS[2..]: the quota sets that counted the refresh. ARGV[1]: refresh id.
+local released = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  released = 1
+end
+for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
+return released
+";
+
+/// Admission rule 5: the next start slot of a stagger bucket.
+const TAKE_SLOT: &str = r"
+-- KEYS[1]: the last slot handed out in the bucket, as '<ms>:<refresh id>' (the
+-- owner makes giving it back exact even when a later slot has the same time).
+-- ARGV: spacing, max delay, period (ms); refresh id.
+local now = now_ms()
+local spacing, max_delay, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local raw = redis.call('GET', KEYS[1])
+local last = raw and tonumber(string.match(raw, '^%d+'))
+local slot = now
+if last and last + spacing > now then slot = last + spacing end
+if slot - now > max_delay then return {'full', now, slot - now - max_delay} end
+-- Once `now` passes slot + spacing the value no longer matters; keep it a period.
+redis.call('SET', KEYS[1], int(slot) .. ':' .. ARGV[4], 'PXAT', int(slot + period))
+return {'slot', now, slot, raw or ''}
+";
+
+/// Gives a slot back if no later one was handed out since.
+const RETURN_SLOT: &str = r"
+-- KEYS[1]: the bucket's last slot. ARGV[1]: the value the slot was stored as;
+-- ARGV[2]: the value before it, or ''.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+end
+return 1
+";
+
+/// Extends the lock's lease if `ARGV[1]` still owns it.
+const RENEW_LOCK: &str = r"
+-- KEYS[1]: the lock. ARGV[1]: refresh id; ARGV[2]: lease (ms).
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+";
+
+/// Deletes the lock if `ARGV[1]` still owns it.
+const RELEASE_LOCK: &str = r"
+-- KEYS[1]: the lock. ARGV[1]: refresh id.
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+";
+
+/// The quota status of one consent for one source; writes nothing.
+const QUOTA_STATUS: &str = r"
+-- KEYS: the quota sets of the rules counting the source.
+-- ARGV: limit and window of each; then the local-day boundaries if needed.
+-- Reply: {'ok', now, used_1, at_1, ...} with at = -1 while the rule still admits.
+local now = now_ms()
+local n = #KEYS
+local day_start, day_stop = local_day(now, 1 + 2 * n)
+local reply = {'ok', now}
+for i = 1, n do
+  local limit, window = tonumber(ARGV[2 * i - 1]), ARGV[2 * i]
+  if window ~= 'rolling_24h' and not day_start then return {'skew', now} end
+  local used, at = usage(KEYS[i], limit, window, now, day_start, day_stop)
+  table.insert(reply, used)
+  table.insert(reply, at or -1)
+end
+return reply
+";
+
+/// The worker's start log: a sliding window of bank refresh starts per bucket.
+const TAKE_START: &str = r"
+-- KEYS[1]: the bucket's starts (score = start time, member = attempt id).
+-- ARGV[1]: attempt id; ARGV[2]: limit; ARGV[3]: period (ms).
+-- A start at s occupies [s, s + period]: in whole ms that is safe against the
+-- sub-millisecond part TIME loses.
+local now = now_ms()
+local limit, period = tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. int(now - period))
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {'go', now} end
+local count = redis.call('ZCARD', KEYS[1])
+if count < limit then
+  redis.call('ZADD', KEYS[1], int(now), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], int(period + 1))
+  return {'go', now}
+end
+-- Free once the (count - limit + 1)-th oldest start leaves the window.
+local kth = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
+return {'wait', now, tonumber(kth[2]) + period + 1}
+";
+
+fn script(parts: &[&str]) -> Script {
+    Script::new(&parts.concat())
+}
+
+pub(super) static ADMIT_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[PRELUDE, QUOTA, ADMIT]));
+pub(super) static RELEASE_ADMISSION_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[RELEASE_ADMISSION]));
+pub(super) static TAKE_SLOT_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[PRELUDE, TAKE_SLOT]));
+pub(super) static RETURN_SLOT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[RETURN_SLOT]));
+pub(super) static RENEW_LOCK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[RENEW_LOCK]));
+pub(super) static RELEASE_LOCK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[RELEASE_LOCK]));
+pub(super) static QUOTA_STATUS_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[PRELUDE, QUOTA, QUOTA_STATUS]));
+pub(super) static TAKE_START_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[PRELUDE, TAKE_START]));

@@ -1,0 +1,14 @@
+//! Redis adapter: the admission gate's atomic scripts, connection, health, and namespace housekeeping.
+//!
+//! Every key this crate writes starts with `{namespace}:`, so one namespace never sees
+//! another's keys and a namespace can be removed as a whole.
+
+mod conn;
+mod gate;
+
+pub use conn::{RedisError, RedisSettings, connect, delete_namespace, health};
+pub use gate::{
+    Gate, GateConfig, GateDecision, GateError, GateRequest, QuotaStatus, StartDecision, Ticket,
+};
+/// The auto-reconnecting connection [`connect`] hands out.
+pub use redis::aio::ConnectionManager;
