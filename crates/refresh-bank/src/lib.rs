@@ -1,0 +1,23 @@
+//! Bank connectors: the [`Connector`] trait the worker fetches through, and the
+//! UK Open Banking Read/Write API v3.1 Account Information client
+//! ([`ObieConnector`]).
+//!
+//! Wire types (the OBIE payloads) stay inside the connector; what comes out is
+//! [`BankData`]: validated domain items, each with the bank's own JSON object,
+//! and the count of every schema deviation that was read past.
+
+mod connector;
+mod deviations;
+mod error;
+mod model;
+mod obie;
+
+pub use connector::{
+    BankData, Connector, ConnectorBuildError, ConnectorSettings, ConsentAccess, FetchFuture,
+    InitialData, ProviderKind, UnknownProviderKind, build_connector,
+};
+pub use error::BankError;
+pub use model::{
+    Account, Amount, Balance, BankItem, CreditDebit, InvalidAmount, Transaction, TransactionStatus,
+};
+pub use obie::{ObieConnector, SCA_ERROR_CODE};
