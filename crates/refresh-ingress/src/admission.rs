@@ -1,0 +1,303 @@
+//! Admission: SPEC §2 for one request, whatever channel it came by.
+//!
+//! Order: the consent (rules 1–2, from the database), then the gate (rules 3–5, one
+//! Redis script per slot), then the refresh record and its INITIALIZED event are
+//! written in a transaction that stays open while the job is published; the
+//! transaction commits only once the broker confirmed the job. Anything failing after
+//! the gate undoes the gate (lock, quota, slot), so nothing is half-done.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use refresh_amqp::Broker;
+use refresh_core::{
+    Caller, CloudEvent, ConsentId, ConsentStatus, EventId, Job, Problem, ProblemCode, RefreshId,
+    RefreshRecord, RejectedRequest, RequestedBy, TenantId, consent_refusal,
+};
+use refresh_pg::{ConsentRow, OutboxEvent, Store, StoreError};
+use refresh_redis::{Gate, GateDecision, GateError, GateRequest, Ticket};
+use tokio::sync::Notify;
+
+use crate::metrics::Metrics;
+
+/// Who asks, and for which consent.
+#[derive(Clone, Debug)]
+pub struct RefreshRequest {
+    pub consent_id: ConsentId,
+    /// `None` for a platform operator (`api:admin`), who may act on any tenant.
+    pub tenant: Option<TenantId>,
+    pub requested_by: RequestedBy,
+    /// The initial connection load: all data kinds, counted against no quota.
+    pub initial: bool,
+}
+
+/// The answer to a request.
+#[derive(Clone, Debug)]
+pub enum Decision {
+    Admitted(RefreshRecord),
+    Refused(Problem),
+}
+
+/// A dependency failed: nothing was admitted and nothing consumed (SPEC §2 rule 6).
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("database unavailable")]
+    Database(#[source] StoreError),
+    #[error("redis unavailable")]
+    Redis(#[source] GateError),
+    #[error("rabbitmq did not confirm the job")]
+    Broker(#[source] refresh_amqp::AmqpError),
+}
+
+/// The admission service shared by the HTTP API and the upstream request consumer.
+#[derive(Clone)]
+pub struct Admitter {
+    store: Store,
+    gate: Gate,
+    broker: Broker,
+    metrics: Arc<Metrics>,
+    /// Wakes the outbox relay when an event was written.
+    outbox: Arc<Notify>,
+}
+
+impl Admitter {
+    pub fn new(
+        store: Store,
+        gate: Gate,
+        broker: Broker,
+        metrics: Arc<Metrics>,
+        outbox: Arc<Notify>,
+    ) -> Self {
+        Self {
+            store,
+            gate,
+            broker,
+            metrics,
+            outbox,
+        }
+    }
+
+    /// Decides one request; an `Err` means a dependency is down (answer 503).
+    pub async fn request(&self, request: &RefreshRequest) -> Result<Decision, Unavailable> {
+        let decision = self.decide(request).await;
+        match &decision {
+            Ok(Decision::Admitted(_)) => self.metrics.admitted(request.requested_by),
+            Ok(Decision::Refused(problem)) => {
+                self.metrics.refused(request.requested_by, problem.code)
+            }
+            Err(_) => self
+                .metrics
+                .refused(request.requested_by, ProblemCode::Unavailable),
+        }
+        decision
+    }
+
+    async fn decide(&self, request: &RefreshRequest) -> Result<Decision, Unavailable> {
+        let consent = self
+            .store
+            .consent(request.consent_id)
+            .await
+            .map_err(Unavailable::Database)?;
+        let now = Utc::now();
+        if let Some(problem) = refuse_consent(consent.as_ref(), request.tenant.as_ref(), now) {
+            return Ok(self.refused(request, consent.as_ref(), problem).await);
+        }
+        let Some(consent) = consent else {
+            // refuse_consent answers 404 for a missing consent.
+            return Ok(Decision::Refused(Problem::consent_not_found()));
+        };
+
+        let refresh_id = RefreshId::from_uuid(uuid::Uuid::now_v7());
+        let started = Instant::now();
+        let decision = self
+            .gate
+            .admit(&GateRequest {
+                consent_id: consent.consent_id,
+                tenant_id: consent.tenant_id.clone(),
+                provider_id: consent.provider_id.clone(),
+                requested_by: request.requested_by,
+                refresh_id,
+                count_quota: !request.initial,
+            })
+            .await
+            .map_err(Unavailable::Redis)?;
+        self.metrics.gate_latency(started.elapsed());
+        let ticket = match decision {
+            GateDecision::Admitted(ticket) => ticket,
+            GateDecision::Refused(problem) => {
+                return Ok(self.refused(request, Some(&consent), problem).await);
+            }
+        };
+        match self.enqueue(&consent, request, &ticket).await {
+            Ok(record) => {
+                self.outbox.notify_one();
+                Ok(Decision::Admitted(record))
+            }
+            Err(failure) => {
+                if let Err(error) = self.gate.undo(&ticket).await {
+                    tracing::error!(error = %error, refresh_id = %ticket.refresh_id, "cannot undo the gate; the lock expires with its lease");
+                }
+                match failure {
+                    Enqueue::InFlight(holder) => Ok(self
+                        .refused(
+                            request,
+                            Some(&consent),
+                            Problem::refresh_in_progress(holder),
+                        )
+                        .await),
+                    Enqueue::Unavailable(error) => Err(error),
+                }
+            }
+        }
+    }
+
+    /// Record + event (transaction left open), confirmed publish, commit.
+    async fn enqueue(
+        &self,
+        consent: &ConsentRow,
+        request: &RefreshRequest,
+        ticket: &Ticket,
+    ) -> Result<RefreshRecord, Enqueue> {
+        let record = RefreshRecord::initialized(
+            ticket.refresh_id,
+            consent.consent_id,
+            consent.tenant_id.clone(),
+            request.requested_by,
+            ticket.now,
+            ticket.not_before,
+        );
+        let event = refresh_event(&record, ticket.now);
+        let pending = match self
+            .store
+            .begin_admission(&record, request.initial, &event)
+            .await
+        {
+            Ok(pending) => pending,
+            Err(StoreError::Conflict) => {
+                // The database still has a refresh in flight whose Redis lock lapsed
+                // (its worker died and the job awaits redelivery).
+                let holder = self
+                    .store
+                    .in_flight(consent.consent_id)
+                    .await
+                    .map_err(|e| Enqueue::Unavailable(Unavailable::Database(e)))?;
+                return Err(match holder {
+                    Some(holder) => Enqueue::InFlight(holder),
+                    None => Enqueue::Unavailable(Unavailable::Database(StoreError::Conflict)),
+                });
+            }
+            Err(error) => return Err(Enqueue::Unavailable(Unavailable::Database(error))),
+        };
+        let job = Job {
+            refresh_id: record.refresh_id,
+            consent_id: record.consent_id,
+            tenant_id: record.tenant_id.clone(),
+            provider_id: consent.provider_id.clone(),
+            requested_by: record.requested_by,
+            initial: request.initial,
+            not_before: record.not_before,
+            attempt: 0,
+        };
+        let delay = (record.not_before - ticket.now)
+            .to_std()
+            .ok()
+            .filter(|d| !d.is_zero());
+        let started = Instant::now();
+        let published = self
+            .broker
+            .publish_job(&job.to_bytes(), &record.refresh_id.to_string(), delay)
+            .await;
+        self.metrics.publish_latency(started.elapsed());
+        if let Err(error) = published {
+            if let Err(rollback) = pending.rollback().await {
+                tracing::warn!(error = %rollback, "rollback after a failed publish");
+            }
+            return Err(Enqueue::Unavailable(Unavailable::Broker(error)));
+        }
+        // The job is on the queue. If this commit fails, the worker finds no record
+        // for it and drops it; the caller is told 503.
+        pending
+            .commit()
+            .await
+            .map_err(|e| Enqueue::Unavailable(Unavailable::Database(e)))?;
+        Ok(record)
+    }
+
+    /// A refusal, also announced as a `refresh.rejected.{tenant}` event (when the
+    /// consent, hence the tenant, is known to the caller).
+    async fn refused(
+        &self,
+        request: &RefreshRequest,
+        consent: Option<&ConsentRow>,
+        problem: Problem,
+    ) -> Decision {
+        let tenant = match (consent, &request.tenant) {
+            (Some(consent), _) if problem.code != ProblemCode::ConsentNotFound => {
+                Some(consent.tenant_id.clone())
+            }
+            (_, Some(tenant)) => Some(tenant.clone()),
+            _ => None,
+        };
+        if let Some(tenant_id) = tenant {
+            let now = Utc::now();
+            let event = CloudEvent::rejected(
+                RejectedRequest {
+                    consent_id: request.consent_id,
+                    tenant_id,
+                    requested_by: request.requested_by,
+                    problem: problem.clone(),
+                },
+                EventId::from_uuid(uuid::Uuid::now_v7()),
+                now,
+            );
+            let outbox = OutboxEvent {
+                event_id: event.id,
+                routing_key: event.routing_key(),
+                payload: serde_json::to_value(&event).unwrap_or_default(),
+            };
+            match self.store.insert_event(&outbox, now).await {
+                Ok(()) => self.outbox.notify_one(),
+                Err(error) => tracing::warn!(error = %error, "cannot record the rejected event"),
+            }
+        }
+        Decision::Refused(problem)
+    }
+}
+
+enum Enqueue {
+    InFlight(RefreshId),
+    Unavailable(Unavailable),
+}
+
+/// SPEC §2 rules 1–2: unknown or another tenant's consent → 404; not active → 403.
+/// A consent past its `expiresAt` counts as expired.
+pub(crate) fn refuse_consent(
+    consent: Option<&ConsentRow>,
+    tenant: Option<&TenantId>,
+    now: DateTime<Utc>,
+) -> Option<Problem> {
+    let caller = match tenant {
+        Some(tenant) => Caller::Tenant(tenant),
+        None => Caller::Admin,
+    };
+    let status = consent.map(|c| {
+        let status = if c.status == ConsentStatus::Active && c.expires_at <= now {
+            ConsentStatus::Expired
+        } else {
+            c.status
+        };
+        (&c.tenant_id, status)
+    });
+    consent_refusal(status, caller)
+}
+
+/// The INITIALIZED (or later) event of a record, ready for the outbox.
+pub(crate) fn refresh_event(record: &RefreshRecord, at: DateTime<Utc>) -> OutboxEvent {
+    let event = CloudEvent::refresh(record, EventId::from_uuid(uuid::Uuid::now_v7()), at);
+    OutboxEvent {
+        event_id: event.id,
+        routing_key: event.routing_key(),
+        payload: serde_json::to_value(&event).unwrap_or_default(),
+    }
+}

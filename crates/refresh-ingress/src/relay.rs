@@ -1,0 +1,69 @@
+//! The outbox relay: publishes events written in database transactions, with
+//! confirms, and marks them published. A crash between publish and mark publishes the
+//! event again; consumers dedupe on the CloudEvents `id` (SPEC §4).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use refresh_amqp::Broker;
+use refresh_pg::Store;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::error_chain;
+
+/// Rows claimed per round.
+const BATCH: i64 = 200;
+/// A round runs at least this often, even without a nudge (events written by other
+/// processes, or left after a failure).
+const TICK: Duration = Duration::from_millis(500);
+
+/// Runs until `shutdown`; `nudge` wakes it early after an event was written.
+pub async fn run(store: Store, broker: Broker, nudge: Arc<Notify>, shutdown: CancellationToken) {
+    loop {
+        match relay_once(&store, &broker).await {
+            Ok(n) if n as i64 == BATCH => continue,
+            Ok(_) => {}
+            Err(error) => tracing::warn!(error = %error, "outbox relay round failed; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                // One last round so events of work finished during shutdown go out.
+                let _ = relay_once(&store, &broker).await;
+                return;
+            }
+            () = nudge.notified() => {}
+            () = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+/// One round: publishes what it can, in order; returns how many were published.
+pub async fn relay_once(store: &Store, broker: &Broker) -> Result<usize, String> {
+    let claimed = store
+        .claim_events(BATCH)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    let mut published = Vec::with_capacity(claimed.events.len());
+    for pending in &claimed.events {
+        let body = serde_json::to_vec(&pending.event.payload).unwrap_or_default();
+        let id = pending.event.event_id.to_string();
+        match broker
+            .publish_event(&pending.event.routing_key, &body, &id)
+            .await
+        {
+            Ok(()) => published.push(pending.id),
+            Err(error) => {
+                tracing::warn!(error = %error_chain(&error), event_id = %id, "cannot publish an event yet");
+                break;
+            }
+        }
+    }
+    let count = published.len();
+    claimed
+        .finish(&published, Utc::now())
+        .await
+        .map_err(|e| error_chain(&e))?;
+    Ok(count)
+}

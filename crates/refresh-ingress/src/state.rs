@@ -1,0 +1,28 @@
+//! What every HTTP handler shares.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use refresh_amqp::Broker;
+use refresh_pg::Store;
+use refresh_redis::Gate;
+
+use crate::admission::Admitter;
+use crate::auth::Verifier;
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub(crate) admitter: Admitter,
+    pub(crate) store: Store,
+    pub(crate) gate: Gate,
+    pub(crate) broker: Broker,
+    pub(crate) redis: refresh_redis::ConnectionManager,
+    pub(crate) verifier: Verifier,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Configured provider ids.
+    pub(crate) providers: Arc<BTreeSet<String>>,
+    pub(crate) retention_days: u32,
+    pub(crate) sync_wait: Duration,
+}

@@ -1,0 +1,134 @@
+//! Upstream refresh requests over AMQP (SPEC §4): the same gate as HTTP, a decision
+//! reply on `reply_to`, `message_id` as the idempotency key, and unparseable messages
+//! dead-lettered without stopping the consumer.
+
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use refresh_amqp::{Broker, Delivery};
+use refresh_core::{ConsentId, Outcome, Problem, RequestedBy, TenantId};
+use refresh_pg::{KeyReservation, Store};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::{Admitter, Decision, RefreshRequest};
+use crate::error::error_chain;
+
+/// The request message (wire type).
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestMessage {
+    consent_id: ConsentId,
+    tenant_id: TenantId,
+    #[serde(default = "default_source")]
+    requested_by: RequestedBy,
+}
+
+fn default_source() -> RequestedBy {
+    RequestedBy::App
+}
+
+/// How long to hold a request back when a dependency is down.
+const UNAVAILABLE_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Consumes `{ns}.requests` until `shutdown`.
+pub async fn run(
+    admitter: Admitter,
+    store: Store,
+    broker: Broker,
+    prefetch: u16,
+    shutdown: CancellationToken,
+) {
+    let mut consumer = broker.consume(&broker.names().requests.clone(), prefetch);
+    loop {
+        let delivery = tokio::select! {
+            () = shutdown.cancelled() => return,
+            delivery = consumer.next() => delivery,
+        };
+        let Some(delivery) = delivery else { return };
+        let (outcome, reply) = handle(&admitter, &store, &delivery).await;
+        if let (Some(reply), Some(reply_to)) = (reply, delivery.reply_to.clone()) {
+            let body = serde_json::to_vec(&reply).unwrap_or_default();
+            if let Err(error) = broker
+                .reply(&reply_to, delivery.correlation_id.as_deref(), &body)
+                .await
+            {
+                tracing::warn!(error = %error_chain(&error), "cannot send the decision reply");
+            }
+        }
+        if let Err(error) = delivery.settle(outcome).await {
+            tracing::warn!(error = %error_chain(&error), "cannot settle a request; the broker redelivers it");
+        }
+    }
+}
+
+/// The outcome for the message and the reply (if any) to send.
+async fn handle(
+    admitter: &Admitter,
+    store: &Store,
+    delivery: &Delivery,
+) -> (Outcome, Option<Value>) {
+    let message: RequestMessage = match serde_json::from_slice(&delivery.body) {
+        Ok(message) => message,
+        Err(error) => {
+            let reason = format!("unparseable refresh request: {error}");
+            let problem = Problem::bad_request(reason.clone());
+            return (
+                Outcome::dead_letter(reason),
+                Some(json!({ "accepted": false, "problem": problem })),
+            );
+        }
+    };
+    let key = delivery
+        .message_id
+        .as_deref()
+        .filter(|k| !k.is_empty())
+        .map(|k| format!("amqp {} {k}", message.consent_id));
+    if let Some(key) = &key {
+        let now = Utc::now();
+        match store
+            .reserve_key(&message.tenant_id, key, now, now - TimeDelta::hours(24))
+            .await
+        {
+            Ok(KeyReservation::Reserved) => {}
+            Ok(KeyReservation::Done { response, .. }) => return (Outcome::Ack, Some(response)),
+            Ok(KeyReservation::Pending) | Err(_) => {
+                return (Outcome::retry(UNAVAILABLE_BACKOFF), None);
+            }
+        }
+    }
+    let request = RefreshRequest {
+        consent_id: message.consent_id,
+        tenant: Some(message.tenant_id.clone()),
+        requested_by: message.requested_by,
+        initial: false,
+    };
+    let reply = match admitter.request(&request).await {
+        Ok(Decision::Admitted(record)) => {
+            json!({ "accepted": true, "refreshId": record.refresh_id, "notBefore": record.not_before })
+        }
+        Ok(Decision::Refused(problem)) => json!({ "accepted": false, "problem": problem }),
+        Err(error) => {
+            tracing::warn!(error = %error_chain(&error), "upstream request held back: a dependency is unavailable");
+            if let Some(key) = &key {
+                let _ = store.release_key(&message.tenant_id, key).await;
+            }
+            return (Outcome::retry(UNAVAILABLE_BACKOFF), None);
+        }
+    };
+    if let Some(key) = &key {
+        let status = if reply["accepted"] == json!(true) {
+            202
+        } else {
+            reply["problem"]["status"].as_u64().unwrap_or(400) as u16
+        };
+        if let Err(error) = store
+            .complete_key(&message.tenant_id, key, status, &reply)
+            .await
+        {
+            tracing::warn!(error = %error_chain(&error), "cannot record the idempotent answer");
+        }
+    }
+    (Outcome::Ack, Some(reply))
+}
