@@ -1,0 +1,102 @@
+//! The ingress role: HTTP API, upstream request consumer, outbox relay.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use refresh_ingress::{Admitter, HttpConfig, Metrics, Verifier};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::services::Services;
+use crate::{RunError, Settings};
+
+/// Starts the ingress's tasks on `tracker`, serving HTTP on `listener`; returns the
+/// bound address. Everything stops when `shutdown` is cancelled.
+pub async fn start(
+    settings: &Settings,
+    services: &Services,
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+    shutdown: &CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<SocketAddr, RunError> {
+    let verifier = Verifier::new(
+        settings.auth.jwt_hs256_secret.as_ref(),
+        settings.auth.jwt_rs256_public_key_pem.as_deref(),
+    )
+    .map_err(|e| RunError::Role("ingress", Box::new(e)))?;
+    let nudge = Arc::new(Notify::new());
+    let admitter = Admitter::new(
+        services.store.clone(),
+        services.gate.clone(),
+        services.broker.clone(),
+        metrics.clone(),
+        nudge.clone(),
+    );
+    let router = refresh_ingress::router(
+        admitter.clone(),
+        services.store.clone(),
+        services.gate.clone(),
+        services.broker.clone(),
+        services.redis.clone(),
+        verifier,
+        metrics,
+        HttpConfig {
+            providers: settings.providers.keys().cloned().collect(),
+            retention_days: settings.history.retention_days,
+            sync_wait: Duration::from_secs(settings.http.sync_wait_secs),
+        },
+    );
+    let addr = listener.local_addr().map_err(|source| RunError::Bind {
+        addr: settings.http.bind.clone(),
+        source,
+    })?;
+    tracker.spawn(refresh_ingress::relay::run(
+        services.store.clone(),
+        services.broker.clone(),
+        nudge,
+        shutdown.child_token(),
+    ));
+    tracker.spawn(refresh_ingress::upstream::run(
+        admitter,
+        services.store.clone(),
+        services.broker.clone(),
+        settings.worker.prefetch,
+        shutdown.child_token(),
+    ));
+    let http_shutdown = shutdown.child_token();
+    tracker.spawn(async move {
+        if let Err(error) = refresh_ingress::serve(listener, router, http_shutdown).await {
+            tracing::error!(error = %error, "the HTTP server stopped");
+        }
+    });
+    tracing::info!(%addr, "ingress listening");
+    Ok(addr)
+}
+
+/// `refreshd ingress`.
+pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
+    let tracker = TaskTracker::new();
+    let services = Services::connect(settings, &shutdown, &tracker).await?;
+    let listener = tokio::net::TcpListener::bind(&settings.http.bind)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: settings.http.bind.clone(),
+            source,
+        })?;
+    start(
+        settings,
+        &services,
+        Arc::new(Metrics::new()),
+        listener,
+        &shutdown,
+        &tracker,
+    )
+    .await?;
+    tracker.close();
+    shutdown.cancelled().await;
+    tracker.wait().await;
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! Wiring of the refreshd roles: `run` is what the binary calls and what the
+//! integration tests call, so both exercise the same code.
+
+pub mod ingress;
+pub mod services;
+pub mod settings;
+pub mod telemetry;
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+pub use settings::{LoadOptions, Settings, SettingsError};
+
+/// The roles of SPEC §7.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// HTTP API, dashboard and the upstream request consumer.
+    Ingress,
+    /// Runs admitted refreshes against the banks.
+    Worker,
+    /// Auto-sync, inactivation and history clean-up.
+    Scheduler,
+    /// The simulated bank (UK Open Banking AIS v3.1).
+    BankSim,
+    /// Applies the database migrations of the namespace, then exits.
+    Migrate,
+    /// Every role in one process, for local use.
+    Dev,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingress",
+            Self::Worker => "worker",
+            Self::Scheduler => "scheduler",
+            Self::BankSim => "bank-sim",
+            Self::Migrate => "migrate",
+            Self::Dev => "dev",
+        }
+    }
+
+    /// Roles that verify bearer tokens.
+    pub(crate) fn serves_api(self) -> bool {
+        matches!(self, Self::Ingress | Self::Dev)
+    }
+
+    /// Roles that encrypt or decrypt bank access tokens.
+    pub(crate) fn handles_tokens(self) -> bool {
+        matches!(self, Self::Ingress | Self::Worker | Self::Dev)
+    }
+
+    /// The environment whose file is layered when `REFRESHD_ENV` is unset.
+    pub fn default_env(self) -> Option<&'static str> {
+        (self == Self::Dev).then_some("dev")
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the {0} role is not available in this build")]
+    NotAvailable(&'static str),
+    #[error("cannot bind {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Database(#[from] refresh_pg::PgError),
+    #[error("{0} stopped with an error")]
+    Role(
+        &'static str,
+        #[source] Box<dyn std::error::Error + Send + Sync>,
+    ),
+}
+
+impl RunError {
+    /// The process exit code: 69 (EX_UNAVAILABLE) for a role this build lacks, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::NotAvailable(_) => 69,
+            _ => 1,
+        }
+    }
+}
+
+/// Runs `role` until it finishes (`migrate`) or `shutdown` is cancelled.
+pub async fn run(
+    role: Role,
+    settings: Settings,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    match role {
+        Role::Migrate => migrate(&settings).await,
+        Role::BankSim => bank_sim(&settings, shutdown).await,
+        Role::Ingress => ingress::run(&settings, shutdown).await,
+        Role::Worker | Role::Scheduler | Role::Dev => Err(RunError::NotAvailable(role.name())),
+    }
+}
+
+/// Applies the migrations to the namespace's schema.
+pub async fn migrate(settings: &Settings) -> Result<(), RunError> {
+    let schema = refresh_pg::Schema::parse(&settings.namespace)?;
+    let pool = refresh_pg::connect(&settings.database, &schema)?;
+    refresh_pg::migrate(&pool, &schema).await?;
+    tracing::info!(schema = schema.as_str(), "database schema is migrated");
+    pool.close().await;
+    Ok(())
+}
+
+async fn bank_sim(settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
+    let addr = settings.bank_sim.bind.clone();
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+    tracing::info!(%addr, "bank simulator listening");
+    refresh_banksim::serve(listener, settings.bank_sim.clone(), shutdown)
+        .await
+        .map_err(|e| RunError::Role("bank-sim", Box::new(e)))
+}
+
+/// How long `run` may take to stop after `shutdown` is cancelled.
+pub fn grace(settings: &Settings) -> Duration {
+    Duration::from_secs(settings.shutdown.grace_secs)
+}

@@ -1,0 +1,412 @@
+//! Typed configuration: the layers of SPEC §7 merged into one [`Settings`], validated
+//! once at start-up. Each adapter is handed its own section.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use refresh_amqp::AmqpSettings;
+use refresh_banksim::SimSettings;
+use refresh_core::{QuotaRule, StaggerSettings};
+use refresh_pg::DatabaseSettings;
+use refresh_redis::RedisSettings;
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
+
+use crate::Role;
+
+/// The defaults, built into the binary so it runs from any directory.
+const DEFAULTS: &str = include_str!("../../../config/default.toml");
+
+/// Everything refreshd can be configured with (`config/default.toml` documents each key).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub namespace: String,
+    pub log: LogSettings,
+    pub redis: RedisSettings,
+    pub amqp: AmqpSettings,
+    pub database: DatabaseSettings,
+    pub http: HttpSettings,
+    pub bank_sim: SimSettings,
+    pub quota: QuotaSettings,
+    pub stagger: StaggerSettings,
+    pub lock: LockSettings,
+    pub shutdown: ShutdownSettings,
+    pub worker: WorkerSettings,
+    pub history: HistorySettings,
+    #[serde(default)]
+    pub auth: AuthSettings,
+    #[serde(default)]
+    pub crypto: CryptoSettings,
+    pub providers: BTreeMap<String, ProviderSettings>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Auto,
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub bind: String,
+    pub sync_wait_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QuotaSettings {
+    pub rules: Vec<QuotaRule>,
+    pub time_zone: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockSettings {
+    pub lease_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    pub grace_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    pub concurrency: u32,
+    pub max_attempts: u32,
+    pub prefetch: u16,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistorySettings {
+    pub retention_days: u32,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    pub jwt_hs256_secret: Option<SecretString>,
+    pub jwt_rs256_public_key_pem: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CryptoSettings {
+    /// 32 bytes, base64.
+    pub key: Option<SecretString>,
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// UK Open Banking Read/Write API v3.1, Account Information.
+    Obie,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSettings {
+    pub kind: ProviderKind,
+    pub base_url: String,
+    pub timeout_secs: u64,
+}
+
+/// Where the layers come from.
+#[derive(Debug, Default)]
+pub struct LoadOptions {
+    /// The environment (`REFRESHD_ENV`): selects `config/{env}.toml`.
+    pub env: Option<String>,
+    /// The folder of environment files (default `config`).
+    pub config_dir: Option<PathBuf>,
+    /// `--config FILE`.
+    pub config_file: Option<PathBuf>,
+    /// Read `REFRESHD__SECTION__KEY` variables (off in tests, so they are hermetic).
+    pub environment_variables: bool,
+    /// Last-word overrides, `("stagger.limit", "3")`; used by tests.
+    pub overrides: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{0}")]
+    Load(#[from] config::ConfigError),
+    #[error("{key}: {problem}")]
+    Invalid { key: &'static str, problem: String },
+}
+
+fn invalid(key: &'static str, problem: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        key,
+        problem: problem.into(),
+    }
+}
+
+impl Settings {
+    /// Merges the layers of SPEC §7, later wins: defaults, `config/{env}.toml`,
+    /// `--config FILE`, environment variables, then `overrides`.
+    pub fn load(options: &LoadOptions) -> Result<Self, SettingsError> {
+        use config::{Config, Environment, File, FileFormat};
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(env) = &options.env {
+            let dir = options.config_dir.as_deref().unwrap_or(Path::new("config"));
+            builder =
+                builder.add_source(File::from(dir.join(format!("{env}.toml"))).required(false));
+        }
+        if let Some(file) = &options.config_file {
+            builder = builder.add_source(File::from(file.as_path()).required(true));
+        }
+        if options.environment_variables {
+            builder = builder.add_source(
+                Environment::with_prefix("REFRESHD")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            );
+        }
+        for (key, value) in &options.overrides {
+            builder = builder.set_override(key.as_str(), value.as_str())?;
+        }
+        Ok(builder.build()?.try_deserialize()?)
+    }
+
+    /// Checks every value once, naming the key and what is allowed. `role` decides
+    /// which secrets are required.
+    pub fn validate(&self, role: Role) -> Result<(), SettingsError> {
+        refresh_pg::Schema::parse(&self.namespace).map_err(|_| {
+            invalid(
+                "namespace",
+                "must be 1 to 40 lowercase letters, digits or '_', starting with a letter",
+            )
+        })?;
+        self.quota_time_zone()?;
+        if self.quota.rules.is_empty() {
+            // Allowed: no rule means every source is exempt. Nothing to check.
+        }
+        for rule in &self.quota.rules {
+            if rule.sources.is_empty() {
+                return Err(invalid(
+                    "quota.rules",
+                    "every rule names at least one source",
+                ));
+            }
+            if rule.limit == 0 {
+                return Err(invalid("quota.rules", "limit must be at least 1"));
+            }
+        }
+        if self.stagger.limit == 0 {
+            return Err(invalid("stagger.limit", "must be at least 1"));
+        }
+        if self.stagger.period_secs == 0 {
+            return Err(invalid("stagger.period_secs", "must be at least 1"));
+        }
+        let positive: [(&'static str, u64); 9] = [
+            ("lock.lease_secs", self.lock.lease_secs),
+            ("shutdown.grace_secs", self.shutdown.grace_secs),
+            ("worker.concurrency", self.worker.concurrency.into()),
+            ("worker.max_attempts", self.worker.max_attempts.into()),
+            ("worker.prefetch", self.worker.prefetch.into()),
+            ("history.retention_days", self.history.retention_days.into()),
+            ("http.sync_wait_secs", self.http.sync_wait_secs),
+            ("redis.command_timeout_ms", self.redis.command_timeout_ms),
+            ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(invalid(key, "must be at least 1"));
+        }
+        if self.lock.lease_secs < 5 {
+            return Err(invalid("lock.lease_secs", "must be at least 5"));
+        }
+        for (id, provider) in &self.providers {
+            if refresh_core::ProviderId::parse(id).is_err() {
+                return Err(invalid("providers", format!("invalid provider id {id:?}")));
+            }
+            if !(provider.base_url.starts_with("http://")
+                || provider.base_url.starts_with("https://"))
+            {
+                return Err(invalid(
+                    "providers.*.base_url",
+                    format!("{id}: must be an http(s) URL"),
+                ));
+            }
+            if provider.timeout_secs == 0 {
+                return Err(invalid(
+                    "providers.*.timeout_secs",
+                    format!("{id}: must be at least 1"),
+                ));
+            }
+        }
+        if role.serves_api()
+            && self.auth.jwt_hs256_secret.is_none()
+            && self.auth.jwt_rs256_public_key_pem.is_none()
+        {
+            return Err(invalid(
+                "auth",
+                "set auth.jwt_hs256_secret or auth.jwt_rs256_public_key_pem (required outside the dev environment)",
+            ));
+        }
+        if role.handles_tokens() {
+            self.crypto_key()?;
+        }
+        Ok(())
+    }
+
+    /// The quota time zone.
+    pub fn quota_time_zone(&self) -> Result<chrono_tz::Tz, SettingsError> {
+        self.quota.time_zone.parse().map_err(|_| {
+            invalid(
+                "quota.time_zone",
+                format!(
+                    "{:?} is not an IANA time zone name (e.g. Europe/London)",
+                    self.quota.time_zone
+                ),
+            )
+        })
+    }
+
+    /// The 32-byte key that encrypts bank tokens at rest.
+    pub fn crypto_key(&self) -> Result<[u8; 32], SettingsError> {
+        let key = self.crypto.key.as_ref().ok_or_else(|| {
+            invalid(
+                "crypto.key",
+                "required outside the dev environment: 32 random bytes, base64",
+            )
+        })?;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(key.expose_secret().trim())
+            .map_err(|_| invalid("crypto.key", "must be base64"))?;
+        bytes
+            .try_into()
+            .map_err(|_| invalid("crypto.key", "must decode to exactly 32 bytes"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(overrides: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        Settings::load(&LoadOptions {
+            overrides: overrides
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..LoadOptions::default()
+        })
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.namespace, "refreshd");
+        assert_eq!(s.http.bind, "127.0.0.1:8080");
+        assert_eq!(s.bank_sim.bind, "127.0.0.1:8090");
+        assert_eq!(
+            (
+                s.stagger.limit,
+                s.stagger.period_secs,
+                s.stagger.max_delay_secs
+            ),
+            (30, 60, 3600)
+        );
+        assert_eq!(s.lock.lease_secs, 120);
+        assert_eq!((s.http.sync_wait_secs, s.shutdown.grace_secs), (30, 30));
+        assert_eq!(
+            (
+                s.worker.concurrency,
+                s.worker.max_attempts,
+                s.worker.prefetch
+            ),
+            (16, 5, 32)
+        );
+        assert_eq!(s.history.retention_days, 7);
+        assert_eq!(s.quota.rules.len(), 1);
+        assert_eq!(s.quota.rules[0].limit, 4);
+        assert_eq!(s.quota.time_zone, "UTC");
+        assert!(s.providers.contains_key("sim"));
+        // The defaults are valid for roles that need no secrets.
+        s.validate(Role::Migrate).unwrap();
+        s.validate(Role::BankSim).unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let check = |key: &str, value: &str, role: Role, expected: &str| {
+            let err = load(&[(key, value)])
+                .and_then(|s| s.validate(role).map(|()| s))
+                .unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains(expected), "{key}={value}: {text}");
+        };
+        check("namespace", "Bad-Name", Role::Migrate, "namespace: must be");
+        check(
+            "stagger.limit",
+            "0",
+            Role::Migrate,
+            "stagger.limit: must be at least 1",
+        );
+        check("stagger.limit", "many", Role::Migrate, "stagger.limit");
+        check(
+            "quota.time_zone",
+            "Mars/Olympus",
+            Role::Migrate,
+            "quota.time_zone",
+        );
+        check(
+            "lock.lease_secs",
+            "1",
+            Role::Migrate,
+            "lock.lease_secs: must be at least 5",
+        );
+        check(
+            "worker.concurrency",
+            "0",
+            Role::Migrate,
+            "worker.concurrency",
+        );
+        check("stagger.scope", "galaxy", Role::Migrate, "scope");
+        check(
+            "crypto.key",
+            "c2hvcnQ=",
+            Role::Worker,
+            "crypto.key: must decode to exactly 32 bytes",
+        );
+        check("namespace", "ok", Role::Ingress, "auth:");
+        check("namespace", "ok", Role::Worker, "crypto.key: required");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = load(&[("stagger.limitt", "3")]).unwrap_err().to_string();
+        assert!(err.contains("limitt"), "{err}");
+    }
+
+    #[test]
+    fn environment_files_layer_over_defaults() {
+        let s = Settings::load(&LoadOptions {
+            env: Some("dev".into()),
+            config_dir: Some(PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../config"
+            ))),
+            ..LoadOptions::default()
+        })
+        .unwrap();
+        assert_eq!(s.log.format, LogFormat::Pretty);
+        s.validate(Role::Dev).unwrap();
+        assert_eq!(s.crypto_key().unwrap().len(), 32);
+    }
+}
