@@ -1,0 +1,719 @@
+//! The admission gate (SPEC §2 rules 3–5) and the workers' start slots, through the real Redis.
+
+#![allow(
+    clippy::unwrap_used,
+    reason = "helpers of a test report a broken expectation by panicking"
+)]
+
+use std::time::Duration;
+
+use redis::AsyncCommands as _;
+use refresh_core::{
+    ConsentId, Problem, ProblemCode, ProviderId, QuotaRule, QuotaWindow, ROLLING_WINDOW, RefreshId,
+    RequestedBy, TenantId, next_midnight, start_of_current_day,
+};
+use refresh_redis::{
+    Gate, GateConfig, GateDecision, GateError, GateRequest, QuotaStatus, StartDecision, Ticket,
+};
+use refresh_tests::{TestApp, spawn_app_with};
+use tokio::task::JoinSet;
+
+fn config(app: &TestApp) -> GateConfig {
+    GateConfig {
+        namespace: app.namespace.clone(),
+        rules: app.settings.quota.rules.clone(),
+        time_zone: app.settings.quota_time_zone().unwrap(),
+        stagger: app.settings.stagger.clone(),
+        lease: Duration::from_secs(app.settings.lock.lease_secs),
+    }
+}
+
+fn gate(app: &TestApp) -> Gate {
+    Gate::new(app.redis.clone(), config(app))
+}
+
+fn new_consent() -> ConsentId {
+    ConsentId::from_uuid(uuid::Uuid::new_v4())
+}
+
+fn new_refresh() -> RefreshId {
+    RefreshId::from_uuid(uuid::Uuid::now_v7())
+}
+
+fn request(consent: ConsentId, source: RequestedBy) -> GateRequest {
+    GateRequest {
+        consent_id: consent,
+        tenant_id: TenantId::parse("acme").unwrap(),
+        provider_id: ProviderId::parse("sim").unwrap(),
+        requested_by: source,
+        refresh_id: new_refresh(),
+        count_quota: true,
+    }
+}
+
+fn admitted(decision: GateDecision) -> Ticket {
+    match decision {
+        GateDecision::Admitted(ticket) => ticket,
+        GateDecision::Refused(problem) => panic!("expected an admission, got {problem}"),
+    }
+}
+
+fn refused(decision: GateDecision) -> Problem {
+    match decision {
+        GateDecision::Refused(problem) => problem,
+        GateDecision::Admitted(ticket) => panic!("expected a refusal, got {ticket:?}"),
+    }
+}
+
+/// Admits and frees the lock at once, as a finished refresh would.
+async fn admit_and_finish(gate: &Gate, req: &GateRequest) -> Ticket {
+    let ticket = admitted(gate.admit(req).await.unwrap());
+    assert!(
+        gate.release_lock(req.consent_id, req.refresh_id)
+            .await
+            .unwrap()
+    );
+    ticket
+}
+
+/// Redis `TIME` in milliseconds: the clock the gate decides by.
+async fn redis_ms(app: &TestApp) -> i64 {
+    let mut conn = app.redis.clone();
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    secs * 1000 + micros / 1000
+}
+
+/// SPEC §2's text for a wait of `ms`, computed independently of the core.
+fn daily_limit_text(limit: u32, ms: i64) -> String {
+    let secs = ((ms + 999) / 1000).max(1);
+    let minutes = (secs + 59) / 60;
+    format!(
+        "Daily limit of {limit} requests/consent reached. Try again in {}h{:02}.",
+        minutes / 60,
+        minutes % 60
+    )
+}
+
+/// Checks a `daily_limit_reached` refusal decided between Redis times
+/// `before` and `after`, for a quota that admits again at `next_ms`.
+fn check_daily_limit(
+    problem: &Problem,
+    limit: u32,
+    window: QuotaWindow,
+    next_ms: i64,
+    before: i64,
+    after: i64,
+) {
+    assert_eq!(problem.code, ProblemCode::DailyLimitReached);
+    assert_eq!(problem.status, 429);
+    assert_eq!(
+        (problem.limit, problem.used, problem.window),
+        (Some(limit), Some(limit), Some(window))
+    );
+    assert_eq!(
+        problem
+            .next_refresh_possible_at
+            .map(|t| t.timestamp_millis()),
+        Some(next_ms)
+    );
+    // The wait is next − now for a now between the two readings of the clock.
+    let (shortest, longest) = (next_ms - after, next_ms - before);
+    let texts = [
+        daily_limit_text(limit, shortest),
+        daily_limit_text(limit, longest),
+    ];
+    assert!(
+        texts.contains(&problem.detail),
+        "{:?} not in {texts:?}",
+        problem.detail
+    );
+    let secs = problem.retry_after_seconds.unwrap() as i64;
+    assert!(
+        ((shortest + 999) / 1000..=(longest + 999) / 1000).contains(&secs),
+        "{secs} s"
+    );
+    // Header and text agree: the text is the seconds rounded up to minutes.
+    assert_eq!(problem.detail, daily_limit_text(limit, secs * 1000));
+}
+
+#[tokio::test]
+async fn the_lock_admits_one_refresh_per_consent_and_only_its_owner_frees_it() {
+    let app = spawn_app_with(&[]).await;
+    let gate = gate(&app);
+    let consent = new_consent();
+    let first = request(consent, RequestedBy::Api);
+    let ticket = admitted(gate.admit(&first).await.unwrap());
+    assert_eq!(
+        (ticket.refresh_id, ticket.consent_id),
+        (first.refresh_id, consent)
+    );
+    assert!(ticket.not_before >= ticket.now);
+
+    // The lock is the documented key, holding the refresh id, with the lease.
+    let mut redis = app.redis.clone();
+    let lock = format!("{}:{{c:{consent}}}:lock", app.namespace);
+    let holder: Option<String> = redis.get(&lock).await.unwrap();
+    assert_eq!(holder, Some(first.refresh_id.to_string()));
+    let pttl: i64 = redis.pttl(&lock).await.unwrap();
+    assert!((110_000..=120_000).contains(&pttl), "{pttl}");
+
+    let second = request(consent, RequestedBy::Api);
+    let problem = refused(gate.admit(&second).await.unwrap());
+    assert_eq!(
+        (problem.code, problem.status),
+        (ProblemCode::RefreshInProgress, 409)
+    );
+    assert_eq!(
+        problem.detail,
+        "A refresh is already in progress for this consent"
+    );
+    assert_eq!(problem.refresh_id, Some(first.refresh_id));
+    assert_eq!(
+        gate.in_flight(consent).await.unwrap(),
+        Some(first.refresh_id)
+    );
+    // A refused request consumed no quota.
+    assert_eq!(
+        gate.quota(consent, RequestedBy::Api)
+            .await
+            .unwrap()
+            .unwrap()
+            .used,
+        1
+    );
+
+    // Renewing: only the owner extends the lease.
+    let _: () = redis.pexpire(&lock, 1_000).await.unwrap();
+    assert!(!gate.renew_lock(consent, second.refresh_id).await.unwrap());
+    let pttl: i64 = redis.pttl(&lock).await.unwrap();
+    assert!(pttl <= 1_000, "{pttl}");
+    assert!(gate.renew_lock(consent, first.refresh_id).await.unwrap());
+    let pttl: i64 = redis.pttl(&lock).await.unwrap();
+    assert!(pttl > 110_000, "{pttl}");
+
+    // Releasing: a non-owner cannot, the owner can, once.
+    assert!(!gate.release_lock(consent, second.refresh_id).await.unwrap());
+    assert_eq!(
+        gate.in_flight(consent).await.unwrap(),
+        Some(first.refresh_id)
+    );
+    assert!(gate.release_lock(consent, first.refresh_id).await.unwrap());
+    assert!(!gate.release_lock(consent, first.refresh_id).await.unwrap());
+    assert!(!gate.renew_lock(consent, first.refresh_id).await.unwrap());
+    assert_eq!(gate.in_flight(consent).await.unwrap(), None);
+    admitted(gate.admit(&second).await.unwrap());
+    assert_eq!(
+        gate.in_flight(consent).await.unwrap(),
+        Some(second.refresh_id)
+    );
+}
+
+#[tokio::test]
+async fn the_fifth_admission_in_24_hours_is_refused_with_the_exact_text() {
+    let app = spawn_app_with(&[]).await;
+    let gate = gate(&app);
+    let consent = new_consent();
+    assert_eq!(
+        gate.quota(consent, RequestedBy::Api).await.unwrap(),
+        Some(QuotaStatus {
+            limit: 4,
+            used: 0,
+            window: QuotaWindow::Rolling24h,
+            next_refresh_possible_at: None
+        })
+    );
+    let mut tickets = Vec::new();
+    for source in [
+        RequestedBy::Api,
+        RequestedBy::Portal,
+        RequestedBy::App,
+        RequestedBy::Api,
+    ] {
+        tickets.push(admit_and_finish(&gate, &request(consent, source)).await);
+    }
+    let oldest = tickets[0].now.timestamp_millis();
+    let next_ms = oldest + ROLLING_WINDOW.num_milliseconds();
+
+    let before = redis_ms(&app).await;
+    let problem = refused(
+        gate.admit(&request(consent, RequestedBy::Portal))
+            .await
+            .unwrap(),
+    );
+    let after = redis_ms(&app).await;
+    check_daily_limit(&problem, 4, QuotaWindow::Rolling24h, next_ms, before, after);
+    assert_eq!(
+        gate.in_flight(consent).await.unwrap(),
+        None,
+        "a refusal takes no lock"
+    );
+
+    let status = gate
+        .quota(consent, RequestedBy::App)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (status.limit, status.used, status.window),
+        (4, 4, QuotaWindow::Rolling24h)
+    );
+    assert_eq!(
+        status
+            .next_refresh_possible_at
+            .map(|t| t.timestamp_millis()),
+        Some(next_ms)
+    );
+
+    // Sources named by no rule are exempt, and still take the lock.
+    assert_eq!(
+        gate.quota(consent, RequestedBy::Autosync).await.unwrap(),
+        None
+    );
+    admit_and_finish(&gate, &request(consent, RequestedBy::Autosync)).await;
+    admit_and_finish(&gate, &request(consent, RequestedBy::Admin)).await;
+    // The initial connection load is counted by no quota.
+    let initial = GateRequest {
+        count_quota: false,
+        ..request(consent, RequestedBy::App)
+    };
+    admit_and_finish(&gate, &initial).await;
+    let again = refused(
+        gate.admit(&request(consent, RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    assert_eq!((again.used, again.limit), (Some(4), Some(4)));
+    let mut redis = app.redis.clone();
+    let counted: i64 = redis
+        .zcard(format!("{}:{{c:{consent}}}:q:0", app.namespace))
+        .await
+        .unwrap();
+    assert_eq!(counted, 4);
+
+    // Another consent has its own quota.
+    admitted(
+        gate.admit(&request(new_consent(), RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+}
+
+#[tokio::test]
+async fn a_calendar_day_quota_counts_per_local_day_and_resets_at_local_midnight() {
+    // Kathmandu is UTC+05:45, so its midnights are nowhere near UTC's.
+    let app = spawn_app_with(&[("quota.time_zone", "Asia/Kathmandu")]).await;
+    let mut config = config(&app);
+    config.rules = vec![QuotaRule {
+        sources: vec![RequestedBy::Api],
+        limit: 2,
+        window: QuotaWindow::CalendarDay,
+    }];
+    let tz = config.time_zone;
+    let gate = Gate::new(app.redis.clone(), config);
+    let consent = new_consent();
+    let key = format!("{}:{{c:{consent}}}:q:0", app.namespace);
+    let mut redis = app.redis.clone();
+
+    let first = admit_and_finish(&gate, &request(consent, RequestedBy::Api)).await;
+    let day_start = start_of_current_day(first.now, tz).timestamp_millis();
+    let midnight = next_midnight(first.now, tz).timestamp_millis();
+    // An admission late yesterday (local) does not count today.
+    let _: () = redis.zadd(&key, "yesterday", day_start - 1).await.unwrap();
+    let status = gate
+        .quota(consent, RequestedBy::Api)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (status.limit, status.used, status.window),
+        (2, 1, QuotaWindow::CalendarDay)
+    );
+    admit_and_finish(&gate, &request(consent, RequestedBy::Api)).await;
+    let yesterday: Option<f64> = redis.zscore(&key, "yesterday").await.unwrap();
+    assert_eq!(yesterday, None, "an admission prunes earlier days");
+
+    let before = redis_ms(&app).await;
+    let problem = refused(
+        gate.admit(&request(consent, RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    let after = redis_ms(&app).await;
+    check_daily_limit(
+        &problem,
+        2,
+        QuotaWindow::CalendarDay,
+        midnight,
+        before,
+        after,
+    );
+    let status = gate
+        .quota(consent, RequestedBy::Api)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status
+            .next_refresh_possible_at
+            .map(|t| t.timestamp_millis()),
+        Some(midnight)
+    );
+
+    // The count vanishes at the next local midnight.
+    let pttl: i64 = redis.pttl(&key).await.unwrap();
+    let expires_at = redis_ms(&app).await + pttl;
+    assert!(
+        (expires_at - midnight).abs() < 2_000,
+        "expires {expires_at}, midnight {midnight}"
+    );
+    // AUTOSYNC is named by no rule here.
+    admitted(
+        gate.admit(&request(consent, RequestedBy::Autosync))
+            .await
+            .unwrap(),
+    );
+}
+
+#[tokio::test]
+async fn undo_gives_back_the_lock_the_quota_and_the_slot() {
+    let app = spawn_app_with(&[("stagger.limit", "1"), ("stagger.period_secs", "60")]).await;
+    let gate = gate(&app);
+    let earlier = admitted(
+        gate.admit(&request(new_consent(), RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    let consent = new_consent();
+    let ticket = admitted(
+        gate.admit(&request(consent, RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (ticket.not_before - earlier.not_before).num_milliseconds(),
+        60_000
+    );
+    assert_eq!(
+        gate.quota(consent, RequestedBy::Api)
+            .await
+            .unwrap()
+            .unwrap()
+            .used,
+        1
+    );
+
+    gate.undo(&ticket).await.unwrap();
+    assert_eq!(gate.in_flight(consent).await.unwrap(), None);
+    assert_eq!(
+        gate.quota(consent, RequestedBy::Api)
+            .await
+            .unwrap()
+            .unwrap()
+            .used,
+        0
+    );
+    // The slot was the last one handed out, so the next admission reuses it.
+    let next = admitted(
+        gate.admit(&request(new_consent(), RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(next.not_before, ticket.not_before);
+
+    // Undo is idempotent and touches only what the ticket's refresh owns: not
+    // the consent's next lock, nor the slot now handed to someone else.
+    gate.undo(&ticket).await.unwrap();
+    let retry = admitted(
+        gate.admit(&request(consent, RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    gate.undo(&ticket).await.unwrap();
+    assert_eq!(
+        gate.in_flight(consent).await.unwrap(),
+        Some(retry.refresh_id)
+    );
+    assert_eq!(
+        gate.quota(consent, RequestedBy::Api)
+            .await
+            .unwrap()
+            .unwrap()
+            .used,
+        1
+    );
+    assert_eq!(
+        (retry.not_before - next.not_before).num_milliseconds(),
+        60_000
+    );
+
+    // A slot followed by a later one stays taken (a gap, never a double booking).
+    gate.undo(&next).await.unwrap();
+    let after = admitted(
+        gate.admit(&request(new_consent(), RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (after.not_before - retry.not_before).num_milliseconds(),
+        60_000
+    );
+}
+
+#[tokio::test]
+async fn backlog_full_is_refused_and_consumes_nothing() {
+    let app = spawn_app_with(&[
+        ("stagger.limit", "1"),
+        ("stagger.period_secs", "60"),
+        ("stagger.max_delay_secs", "60"),
+    ])
+    .await;
+    let gate = gate(&app);
+    // The third consent already used some quota earlier.
+    let third = new_consent();
+    let earlier = admit_and_finish(&gate, &request(third, RequestedBy::Api)).await;
+    let second = admitted(
+        gate.admit(&request(new_consent(), RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        (second.not_before - earlier.not_before).num_milliseconds(),
+        60_000
+    );
+
+    let mut redis = app.redis.clone();
+    let slot_key = format!("{}:{{stagger:global}}", app.namespace);
+    let slot_before: String = redis.get(&slot_key).await.unwrap();
+    let problem = refused(gate.admit(&request(third, RequestedBy::Api)).await.unwrap());
+    assert_eq!(
+        (problem.code, problem.status),
+        (ProblemCode::BacklogFull, 429)
+    );
+    // The free slot is 120 s away, 60 s more than allowed (less the few ms elapsed).
+    assert_eq!(problem.retry_after_seconds, Some(60));
+    assert_eq!(
+        problem.detail,
+        "The refresh backlog is full. Try again in 0h01."
+    );
+
+    assert_eq!(gate.in_flight(third).await.unwrap(), None);
+    let lock_exists: bool = redis
+        .exists(format!("{}:{{c:{third}}}:lock", app.namespace))
+        .await
+        .unwrap();
+    assert!(!lock_exists);
+    let status = gate.quota(third, RequestedBy::Api).await.unwrap().unwrap();
+    assert_eq!(status.used, 1, "only the earlier admission counts");
+    let slot_after: String = redis.get(&slot_key).await.unwrap();
+    assert_eq!(slot_after, slot_before);
+    // Exempt sources wait for the stagger too.
+    let autosync = refused(
+        gate.admit(&request(third, RequestedBy::Autosync))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(autosync.code, ProblemCode::BacklogFull);
+}
+
+#[tokio::test]
+async fn two_hundred_simultaneous_requests_for_one_consent_admit_exactly_one() {
+    let app = spawn_app_with(&[]).await;
+    let gate = gate(&app);
+    let consent = new_consent();
+    let mut tasks = JoinSet::new();
+    for _ in 0..200 {
+        let gate = gate.clone();
+        tasks.spawn(async move { gate.admit(&request(consent, RequestedBy::Api)).await });
+    }
+    let mut winners = Vec::new();
+    let mut holders = Vec::new();
+    while let Some(decision) = tasks.join_next().await {
+        match decision.unwrap().unwrap() {
+            GateDecision::Admitted(ticket) => winners.push(ticket.refresh_id),
+            GateDecision::Refused(problem) => {
+                assert_eq!(problem.code, ProblemCode::RefreshInProgress);
+                holders.push(problem.refresh_id.unwrap());
+            }
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    assert_eq!(holders.len(), 199);
+    assert!(holders.iter().all(|h| *h == winners[0]));
+    assert_eq!(
+        gate.quota(consent, RequestedBy::Api)
+            .await
+            .unwrap()
+            .unwrap()
+            .used,
+        1
+    );
+}
+
+#[tokio::test]
+async fn five_hundred_consents_get_slots_at_least_period_over_limit_apart() {
+    let app = spawn_app_with(&[
+        ("stagger.limit", "30"),
+        ("stagger.period_secs", "60"),
+        ("stagger.max_delay_secs", "100000"),
+    ])
+    .await;
+    let gate = gate(&app);
+    let spacing = app.settings.stagger.spacing().num_milliseconds();
+    assert_eq!(spacing, 2_000);
+    let start = redis_ms(&app).await;
+    let mut tasks = JoinSet::new();
+    for _ in 0..500 {
+        let gate = gate.clone();
+        tasks.spawn(async move { gate.admit(&request(new_consent(), RequestedBy::Api)).await });
+    }
+    let mut slots = Vec::new();
+    while let Some(decision) = tasks.join_next().await {
+        slots.push(
+            admitted(decision.unwrap().unwrap())
+                .not_before
+                .timestamp_millis(),
+        );
+    }
+    slots.sort_unstable();
+    assert_eq!(slots.len(), 500);
+    assert!(slots[0] >= start);
+    let gaps: Vec<i64> = slots.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|&g| g >= spacing),
+        "smallest gap {:?}",
+        gaps.iter().min()
+    );
+    // No period holds more than 30 starts, and none is wasted: the queue is packed.
+    assert!(slots.windows(31).all(|w| w[30] - w[0] >= 60_000));
+    assert_eq!(slots[499] - slots[0], 499 * spacing);
+}
+
+#[tokio::test]
+async fn start_slots_allow_limit_starts_per_period_and_count_an_attempt_once() {
+    let app = spawn_app_with(&[("stagger.limit", "3"), ("stagger.period_secs", "6")]).await;
+    let gate = gate(&app);
+    let before = redis_ms(&app).await;
+    for attempt in ["a1", "a2", "a3"] {
+        assert_eq!(
+            gate.take_start_slot("global", attempt).await.unwrap(),
+            StartDecision::Go,
+            "{attempt}"
+        );
+    }
+    let after = redis_ms(&app).await;
+    // The same attempt again is the same start.
+    assert_eq!(
+        gate.take_start_slot("global", "a1").await.unwrap(),
+        StartDecision::Go
+    );
+    let StartDecision::WaitUntil(until) = gate.take_start_slot("global", "a4").await.unwrap()
+    else {
+        panic!("a fourth start within the period");
+    };
+    let until = until.timestamp_millis();
+    assert!(
+        (before + 6_000..=after + 6_001).contains(&until),
+        "{before} {until} {after}"
+    );
+    let mut redis = app.redis.clone();
+    let starts: i64 = redis
+        .zcard(format!("{}:{{stagger:global}}:starts", app.namespace))
+        .await
+        .unwrap();
+    assert_eq!(starts, 3, "a refusal records nothing");
+    // Another bucket has its own budget.
+    assert_eq!(
+        gate.take_start_slot("provider.sim", "b1").await.unwrap(),
+        StartDecision::Go
+    );
+
+    // At the announced time, and not before, the start goes ahead.
+    let early = until - 300 - redis_ms(&app).await;
+    tokio::time::sleep(Duration::from_millis(early.max(0) as u64)).await;
+    assert!(matches!(
+        gate.take_start_slot("global", "a4").await.unwrap(),
+        StartDecision::WaitUntil(_)
+    ));
+    let wait = until - redis_ms(&app).await;
+    tokio::time::sleep(Duration::from_millis(wait.max(0) as u64)).await;
+    assert_eq!(
+        gate.take_start_slot("global", "a4").await.unwrap(),
+        StartDecision::Go
+    );
+}
+
+/// A gate whose Redis is `url`, failing after `timeout`.
+fn gate_at(url: &str, timeout: Duration) -> Gate {
+    let client = redis::Client::open(url).unwrap();
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(0);
+    let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config).unwrap();
+    let stagger = refresh_core::StaggerSettings::default();
+    Gate::new(
+        conn,
+        GateConfig {
+            namespace: "unreachable".to_owned(),
+            rules: refresh_core::default_quota_rules(),
+            time_zone: "UTC".parse().unwrap(),
+            stagger,
+            lease: Duration::from_secs(120),
+        },
+    )
+}
+
+async fn check_unavailable(gate: &Gate) {
+    let consent = new_consent();
+    let started = std::time::Instant::now();
+    let outcomes = [
+        gate.admit(&request(consent, RequestedBy::Api))
+            .await
+            .map(|_| ()),
+        gate.renew_lock(consent, new_refresh()).await.map(|_| ()),
+        gate.release_lock(consent, new_refresh()).await.map(|_| ()),
+        gate.in_flight(consent).await.map(|_| ()),
+        gate.quota(consent, RequestedBy::Api).await.map(|_| ()),
+        gate.take_start_slot("global", "a1").await.map(|_| ()),
+    ];
+    for outcome in outcomes {
+        assert!(
+            matches!(outcome, Err(GateError::Unavailable(_))),
+            "{outcome:?}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_is_unavailable() {
+    check_unavailable(&gate_at("redis://127.0.0.1:1/", Duration::from_millis(300))).await;
+    let error = gate_at("redis://127.0.0.1:1/", Duration::from_millis(300))
+        .in_flight(new_consent())
+        .await
+        .unwrap_err();
+    assert_eq!(error.to_string(), "redis unavailable");
+}
+
+#[tokio::test]
+async fn a_redis_that_never_answers_is_unavailable() {
+    // Accepts connections and says nothing: every round trip times out.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    check_unavailable(&gate_at(
+        &format!("redis://{addr}/"),
+        Duration::from_millis(300),
+    ))
+    .await;
+    silent.abort();
+}
