@@ -73,6 +73,8 @@ mod purity {
             "chrono",
             "chrono-tz",
             "thiserror",
+            // Optional, for the OpenAPI schemas: a pure library.
+            "utoipa",
         ];
         let deps = MANIFEST
             .split("[dependencies]")

@@ -107,6 +107,7 @@ impl ProblemCode {
 /// An RFC 9457 problem details object (`application/problem+json`), with the
 /// `code` and the refusal facts clients act on without parsing `detail`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct Problem {
     /// `type`: see [`ProblemCode::type_uri`].

@@ -11,6 +11,7 @@ use crate::status::{RefreshStatus, TransitionError};
 
 /// One refresh, as stored in the history and sent in events (SPEC §3).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RefreshRecord {
     /// The refresh.
@@ -39,6 +40,7 @@ pub struct RefreshRecord {
 
 /// The error of a refresh that ended in `ERROR`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RefreshError {
     /// `mfa_required`, `bank_unavailable`, `bank_error`, `consent_revoked` (or `internal`).
@@ -49,6 +51,7 @@ pub struct RefreshError {
 
 /// What a successful refresh changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RefreshSummary {
     /// Accounts whose details were stored.

@@ -5,6 +5,7 @@ mod admission;
 mod auth;
 mod error;
 pub mod metrics;
+mod openapi;
 pub mod relay;
 mod routes;
 mod state;

@@ -16,6 +16,7 @@ use refresh_core::{
 use refresh_pg::{ConsentRow, KeyReservation, NewConsent, StoreError};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use serde_json::{Value, json};
 
 use crate::admission::{Decision, RefreshRequest};
@@ -50,6 +51,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
@@ -136,18 +138,19 @@ async fn visible_consent(
 
 // --- wire types ---------------------------------------------------------------------
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct QuotaView {
+pub(crate) struct QuotaView {
     limit: u32,
     used: u32,
     window: String,
     next_refresh_possible_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Serialize)]
+/// A consent as the API shows it (never the bank token).
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-struct ConsentView {
+pub(crate) struct ConsentView {
     consent_id: ConsentId,
     tenant_id: TenantId,
     provider_id: ProviderId,
@@ -224,14 +227,37 @@ mod tests {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RegisterConsent {
+pub(crate) struct RegisterConsent {
     consent_id: Option<String>,
     provider_id: String,
     bank_consent_id: String,
     access_token: String,
     expires_at: DateTime<Utc>,
+}
+
+/// The answer of the synchronous compatibility route.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CompatMessage {
+    status_code: u16,
+    message: String,
+}
+
+/// `{items}`: a consent's refresh history.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct History {
+    items: Vec<RefreshRecord>,
+}
+
+/// Tenant settings with the warnings of SPEC §6.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct SettingsView {
+    #[serde(flatten)]
+    settings: AppSettings,
+    warnings: Vec<String>,
 }
 
 fn json_response(status: StatusCode, body: &impl Serialize) -> Response {
@@ -246,6 +272,20 @@ fn refresh_location(id: RefreshId) -> HeaderValue {
 
 // --- handlers -----------------------------------------------------------------------
 
+#[utoipa::path(
+    post,
+    path = "/v1/consents",
+    tag = "consents",
+    summary = "Register a consent and start its initial load",
+    responses(
+        (status = 201, description = "Registered; `initialRefresh` is the initial load's record (or `{problem}`)", body = ConsentView),
+        (status = 400, description = "Malformed body, unknown provider, or the id exists (`bad_request`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body over 64 KiB (`payload_too_large`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn register_consent(
     State(state): State<AppState>,
     principal: Principal,
@@ -333,6 +373,20 @@ async fn register_consent(
     Ok(response)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/consents/{consentId}",
+    tag = "consents",
+    summary = "A consent with its refresh state and quota",
+    params(("consentId" = String, Path, description = "The consent (UUID)")),
+    responses(
+        (status = 200, description = "The consent", body = ConsentView),
+        (status = 404, description = "Unknown or another tenant's consent (`consent_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn get_consent(
     State(state): State<AppState>,
     principal: Principal,
@@ -343,6 +397,20 @@ async fn get_consent(
     Ok(json_response(StatusCode::OK, &view))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/consents/{consentId}/revoke",
+    tag = "consents",
+    summary = "Mark a consent revoked",
+    params(("consentId" = String, Path, description = "The consent (UUID)")),
+    responses(
+        (status = 200, description = "The revoked consent", body = ConsentView),
+        (status = 404, description = "Unknown consent (`consent_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn revoke(
     State(state): State<AppState>,
     principal: Principal,
@@ -358,6 +426,20 @@ async fn revoke(
     Ok(json_response(StatusCode::OK, &view))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/consents/{consentId}/refreshes",
+    tag = "refreshes",
+    summary = "The consent's refresh requests of the retention window, newest first",
+    params(("consentId" = String, Path, description = "The consent (UUID)")),
+    responses(
+        (status = 200, description = "`{items: [RefreshRecord]}`", body = History),
+        (status = 404, description = "Unknown consent (`consent_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn history(
     State(state): State<AppState>,
     principal: Principal,
@@ -366,9 +448,23 @@ async fn history(
     let consent = visible_consent(&state, &principal, consent_id(&raw)?).await?;
     let since = Utc::now() - TimeDelta::days(state.retention_days.into());
     let items = state.store.history(consent.consent_id, since).await?;
-    Ok(json_response(StatusCode::OK, &json!({ "items": items })))
+    Ok(json_response(StatusCode::OK, &History { items }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/refreshes/{refreshId}",
+    tag = "refreshes",
+    summary = "A refresh record",
+    params(("refreshId" = String, Path, description = "The refresh (UUID v7)")),
+    responses(
+        (status = 200, description = "The record", body = RefreshRecord),
+        (status = 404, description = "Unknown refresh (`not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn get_refresh(
     State(state): State<AppState>,
     principal: Principal,
@@ -461,6 +557,25 @@ async fn refresh_answer(
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/consents/{consentId}/refresh",
+    tag = "refreshes",
+    summary = "Request a refresh",
+    params(("consentId" = String, Path, description = "The consent (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the first answer"), ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 60): hold the answer until the refresh is terminal")),
+    responses(
+        (status = 202, description = "Admitted (or still running after a wait); `Location` names the record", body = RefreshRecord),
+        (status = 200, description = "UPDATED within the wait", body = RefreshRecord),
+        (status = 403, description = "Consent revoked, expired or inactive; or the refresh ended in a 403 error", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown consent", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A refresh is in flight (`refresh_in_progress`, with `refreshId`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`daily_limit_reached` or `backlog_full`, with `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A dependency is down; nothing was admitted (`unavailable`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn request_refresh(
     State(state): State<AppState>,
     principal: Principal,
@@ -563,6 +678,21 @@ fn replay(http_status: u16, body: Value) -> Response {
 }
 
 /// `POST /stored-data/v1/consents/{id}/refresh`: waits for the terminal status.
+#[utoipa::path(
+    post,
+    path = "/stored-data/v1/consents/{consentId}/refresh",
+    tag = "compatibility",
+    summary = "Synchronous refresh (compatibility route)",
+    params(("consentId" = String, Path, description = "The consent (UUID)")),
+    responses(
+        (status = 200, description = "Completed", body = CompatMessage),
+        (status = 202, description = "Still running after `http.sync_wait_secs`", body = CompatMessage),
+        (status = 409, description = "Refused; the same body shape with the problem's status and detail", body = CompatMessage),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn sync_refresh(
     State(state): State<AppState>,
     principal: Principal,
@@ -624,6 +754,21 @@ async fn sync_refresh(
 }
 
 /// `POST /cfa/consent/{id}/refresh`: 202 with an empty body.
+#[utoipa::path(
+    post,
+    path = "/cfa/consent/{consentId}/refresh",
+    tag = "compatibility",
+    summary = "Asynchronous refresh (compatibility route): 202 with an empty body",
+    params(("consentId" = String, Path, description = "The consent (UUID)")),
+    responses(
+        (status = 202, description = "Admitted"),
+        (status = 409, description = "A refresh is in flight", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Daily limit or backlog, with `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn async_refresh(
     State(state): State<AppState>,
     principal: Principal,
@@ -651,9 +796,9 @@ async fn async_refresh(
 /// Defaults of a tenant that never saved settings: no auto-sync, 90 days to inactivation.
 const DEFAULT_INACTIVATION_DAYS: i32 = 90;
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct AppSettings {
+pub(crate) struct AppSettings {
     autosync_interval_hours: Option<i32>,
     inactivation_days: i32,
 }
@@ -681,12 +826,25 @@ fn settings_tenant(principal: &Principal, raw: &str) -> Result<TenantId, ApiErro
     Ok(tenant)
 }
 
-fn settings_response(settings: &AppSettings) -> Response {
-    let mut body = serde_json::to_value(settings).unwrap_or_default();
-    body["warnings"] = json!(settings_warnings(settings));
-    json_response(StatusCode::OK, &body)
+fn settings_response(settings: AppSettings) -> Response {
+    let warnings = settings_warnings(&settings);
+    json_response(StatusCode::OK, &SettingsView { settings, warnings })
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/apps/{tenantId}/settings",
+    tag = "settings",
+    summary = "A tenant's auto-sync and inactivation settings",
+    params(("tenantId" = String, Path, description = "The tenant")),
+    responses(
+        (status = 200, description = "The settings with `warnings`", body = SettingsView),
+        (status = 404, description = "Another tenant (`not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn get_settings(
     State(state): State<AppState>,
     principal: Principal,
@@ -698,9 +856,24 @@ async fn get_settings(
         autosync_interval_hours: stored.and_then(|s| s.autosync_interval_hours),
         inactivation_days: stored.map_or(DEFAULT_INACTIVATION_DAYS, |s| s.inactivation_days),
     };
-    Ok(settings_response(&settings))
+    Ok(settings_response(settings))
 }
 
+#[utoipa::path(
+    put,
+    path = "/v1/apps/{tenantId}/settings",
+    tag = "settings",
+    summary = "Change a tenant's settings",
+    params(("tenantId" = String, Path, description = "The tenant")),
+    responses(
+        (status = 200, description = "The saved settings with `warnings`", body = SettingsView),
+        (status = 400, description = "Out of range (`bad_request`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Another tenant (`not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
 async fn put_settings(
     State(state): State<AppState>,
     principal: Principal,
@@ -729,13 +902,32 @@ async fn put_settings(
         .store
         .put_tenant_settings(&tenant, row, Utc::now())
         .await?;
-    Ok(settings_response(&settings))
+    Ok(settings_response(settings))
 }
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    summary = "Liveness",
+    responses(
+        (status = 200, description = "Alive")
+    ),
+)]
 async fn healthz() -> Response {
     json_response(StatusCode::OK, &json!({ "status": "ok" }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    summary = "Readiness: Redis, RabbitMQ and PostgreSQL reachable",
+    responses(
+        (status = 200, description = "Ready"),
+        (status = 503, description = "A dependency is unreachable, with `checks`", body = Problem, content_type = "application/problem+json")
+    ),
+)]
 async fn readyz(State(state): State<AppState>) -> Response {
     let redis = refresh_redis::health(&state.redis).await.is_ok();
     let database = refresh_pg::health(state.store.pool()).await.is_ok();
@@ -758,12 +950,27 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus metrics (OpenMetrics text)",
+    responses(
+        (status = 200, description = "The metrics")
+    ),
+)]
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut response = state.metrics.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
+    response
+}
+
+async fn openapi() -> Response {
+    let mut response = crate::openapi::document().into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 
