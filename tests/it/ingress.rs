@@ -818,6 +818,14 @@ async fn health_readiness_and_metrics() {
     );
     assert!(text.contains("refreshd_gate_seconds_bucket"), "{text}");
     assert!(text.contains("refreshd_publish_seconds_bucket"), "{text}");
+    let openapi = api
+        .call(Method::GET, "/openapi.json", None, None, &[])
+        .await;
+    assert_eq!(openapi.status, 200);
+    assert!(
+        openapi.body["paths"]["/v1/consents/{consentId}/refresh"]["post"].is_object(),
+        "{openapi:?}"
+    );
 }
 
 #[tokio::test]

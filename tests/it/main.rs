@@ -1,10 +1,14 @@
 //! The integration test binary: every scenario runs through the real Redis, RabbitMQ
 //! and PostgreSQL, each test in its own namespace (see the `refresh_tests` harness).
 
-#![allow(clippy::unwrap_used, reason = "a test (and its helpers) reports failure by panicking")]
+#![allow(
+    clippy::unwrap_used,
+    reason = "a test (and its helpers) reports failure by panicking"
+)]
 
 mod amqp;
 mod gate;
 mod harness;
 mod ingress;
 mod purity;
+mod worker;

@@ -20,8 +20,10 @@ use tokio_util::task::TaskTracker;
 
 mod ingress;
 mod proxy;
+mod worker;
 pub use ingress::{Answer, Api, dev_token, ingress_with};
 pub use proxy::Proxy;
+pub use worker::{Bank, app_with_bank, fast_worker_config, start_worker};
 
 /// The repository's root folder.
 pub fn repo_root() -> PathBuf {

@@ -8,6 +8,7 @@
 mod crypto;
 mod pool;
 mod store;
+mod stored;
 
 pub use crypto::{CryptoError, TokenCipher};
 pub use pool::{
@@ -17,3 +18,4 @@ pub use store::{
     ClaimedEvents, ConsentRow, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
     PendingEvent, Store, StoreError, TenantSettingsRow,
 };
+pub use stored::{AccountData, AttemptStart, BalanceData, FetchedData, Finish, ItemData, JobState};

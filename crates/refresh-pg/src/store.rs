@@ -48,7 +48,7 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
@@ -123,7 +123,7 @@ pub struct Store {
 const CONSENT_COLUMNS: &str = "consent_id, tenant_id, provider_id, bank_consent_id, expires_at, \
      status, created_at, last_refreshed_at";
 
-const REFRESH_COLUMNS: &str = "refresh_id, consent_id, tenant_id, requested_by, status, \
+pub(crate) const REFRESH_COLUMNS: &str = "refresh_id, consent_id, tenant_id, requested_by, status, \
      date_requested, not_before, started_at, finished_at, error_code, error_message, summary";
 
 fn consent_row(row: &PgRow) -> Result<ConsentRow, StoreError> {
@@ -139,7 +139,7 @@ fn consent_row(row: &PgRow) -> Result<ConsentRow, StoreError> {
     })
 }
 
-fn refresh_record(row: &PgRow) -> Result<RefreshRecord, StoreError> {
+pub(crate) fn refresh_record(row: &PgRow) -> Result<RefreshRecord, StoreError> {
     let error = match row.try_get::<Option<&str>, _>("error_code")? {
         Some(code) => Some(RefreshError {
             code: code.parse::<ProblemCode>().map_err(corrupt)?,
@@ -210,7 +210,7 @@ impl ClaimedEvents {
     }
 }
 
-async fn insert_outbox(
+pub(crate) async fn insert_outbox(
     executor: impl sqlx::PgExecutor<'_>,
     event: &OutboxEvent,
     at: DateTime<Utc>,

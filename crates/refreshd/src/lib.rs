@@ -5,6 +5,7 @@ pub mod ingress;
 pub mod services;
 pub mod settings;
 pub mod telemetry;
+pub mod worker;
 
 use std::time::Duration;
 
@@ -96,7 +97,9 @@ pub async fn run(
         Role::Migrate => migrate(&settings).await,
         Role::BankSim => bank_sim(&settings, shutdown).await,
         Role::Ingress => ingress::run(&settings, shutdown).await,
-        Role::Worker | Role::Scheduler | Role::Dev => Err(RunError::NotAvailable(role.name())),
+        Role::Worker => worker::run(&settings, shutdown).await,
+        Role::Dev => dev(&settings, shutdown).await,
+        Role::Scheduler => Err(RunError::NotAvailable(role.name())),
     }
 }
 
@@ -122,6 +125,52 @@ async fn bank_sim(settings: &Settings, shutdown: CancellationToken) -> Result<()
     refresh_banksim::serve(listener, settings.bank_sim.clone(), shutdown)
         .await
         .map_err(|e| RunError::Role("bank-sim", Box::new(e)))
+}
+
+/// `refreshd dev`: the bank simulator, the ingress and the worker in one process.
+async fn dev(settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
+    let tracker = tokio_util::task::TaskTracker::new();
+    let sim_addr = settings.bank_sim.bind.clone();
+    let sim_listener = tokio::net::TcpListener::bind(&sim_addr)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: sim_addr.clone(),
+            source,
+        })?;
+    let sim_settings = settings.bank_sim.clone();
+    let sim_shutdown = shutdown.child_token();
+    tracker.spawn(async move {
+        if let Err(error) = refresh_banksim::serve(sim_listener, sim_settings, sim_shutdown).await {
+            tracing::error!(error = %error, "the bank simulator stopped");
+        }
+    });
+    let services = services::Services::connect(settings, &shutdown, &tracker).await?;
+    let listener = tokio::net::TcpListener::bind(&settings.http.bind)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: settings.http.bind.clone(),
+            source,
+        })?;
+    ingress::start(
+        settings,
+        &services,
+        std::sync::Arc::new(refresh_ingress::Metrics::new()),
+        listener,
+        &shutdown,
+        &tracker,
+    )
+    .await?;
+    worker::start(
+        settings,
+        &services,
+        worker::config(settings),
+        &shutdown,
+        &tracker,
+    )?;
+    tracker.close();
+    shutdown.cancelled().await;
+    tracker.wait().await;
+    Ok(())
 }
 
 /// How long `run` may take to stop after `shutdown` is cancelled.

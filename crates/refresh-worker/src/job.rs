@@ -1,0 +1,446 @@
+//! One job, from delivery to outcome: the pipeline of SPEC §5 and the bank-outcome
+//! table, decided as an [`Outcome`] that the messaging adapter carries out.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rand::Rng as _;
+use refresh_amqp::Delivery;
+use refresh_bank::{BankError, ConsentAccess};
+use refresh_core::{ConsentStatus, EventId, Job, Outcome, RefreshError, RefreshStatus};
+use refresh_pg::{AttemptStart, Finish, JobState, Store, StoreError};
+use refresh_redis::{Gate, GateError, StartDecision};
+use secrecy::ExposeSecret as _;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::mapping::map_fetch;
+use crate::{Provider, WorkerConfig, WorkerDeps};
+
+/// Where a job went.
+enum Step {
+    /// Settle the delivery so.
+    Settle(Outcome),
+    /// The job was re-published (a bank retry with a new `notBefore`); ack the original.
+    Republished,
+}
+
+/// A dependency failed; the job is retried.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    #[error("database")]
+    Store(#[from] StoreError),
+    #[error("redis")]
+    Gate(#[from] GateError),
+}
+
+fn now() -> DateTime<Utc> {
+    Utc::now()
+}
+
+fn event_id() -> EventId {
+    EventId::from_uuid(uuid::Uuid::now_v7())
+}
+
+/// The time until `t`, at least a few milliseconds (a zero TTL would skip the wait queue).
+fn until(t: DateTime<Utc>) -> Duration {
+    (t - now())
+        .to_std()
+        .unwrap_or_default()
+        .max(Duration::from_millis(20))
+}
+
+/// Handles one delivery and settles it, unless `abort` (the shutdown grace ran out)
+/// interrupts: then the delivery is dropped unsettled and the broker delivers it again.
+pub(crate) async fn handle(
+    deps: &WorkerDeps,
+    config: &WorkerConfig,
+    delivery: Delivery,
+    abort: &CancellationToken,
+) {
+    let step = tokio::select! {
+        biased;
+        () = abort.cancelled() => None,
+        step = process(deps, config, &delivery.body) => Some(step),
+    };
+    let outcome = match step {
+        None => {
+            debug!("handing an interrupted job back to the broker");
+            return;
+        }
+        Some(Step::Settle(outcome)) => outcome,
+        Some(Step::Republished) => Outcome::Ack,
+    };
+    if let Err(error) = delivery.settle(outcome).await {
+        warn!(error = %error, "cannot settle a job; the broker will deliver it again");
+    }
+}
+
+async fn process(deps: &WorkerDeps, config: &WorkerConfig, body: &[u8]) -> Step {
+    let job = match Job::parse(body) {
+        Ok(job) => job,
+        Err(error) => return Step::Settle(Outcome::dead_letter(error.to_string())),
+    };
+    match run_job(deps, config, &job).await {
+        Ok(step) => step,
+        Err(error) => {
+            warn!(refresh_id = %job.refresh_id, error = %error_chain(&error), "a dependency failed; retrying the job");
+            Step::Settle(Outcome::retry(config.dependency_retry))
+        }
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<Step, Failure> {
+    let refresh_id = job.refresh_id;
+    let Some(state) = deps.store.job_state(refresh_id).await? else {
+        // The admission commits after the broker confirmed the job: give it time.
+        if now() < job.not_before + config.admission_grace {
+            return Ok(Step::Settle(Outcome::retry(Duration::from_secs(2))));
+        }
+        warn!(%refresh_id, "dropping a job that was never admitted");
+        return Ok(Step::Settle(Outcome::Ack));
+    };
+    if state.record.status != RefreshStatus::Initialized {
+        // Done before (a redelivery after completion): make sure its event went out
+        // and its lock is free, and never refresh twice.
+        after_finish(deps, job).await;
+        return Ok(Step::Settle(Outcome::Ack));
+    }
+    let not_before = job.not_before.max(state.record.not_before);
+    if not_before > now() {
+        let wait = until(not_before).min(config.max_wait_hop);
+        return Ok(Step::Settle(Outcome::retry(wait)));
+    }
+    // Keep the lock alive across waits (each hop is shorter than the lease).
+    let locked = deps.gate.renew_lock(job.consent_id, refresh_id).await?;
+    if !locked {
+        debug!(%refresh_id, "the consent's lock is not held; the database fence guards the refresh");
+    }
+    if state.attempts >= config.max_attempts {
+        let error = RefreshError::bank_unavailable(state.attempts);
+        return finish_error(deps, job, error, None).await;
+    }
+    let consent = deps.store.consent(job.consent_id).await?;
+    let Some(consent) = consent else {
+        // Deleted with its refreshes: nothing left to write.
+        return Ok(Step::Settle(Outcome::Ack));
+    };
+    if consent.status != ConsentStatus::Active {
+        let error = match consent.status.refusal() {
+            Some(problem) if consent.status != ConsentStatus::Revoked => {
+                RefreshError::new(problem.code, problem.detail)
+            }
+            _ => RefreshError::consent_revoked(),
+        };
+        return finish_error(deps, job, error, None).await;
+    }
+    let Some(provider) = deps.providers.get(job.provider_id.as_str()) else {
+        warn!(%refresh_id, provider = %job.provider_id, "no connector is configured for the provider");
+        let error = RefreshError::new(
+            refresh_core::ProblemCode::BankError,
+            "The consent's bank is not configured in this deployment",
+        );
+        return finish_error(deps, job, error, None).await;
+    };
+    // The hard invariant at the bank: every attempt takes a start slot.
+    let bucket = config
+        .stagger_scope
+        .bucket(&job.tenant_id, &job.provider_id);
+    let attempt_id = format!("{refresh_id}:{}", state.attempts);
+    if let StartDecision::WaitUntil(t) = deps.gate.take_start_slot(&bucket, &attempt_id).await? {
+        return Ok(Step::Settle(Outcome::retry(
+            until(t).min(config.max_wait_hop),
+        )));
+    }
+    let started = match deps
+        .store
+        .start_attempt(refresh_id, state.attempts, now())
+        .await?
+    {
+        AttemptStart::Started(started) => started,
+        AttemptStart::Finished => {
+            after_finish(deps, job).await;
+            return Ok(Step::Settle(Outcome::Ack));
+        }
+        AttemptStart::Raced => {
+            // Another delivery of this job runs this attempt; look again after it
+            // finished or its lease ran out.
+            return Ok(Step::Settle(Outcome::retry(
+                config.lease.min(config.max_wait_hop),
+            )));
+        }
+    };
+    let Some(token) = deps.store.access_token(job.consent_id).await? else {
+        return Ok(Step::Settle(Outcome::Ack));
+    };
+    let access = ConsentAccess {
+        base_url: provider.base_url.clone(),
+        access_token: token.expose_secret().to_owned(),
+        financial_id: provider.financial_id.clone(),
+    };
+    let work = fetch_and_store(
+        deps,
+        config,
+        job,
+        &started,
+        provider,
+        &access,
+        consent.last_refreshed_at,
+    );
+    tokio::select! {
+        step = work => step,
+        () = keep_lock(&deps.gate, job, config.lease, locked) => {
+            warn!(%refresh_id, "lost the consent's lock while refreshing; abandoning this attempt");
+            Ok(Step::Settle(Outcome::retry(Duration::from_secs(1))))
+        }
+    }
+}
+
+/// Renews the lock every third of the lease; returns only if it was held and is lost
+/// (renewal refused, or Redis unreachable for a whole lease).
+async fn keep_lock(gate: &Gate, job: &Job, lease: Duration, held: bool) {
+    if !held {
+        return std::future::pending().await;
+    }
+    let every = (lease / 3).max(Duration::from_millis(100));
+    let mut last_ok = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        match gate.renew_lock(job.consent_id, job.refresh_id).await {
+            Ok(true) => last_ok = tokio::time::Instant::now(),
+            Ok(false) => return,
+            Err(error) => {
+                warn!(error = %error_chain(&error), "cannot renew the consent's lock");
+                if last_ok.elapsed() >= lease {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn fetch_and_store(
+    deps: &WorkerDeps,
+    config: &WorkerConfig,
+    job: &Job,
+    state: &JobState,
+    provider: &Provider,
+    access: &ConsentAccess,
+    last_refreshed_at: Option<DateTime<Utc>>,
+) -> Result<Step, Failure> {
+    let refresh_id = job.refresh_id;
+    let initial = state.initial || job.initial;
+    let start = now();
+    let oldest = start - config.history_window;
+    let fetched = if initial {
+        provider.connector.fetch_initial(access, oldest).await
+    } else {
+        let from = last_refreshed_at.map_or(oldest, |t| (t - config.overlap).max(oldest));
+        provider.connector.fetch_refresh(access, from).await
+    };
+    let data = match fetched {
+        Ok(data) => data,
+        Err(BankError::Revoked) => {
+            let error = RefreshError::consent_revoked();
+            return finish_error(deps, job, error, Some(ConsentStatus::Revoked)).await;
+        }
+        Err(BankError::MfaRequired) => {
+            return finish_error(deps, job, RefreshError::mfa_required(), None).await;
+        }
+        Err(BankError::Malformed(reason)) => {
+            warn!(%refresh_id, reason, "the bank's data is malformed; nothing stored");
+            return finish_error(deps, job, RefreshError::bank_error(), None).await;
+        }
+        Err(BankError::Transient {
+            retry_after,
+            reason,
+        }) => {
+            return retry_bank(deps, config, job, state.attempts, retry_after, &reason).await;
+        }
+    };
+    if !data.deviations.is_empty() {
+        info!(%refresh_id, deviations = ?data.deviations, "read past deviations from the bank's schema");
+    }
+    let (stored, dropped) = match map_fetch(&data, initial) {
+        Ok(mapped) => mapped,
+        Err(error) => {
+            warn!(%refresh_id, error = %error, "the bank's data cannot be stored; nothing stored");
+            return finish_error(deps, job, RefreshError::bank_error(), None).await;
+        }
+    };
+    if dropped.rejected_without_id > 0 {
+        info!(%refresh_id, rejected_without_id = dropped.rejected_without_id, "dropped rejected transactions without an id");
+    }
+    match deps
+        .store
+        .finish_updated(refresh_id, &stored, event_id(), now())
+        .await?
+    {
+        Finish::Done(record) => {
+            info!(%refresh_id, summary = ?record.summary, requests = data.requests, "refresh UPDATED");
+        }
+        Finish::Fenced => {
+            debug!(%refresh_id, "the refresh was finished elsewhere; nothing written")
+        }
+    }
+    after_finish(deps, job).await;
+    Ok(Step::Settle(Outcome::Ack))
+}
+
+/// A transient bank failure: re-publish the job with a backed-off `notBefore`, or
+/// end it as `bank_unavailable` once the attempts are used up.
+async fn retry_bank(
+    deps: &WorkerDeps,
+    config: &WorkerConfig,
+    job: &Job,
+    attempts: u32,
+    retry_after: Option<Duration>,
+    reason: &str,
+) -> Result<Step, Failure> {
+    if attempts >= config.max_attempts {
+        warn!(refresh_id = %job.refresh_id, attempts, reason, "the bank stayed unavailable");
+        let error = RefreshError::bank_unavailable(attempts);
+        return finish_error(deps, job, error, None).await;
+    }
+    let delay = backoff(config, attempts, retry_after);
+    info!(refresh_id = %job.refresh_id, attempts, ?delay, reason, "the bank is unavailable; retrying later");
+    let next = Job {
+        not_before: now() + chrono::TimeDelta::from_std(delay).unwrap_or_default(),
+        attempt: attempts,
+        ..job.clone()
+    };
+    let hop = delay.min(config.max_wait_hop);
+    match deps
+        .broker
+        .publish_job(&next.to_bytes(), &job.refresh_id.to_string(), Some(hop))
+        .await
+    {
+        Ok(()) => Ok(Step::Republished),
+        // The copy of the original (old notBefore) waits the first hop instead.
+        Err(error) => {
+            warn!(error = %error_chain(&error), "cannot re-publish the job; retrying the original");
+            Ok(Step::Settle(Outcome::retry(hop)))
+        }
+    }
+}
+
+/// Exponential backoff with jitter after attempt `attempts` (from 1), never shorter
+/// than the bank's `Retry-After`.
+pub(crate) fn backoff(
+    config: &WorkerConfig,
+    attempts: u32,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(20);
+    let full = config
+        .backoff_base
+        .saturating_mul(1 << exponent)
+        .min(config.backoff_max);
+    // "Equal jitter": half fixed, half random, so retries of many refreshes spread out.
+    let half = full / 2;
+    let jitter = rand::rng().random_range(0.0..=1.0);
+    let delay = half + half.mul_f64(jitter);
+    delay.max(retry_after.unwrap_or_default())
+}
+
+async fn finish_error(
+    deps: &WorkerDeps,
+    job: &Job,
+    error: RefreshError,
+    consent_status: Option<ConsentStatus>,
+) -> Result<Step, Failure> {
+    let code = error.code;
+    match deps
+        .store
+        .finish_error(job.refresh_id, error, consent_status, event_id(), now())
+        .await?
+    {
+        Finish::Done(_) => {
+            info!(refresh_id = %job.refresh_id, code = %code.as_str(), "refresh ERROR")
+        }
+        Finish::Fenced => {
+            debug!(refresh_id = %job.refresh_id, "the refresh was finished elsewhere")
+        }
+    }
+    after_finish(deps, job).await;
+    Ok(Step::Settle(Outcome::Ack))
+}
+
+/// After a terminal status is committed: publish the outbox (the ingress relay also
+/// would, so a failure here loses nothing) and free the lock.
+async fn after_finish(deps: &WorkerDeps, job: &Job) {
+    if let Err(error) = publish_outbox(&deps.store, &deps.broker).await {
+        warn!(error = %error, "cannot publish the outbox now; the relay will");
+    }
+    if let Err(error) = deps.gate.release_lock(job.consent_id, job.refresh_id).await {
+        warn!(error = %error_chain(&error), "cannot free the consent's lock; its lease will");
+    }
+}
+
+/// Publishes unpublished outbox events with confirms, in order, and marks them.
+async fn publish_outbox(store: &Store, broker: &refresh_amqp::Broker) -> Result<usize, String> {
+    let claimed = store.claim_events(100).await.map_err(|e| error_chain(&e))?;
+    let mut published = Vec::with_capacity(claimed.events.len());
+    for pending in &claimed.events {
+        let body = serde_json::to_vec(&pending.event.payload).unwrap_or_default();
+        let id = pending.event.event_id.to_string();
+        match broker
+            .publish_event(&pending.event.routing_key, &body, &id)
+            .await
+        {
+            Ok(()) => published.push(pending.id),
+            Err(error) => {
+                warn!(error = %error_chain(&error), event_id = %id, "cannot publish an event yet");
+                break;
+            }
+        }
+    }
+    let count = published.len();
+    claimed
+        .finish(&published, now())
+        .await
+        .map_err(|e| error_chain(&e))?;
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use refresh_core::StaggerScope;
+
+    fn config() -> WorkerConfig {
+        WorkerConfig::new(
+            1,
+            5,
+            1,
+            Duration::from_secs(120),
+            StaggerScope::Global,
+            Duration::from_secs(1),
+        )
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_caps_and_honours_retry_after() {
+        let c = config();
+        for (attempts, full) in [(1, 2), (2, 4), (3, 8), (9, 300), (40, 300)] {
+            let d = backoff(&c, attempts, None);
+            let full = Duration::from_secs(full);
+            assert!(d >= full / 2 && d <= full, "{attempts}: {d:?}");
+        }
+        assert_eq!(
+            backoff(&c, 1, Some(Duration::from_secs(60))),
+            Duration::from_secs(60)
+        );
+    }
+}

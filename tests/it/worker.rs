@@ -1,0 +1,401 @@
+//! The worker through the real services and the real bank simulator: SPEC §5 pipeline,
+//! refresh rules (merge), bank outcomes, retries, and the events of each refresh.
+
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use refresh_tests::{
+    Api, Bank, TestApp, app_with_bank, dev_token, fast_worker_config, start_worker,
+};
+use serde_json::{Value, json};
+
+const STORED: &str = "api:stored_data";
+
+async fn started(max_attempts: u32) -> (TestApp, Api, Bank) {
+    let (app, api, bank) = app_with_bank(&[("stagger.limit", "600")]).await;
+    let mut config = fast_worker_config(&app);
+    config.max_attempts = max_attempts;
+    start_worker(&app, &api, config);
+    (app, api, bank)
+}
+
+/// Registers a consent with the simulator key `key` (its initial load starts);
+/// returns (consentId, initial refreshId).
+async fn register(api: &Api, token: &str, key: &str) -> (String, String) {
+    let body = json!({ "providerId": "sim", "bankConsentId": key, "accessToken": key, "expiresAt": "2099-01-01T00:00:00Z" });
+    let answer = api.post("/v1/consents", token, Some(&body)).await;
+    assert_eq!(answer.status, 201, "{answer:?}");
+    (
+        answer.body["consentId"].as_str().unwrap().to_owned(),
+        answer.body["initialRefresh"]["refreshId"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+    )
+}
+
+async fn refresh(api: &Api, token: &str, consent: &str) -> String {
+    let answer = api
+        .post(&format!("/v1/consents/{consent}/refresh"), token, None)
+        .await;
+    assert_eq!(answer.status, 202, "{answer:?}");
+    answer.body["refreshId"].as_str().unwrap().to_owned()
+}
+
+async fn count(app: &TestApp, sql: &str, consent: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
+        .bind(uuid::Uuid::parse_str(consent).unwrap())
+        .fetch_one(&app.pg)
+        .await
+        .unwrap()
+}
+
+fn day(days_ago: i64) -> String {
+    (Utc::now() - TimeDelta::days(days_ago))
+        .format("%Y-%m-%dT10:00:00+00:00")
+        .to_string()
+}
+
+fn tx(id: Option<&str>, status: &str, days_ago: i64, amount: &str) -> Value {
+    let mut tx = json!({
+        "AccountId": "A1", "Amount": {"Amount": amount, "Currency": "GBP"},
+        "CreditDebitIndicator": "Debit", "Status": status,
+        "BookingDateTime": day(days_ago), "TransactionInformation": format!("shop {amount}")
+    });
+    if let Some(id) = id {
+        tx["TransactionId"] = json!(id);
+    }
+    tx
+}
+
+fn dataset(holder: &str, nickname: &str, balance: &str, transactions: Vec<Value>) -> Value {
+    json!({
+        "accounts": [{
+            "AccountId": "A1", "Status": "Enabled", "Currency": "GBP", "AccountType": "Personal",
+            "AccountSubType": "CurrentAccount", "Nickname": nickname,
+            "Account": [{"SchemeName": "UK.OBIE.SortCodeAccountNumber", "Identification": "80200110203345", "Name": holder}]
+        }],
+        "balances": [{
+            "AccountId": "A1", "Amount": {"Amount": balance, "Currency": "GBP"},
+            "CreditDebitIndicator": "Credit", "Type": "InterimAvailable", "DateTime": day(0)
+        }],
+        "transactions": transactions,
+        "beneficiaries": [{"AccountId": "A1", "BeneficiaryId": "B1", "Reference": "rent"}]
+    })
+}
+
+#[tokio::test]
+async fn a_refresh_reaches_updated_with_the_banks_data_and_both_events() {
+    let (app, api, bank) = started(5).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let broker = &api.services.broker;
+    let probe = broker.declare_probe_queue("refresh.#").await.unwrap();
+    let mut events = broker.consume(&probe, 50);
+    // The simulator's own data, kept inside the fetch window.
+    let key = format!("sim-{}", uuid::Uuid::new_v4());
+    let mut data = bank.dataset(&key).await;
+    let cutoff = day(80);
+    data["transactions"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|t| t["BookingDateTime"].as_str().unwrap() > cutoff.as_str());
+    bank.put_dataset(&key, &data).await;
+    let expected_tx = data["transactions"].as_array().unwrap().len() as i64;
+    let expected_accounts = data["accounts"].as_array().unwrap().len() as i64;
+    let expected_balances = data["balances"].as_array().unwrap().len() as i64;
+
+    let (consent, initial) = register(&api, &token, &key).await;
+    let record = api.wait_terminal(&token, &initial).await;
+    assert_eq!(record["status"], "UPDATED", "{record}");
+    assert_eq!(record["summary"]["accountsUpdated"], expected_accounts);
+    assert_eq!(record["summary"]["balancesUpdated"], expected_balances);
+    assert_eq!(record["summary"]["transactionsAdded"], expected_tx);
+    assert!(record["startedAt"].is_string() && record["finishedAt"].is_string());
+    let c = consent.as_str();
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM accounts WHERE consent_id = $1",
+            c
+        )
+        .await,
+        expected_accounts
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM account_parties WHERE consent_id = $1",
+            c
+        )
+        .await,
+        expected_accounts
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM accounts WHERE consent_id = $1 AND data ? 'Account'",
+            c
+        )
+        .await,
+        0,
+        "party data is kept out of accounts"
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM balances WHERE consent_id = $1",
+            c
+        )
+        .await,
+        expected_balances
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM transactions WHERE consent_id = $1",
+            c
+        )
+        .await,
+        expected_tx
+    );
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM stored_items WHERE consent_id = $1 AND kind = 'beneficiaries'",
+            c
+        )
+        .await,
+        data["beneficiaries"].as_array().unwrap().len() as i64
+    );
+    let consent_now = api.get(&format!("/v1/consents/{consent}"), &token).await;
+    assert_eq!(consent_now.body["refreshing"], false, "{consent_now:?}");
+    assert!(
+        consent_now.body["lastRefreshedAt"].is_string(),
+        "{consent_now:?}"
+    );
+
+    // A plain refresh of unchanged data changes no transaction.
+    let second = refresh(&api, &token, &consent).await;
+    let record = api.wait_terminal(&token, &second).await;
+    assert_eq!(record["status"], "UPDATED", "{record}");
+    assert_eq!(record["summary"]["transactionsAdded"], 0, "{record}");
+    assert_eq!(record["summary"]["transactionsUpdated"], 0, "{record}");
+    assert_eq!(record["summary"]["transactionsRemoved"], 0, "{record}");
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM transactions WHERE consent_id = $1",
+            c
+        )
+        .await,
+        expected_tx
+    );
+
+    // Events: initialized then updated, for each refresh.
+    let mut seen: Vec<(String, String)> = Vec::new();
+    while seen.len() < 4 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an event arrives")
+            .unwrap();
+        let event: Value = serde_json::from_slice(&delivery.body).unwrap();
+        seen.push((
+            event["type"].as_str().unwrap().to_owned(),
+            event["data"]["refreshId"].as_str().unwrap().to_owned(),
+        ));
+        assert_eq!(event["subject"], consent.as_str());
+        delivery.settle(refresh_core::Outcome::Ack).await.unwrap();
+    }
+    for id in [&initial, &second] {
+        let types: Vec<&str> = seen
+            .iter()
+            .filter(|(_, r)| r == id)
+            .map(|(t, _)| t.as_str())
+            .collect();
+        assert_eq!(
+            types,
+            [
+                "io.refreshd.refresh.initialized",
+                "io.refreshd.refresh.updated"
+            ],
+            "{seen:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn merge_rules_on_crafted_data() {
+    let (app, api, bank) = started(5).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let key = format!("sim-{}", uuid::Uuid::new_v4());
+    bank.put_dataset(
+        &key,
+        &dataset(
+            "Ms Original",
+            "Bills",
+            "100.00",
+            vec![
+                tx(Some("t1"), "Pending", 3, "5.00"),
+                tx(None, "Booked", 2, "10.00"),
+                tx(None, "Booked", 2, "20.00"),
+                tx(None, "Booked", 1, "30.00"),
+                tx(Some("t9"), "Pending", 1, "9.00"),
+            ],
+        ),
+    )
+    .await;
+    let (consent, initial) = register(&api, &token, &key).await;
+    let record = api.wait_terminal(&token, &initial).await;
+    assert_eq!(record["status"], "UPDATED", "{record}");
+    assert_eq!(record["summary"]["transactionsAdded"], 5, "{record}");
+
+    // The bank books t1, re-spells day 2's id-less ones, no longer lists day 1's,
+    // rejects t9, adds t5, changes the holder's name, the nickname and the balance.
+    bank.put_dataset(
+        &key,
+        &dataset(
+            "Mr Changed",
+            "Household",
+            "55.50",
+            vec![
+                tx(Some("t1"), "Booked", 3, "5.00"),
+                tx(None, "Booked", 2, "15.00"),
+                tx(Some("t5"), "Booked", 2, "7.00"),
+                tx(Some("t9"), "Rejected", 1, "9.00"),
+            ],
+        ),
+    )
+    .await;
+    let second = refresh(&api, &token, &consent).await;
+    let record = api.wait_terminal(&token, &second).await;
+    assert_eq!(record["status"], "UPDATED", "{record}");
+    assert_eq!(
+        record["summary"],
+        json!({"accountsUpdated": 1, "balancesUpdated": 1, "transactionsAdded": 2,
+               "transactionsUpdated": 1, "transactionsRemoved": 3}),
+        "{record}"
+    );
+    let uuid = uuid::Uuid::parse_str(&consent).unwrap();
+    let rows: Vec<(Option<String>, String, String, chrono::NaiveDate)> = sqlx::query_as(
+        "SELECT transaction_id, status, amount, booking_date FROM transactions WHERE consent_id = $1 \
+         ORDER BY booking_date, transaction_id NULLS FIRST, amount",
+    )
+    .bind(uuid)
+    .fetch_all(&app.pg)
+    .await
+    .unwrap();
+    let date = |d: i64| (Utc::now() - TimeDelta::days(d)).date_naive();
+    assert_eq!(
+        rows,
+        vec![
+            (Some("t1".into()), "BOOKED".into(), "5.00".into(), date(3)),
+            (None, "BOOKED".into(), "15.00".into(), date(2)),
+            (Some("t5".into()), "BOOKED".into(), "7.00".into(), date(2)),
+            (None, "BOOKED".into(), "30.00".into(), date(1)),
+        ]
+    );
+    let parties: Value =
+        sqlx::query_scalar("SELECT data FROM account_parties WHERE consent_id = $1")
+            .bind(uuid)
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+    assert_eq!(
+        parties["Account"][0]["Name"], "Ms Original",
+        "parties are kept from the initial load"
+    );
+    let account: Value = sqlx::query_scalar("SELECT data FROM accounts WHERE consent_id = $1")
+        .bind(uuid)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(account["Nickname"], "Household");
+    assert!(account.get("Account").is_none());
+    let balances: Vec<String> =
+        sqlx::query_scalar("SELECT amount FROM balances WHERE consent_id = $1")
+            .bind(uuid)
+            .fetch_all(&app.pg)
+            .await
+            .unwrap();
+    assert_eq!(balances, ["55.50"]);
+}
+
+#[tokio::test]
+async fn revoked_and_mfa_end_in_error() {
+    let (app, api, bank) = started(5).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let revoked = api.seed_consent("acme", None, None).await;
+    bank.scenario(&format!("token-{revoked}"), &json!({"revoked": true}))
+        .await;
+    let mfa = api.seed_consent("acme", None, None).await;
+    bank.scenario(&format!("token-{mfa}"), &json!({"mfaRequired": true}))
+        .await;
+
+    let id = refresh(&api, &token, &revoked.to_string()).await;
+    let record = api.wait_terminal(&token, &id).await;
+    assert_eq!(record["status"], "ERROR", "{record}");
+    assert_eq!(record["error"]["code"], "consent_revoked");
+    assert_eq!(
+        record["error"]["message"],
+        "The consent or account access has been revoked"
+    );
+    let consent = api.get(&format!("/v1/consents/{revoked}"), &token).await;
+    assert_eq!(consent.body["status"], "REVOKED", "{consent:?}");
+
+    let id = refresh(&api, &token, &mfa.to_string()).await;
+    let record = api.wait_terminal(&token, &id).await;
+    assert_eq!(record["status"], "ERROR", "{record}");
+    assert_eq!(record["error"]["code"], "mfa_required");
+    assert_eq!(
+        bank.calls(&format!("token-{mfa}")).await.len(),
+        1,
+        "no retry"
+    );
+    let consent = api.get(&format!("/v1/consents/{mfa}"), &token).await;
+    assert_eq!(consent.body["status"], "ACTIVE", "{consent:?}");
+    assert_eq!(consent.body["refreshing"], false, "the lock is freed");
+}
+
+#[tokio::test]
+async fn transient_failures_are_retried_then_exhausted() {
+    let (app, api, bank) = started(3).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let flaky = api.seed_consent("acme", None, None).await;
+    let key = format!("token-{flaky}");
+    bank.scenario(&key, &json!({"failNext": {"count": 2, "status": 503}}))
+        .await;
+    let id = refresh(&api, &token, &flaky.to_string()).await;
+    let record = api.wait_terminal(&token, &id).await;
+    assert_eq!(record["status"], "UPDATED", "{record}");
+    let statuses: Vec<Value> = bank
+        .calls(&key)
+        .await
+        .iter()
+        .map(|c| c["status"].clone())
+        .collect();
+    assert_eq!(
+        &statuses[..3],
+        [json!(503), json!(503), json!(200)],
+        "{statuses:?}"
+    );
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM refreshes WHERE refresh_id = $1")
+        .bind(uuid::Uuid::parse_str(&id).unwrap())
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 3);
+
+    let down = api.seed_consent("acme", None, None).await;
+    let key = format!("token-{down}");
+    bank.scenario(&key, &json!({"failNext": {"count": 100, "status": 503}}))
+        .await;
+    let id = refresh(&api, &token, &down.to_string()).await;
+    let record = api.wait_terminal(&token, &id).await;
+    assert_eq!(record["status"], "ERROR", "{record}");
+    assert_eq!(record["error"]["code"], "bank_unavailable");
+    assert_eq!(
+        record["error"]["message"],
+        "The bank was unavailable after 3 attempts"
+    );
+    assert_eq!(bank.calls(&key).await.len(), 3);
+}
