@@ -87,7 +87,17 @@ mod tests {
             assert!(doc["paths"][path].is_object(), "{path}");
         }
         let record = &doc["components"]["schemas"]["RefreshRecord"]["properties"];
-        for field in ["refreshId", "consentId", "tenantId", "requestedBy", "status", "dateRequested", "notBefore", "summary", "error"] {
+        for field in [
+            "refreshId",
+            "consentId",
+            "tenantId",
+            "requestedBy",
+            "status",
+            "dateRequested",
+            "notBefore",
+            "summary",
+            "error",
+        ] {
             assert!(record[field].is_object(), "{field}");
         }
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());

@@ -16,8 +16,8 @@ use refresh_core::{
 use refresh_pg::{ConsentRow, KeyReservation, NewConsent, StoreError};
 use secrecy::SecretString;
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
 use serde_json::{Value, json};
+use utoipa::ToSchema;
 
 use crate::admission::{Decision, RefreshRequest};
 use crate::auth::Principal;
@@ -970,7 +970,10 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 async fn openapi() -> Response {
     let mut response = crate::openapi::document().into_response();
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     response
 }
 
