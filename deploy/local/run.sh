@@ -1,9 +1,73 @@
 #!/usr/bin/env bash
-# `make run`: builds refreshd, migrates the dev namespace and runs every role in one
-# process (`refreshd dev`) against the local services.
+# `make run`: builds refreshd, migrates the dev namespace, starts every role in one
+# process (`refreshd dev`: bank simulator, ingress, worker), then shows it working: a
+# dev token, a demo consent registered against the simulator, a refresh requested, and
+# the status events arriving. It keeps running for you to try the API; Ctrl-C stops it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export REFRESHD_ENV=${REFRESHD_ENV:-dev}
+export REFRESHD_CONFIG_DIR=${REFRESHD_CONFIG_DIR:-$PWD/config}
+command -v curl >/dev/null || { echo "run: installing curl" >&2; apt-get install -y -qq curl >/dev/null; }
+
+say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+say "building"
 cargo build --quiet -p refreshd --bins
-target/debug/refreshd migrate
-exec target/debug/refreshd dev
+bin=$PWD/target/debug
+api=${REFRESHD__HTTP__BIND:-127.0.0.1:8080}
+
+say "migrating the dev namespace"
+"$bin/refreshd" migrate
+
+say "starting refreshd dev (API on http://$api)"
+"$bin/refreshd" dev &
+dev=$!
+events=""
+cleanup() {
+  [ -n "$events" ] && kill "$events" 2>/dev/null || true
+  kill -TERM "$dev" 2>/dev/null || true
+  wait "$dev" 2>/dev/null || true
+}
+trap cleanup EXIT
+trap 'exit 0' INT TERM
+for _ in $(seq 1 120); do
+  curl -sf "http://$api/readyz" >/dev/null && break
+  kill -0 "$dev" 2>/dev/null || { echo "run: refreshd dev exited" >&2; exit 1; }
+  sleep 0.5
+done
+
+token=$("$bin/refreshctl" token --tenant demo)
+say "dev token for tenant 'demo' (valid 24 h):"
+echo "$token"
+
+say "status events (refreshctl events):"
+"$bin/refreshctl" events 2>/dev/null > >(sed -u 's/^/  event: /') &
+events=$!
+sleep 1
+
+say "registering a demo consent against the bank simulator (starts its initial load)"
+consent_json=$(curl -sS -X POST "http://$api/v1/consents" -H "authorization: Bearer $token" \
+  -H 'content-type: application/json' \
+  -d '{"providerId":"sim","bankConsentId":"demo","accessToken":"demo","expiresAt":"2099-01-01T00:00:00Z"}')
+consent=$(printf '%s' "$consent_json" | sed -n 's/.*"consentId":"\([0-9a-f-]*\)".*/\1/p')
+echo "  consent $consent"
+for _ in $(seq 1 60); do
+  curl -sS "http://$api/v1/consents/$consent" -H "authorization: Bearer $token" | grep -q '"refreshing":false' && break
+  sleep 0.5
+done
+
+say "requesting a refresh: POST /v1/consents/$consent/refresh"
+curl -sS -X POST "http://$api/v1/consents/$consent/refresh" -H "authorization: Bearer $token"
+echo
+sleep 3
+
+say "refreshd dev is running. Try:"
+cat <<TRY
+  export TOKEN=$token
+  curl -s http://$api/v1/consents/$consent -H "authorization: Bearer \$TOKEN"
+  curl -s -X POST http://$api/v1/consents/$consent/refresh -H "authorization: Bearer \$TOKEN"
+  curl -s http://$api/v1/consents/$consent/refreshes -H "authorization: Bearer \$TOKEN"
+  curl -s http://$api/openapi.json
+Ctrl-C stops it.
+TRY
+wait "$dev"

@@ -18,7 +18,11 @@ pub fn init(format: LogFormat, role_is_dev: bool) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     let _already_set = if pretty {
-        builder.pretty().try_init()
+        builder
+            .pretty()
+            .with_file(false)
+            .with_line_number(false)
+            .try_init()
     } else {
         builder
             .json()
