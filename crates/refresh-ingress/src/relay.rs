@@ -5,9 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use refresh_amqp::Broker;
-use refresh_pg::Store;
+use refresh_pg::{OutboxEvent, Store};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -41,29 +40,24 @@ pub async fn run(store: Store, broker: Broker, nudge: Arc<Notify>, shutdown: Can
 
 /// One round: publishes what it can, in order; returns how many were published.
 pub async fn relay_once(store: &Store, broker: &Broker) -> Result<usize, String> {
-    let claimed = store
-        .claim_events(BATCH)
+    store
+        .publish_pending(BATCH, |event| publish(broker, event))
         .await
-        .map_err(|e| error_chain(&e))?;
-    let mut published = Vec::with_capacity(claimed.events.len());
-    for pending in &claimed.events {
-        let body = serde_json::to_vec(&pending.event.payload).unwrap_or_default();
-        let id = pending.event.event_id.to_string();
-        match broker
-            .publish_event(&pending.event.routing_key, &body, &id)
+        .map_err(|e| error_chain(&e))
+}
+
+/// Publishes one outbox event with a confirm.
+fn publish<'a>(
+    broker: &'a Broker,
+    event: &OutboxEvent,
+) -> impl Future<Output = Result<(), String>> + use<'a> {
+    let body = serde_json::to_vec(&event.payload).unwrap_or_default();
+    let id = event.event_id.to_string();
+    let routing_key = event.routing_key.clone();
+    async move {
+        broker
+            .publish_event(&routing_key, &body, &id)
             .await
-        {
-            Ok(()) => published.push(pending.id),
-            Err(error) => {
-                tracing::warn!(error = %error_chain(&error), event_id = %id, "cannot publish an event yet");
-                break;
-            }
-        }
+            .map_err(|e| error_chain(&e))
     }
-    let count = published.len();
-    claimed
-        .finish(&published, Utc::now())
-        .await
-        .map_err(|e| error_chain(&e))?;
-    Ok(count)
 }

@@ -417,6 +417,36 @@ impl Store {
         Ok(ClaimedEvents { tx, events })
     }
 
+    /// One relay round: claims up to `limit` unpublished events, hands each to
+    /// `publish` in order, stops at the first failure, and marks the published ones.
+    /// Returns how many were published. Used by the ingress relay and by workers
+    /// right after their commit; a crash between publish and mark publishes again,
+    /// which consumers absorb by deduplicating on the event id.
+    pub async fn publish_pending<F, Fut, E>(
+        &self,
+        limit: i64,
+        mut publish: F,
+    ) -> Result<usize, StoreError>
+    where
+        F: FnMut(&OutboxEvent) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let claimed = self.claim_events(limit).await?;
+        let mut published = Vec::with_capacity(claimed.events.len());
+        for pending in &claimed.events {
+            match publish(&pending.event).await {
+                Ok(()) => published.push(pending.id),
+                Err(error) => {
+                    tracing::warn!(error = %error, event_id = %pending.event.event_id, "cannot publish an event yet");
+                    break;
+                }
+            }
+        }
+        claimed.finish(&published, Utc::now()).await?;
+        Ok(published.len())
+    }
+
     // --- idempotency ----------------------------------------------------------------
 
     /// Reserves `key` for this request unless a request with it was answered (or is

@@ -390,28 +390,20 @@ async fn after_finish(deps: &WorkerDeps, job: &Job) {
 
 /// Publishes unpublished outbox events with confirms, in order, and marks them.
 async fn publish_outbox(store: &Store, broker: &refresh_amqp::Broker) -> Result<usize, String> {
-    let claimed = store.claim_events(100).await.map_err(|e| error_chain(&e))?;
-    let mut published = Vec::with_capacity(claimed.events.len());
-    for pending in &claimed.events {
-        let body = serde_json::to_vec(&pending.event.payload).unwrap_or_default();
-        let id = pending.event.event_id.to_string();
-        match broker
-            .publish_event(&pending.event.routing_key, &body, &id)
-            .await
-        {
-            Ok(()) => published.push(pending.id),
-            Err(error) => {
-                warn!(error = %error_chain(&error), event_id = %id, "cannot publish an event yet");
-                break;
+    store
+        .publish_pending(100, |event| {
+            let body = serde_json::to_vec(&event.payload).unwrap_or_default();
+            let id = event.event_id.to_string();
+            let routing_key = event.routing_key.clone();
+            async move {
+                broker
+                    .publish_event(&routing_key, &body, &id)
+                    .await
+                    .map_err(|e| error_chain(&e))
             }
-        }
-    }
-    let count = published.len();
-    claimed
-        .finish(&published, now())
+        })
         .await
-        .map_err(|e| error_chain(&e))?;
-    Ok(count)
+        .map_err(|e| error_chain(&e))
 }
 
 #[cfg(test)]
