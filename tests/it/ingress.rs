@@ -938,3 +938,56 @@ async fn tenant_settings_round_trip_with_warnings() {
     let other = api.get("/v1/apps/other/settings", &token).await;
     assert_problem(&other, 404, "not_found", "Tenant not found");
 }
+
+#[tokio::test]
+async fn an_event_committed_before_a_crash_is_published_once_by_the_relay() {
+    let app = spawn_app().await;
+    // What a process leaves behind when it dies between its commit and its publish.
+    let event_id = uuid::Uuid::now_v7();
+    let payload = json!({ "specversion": "1.0", "id": event_id, "type": "io.refreshd.refresh.initialized", "source": "refreshd" });
+    sqlx::query("INSERT INTO outbox (event_id, routing_key, payload) VALUES ($1, 'refresh.initialized.acme', $2)")
+        .bind(event_id)
+        .bind(&payload)
+        .execute(&app.pg)
+        .await
+        .unwrap();
+    // A subscriber bound before any relay runs.
+    let subscriber = refresh_amqp::Broker::start(
+        &app.settings.amqp,
+        &app.namespace,
+        app.shutdown.clone(),
+        &app.tracker,
+    )
+    .await
+    .unwrap();
+    let probe = subscriber.declare_probe_queue("refresh.#").await.unwrap();
+    let mut events = subscriber.consume(&probe, 10);
+    let _api = app.start_ingress().await;
+
+    let delivery = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        delivery.message_id.as_deref(),
+        Some(event_id.to_string().as_str())
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&delivery.body).unwrap(),
+        payload
+    );
+    delivery.settle(refresh_core::Outcome::Ack).await.unwrap();
+    let published: Option<chrono::DateTime<chrono::Utc>> =
+        sqlx::query_scalar("SELECT published_at FROM outbox WHERE event_id = $1")
+            .bind(event_id)
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+    assert!(published.is_some(), "marked published");
+    // Nothing more arrives for it: published once.
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), events.next())
+            .await
+            .is_err()
+    );
+}
