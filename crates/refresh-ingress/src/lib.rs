@@ -3,6 +3,7 @@
 
 mod admission;
 mod auth;
+mod data;
 mod error;
 pub mod metrics;
 mod openapi;

@@ -5,7 +5,7 @@ use refresh_core::{Problem, RefreshError, RefreshRecord, RefreshSummary};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::routes;
+use crate::{data, routes};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,6 +24,16 @@ use crate::routes;
         routes::healthz,
         routes::readyz,
         routes::metrics,
+        data::accounts,
+        data::balances,
+        data::transactions,
+        data::parties,
+        data::beneficiaries,
+        data::direct_debits,
+        data::standing_orders,
+        data::scheduled_payments,
+        data::statements,
+        data::products,
     ),
     components(schemas(
         Problem,
@@ -37,6 +47,10 @@ use crate::routes;
         routes::SettingsView,
         routes::CompatMessage,
         routes::History,
+        data::TransactionItem,
+        data::TransactionPage,
+        data::StoredList,
+        data::StoredItems,
     )),
     modifiers(&BearerAuth)
 )]
@@ -83,6 +97,16 @@ mod tests {
             "/healthz",
             "/readyz",
             "/metrics",
+            "/v1/consents/{consentId}/accounts",
+            "/v1/consents/{consentId}/balances",
+            "/v1/consents/{consentId}/transactions",
+            "/v1/consents/{consentId}/parties",
+            "/v1/consents/{consentId}/beneficiaries",
+            "/v1/consents/{consentId}/direct-debits",
+            "/v1/consents/{consentId}/standing-orders",
+            "/v1/consents/{consentId}/scheduled-payments",
+            "/v1/consents/{consentId}/statements",
+            "/v1/consents/{consentId}/products",
         ] {
             assert!(doc["paths"][path].is_object(), "{path}");
         }
@@ -101,6 +125,30 @@ mod tests {
             assert!(record[field].is_object(), "{field}");
         }
         assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+        let tx = &doc["components"]["schemas"]["TransactionItem"]["properties"];
+        for field in [
+            "accountId",
+            "transactionId",
+            "bookingDate",
+            "bookingDateTime",
+            "status",
+            "amount",
+            "currency",
+            "creditDebitIndicator",
+            "description",
+        ] {
+            assert!(tx[field].is_object(), "{field}");
+        }
+        let params = doc["paths"]["/v1/consents/{consentId}/transactions"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap())
+            .collect::<Vec<_>>();
+        assert_eq!(
+            params,
+            ["consentId", "accountId", "from", "to", "cursor", "limit"]
+        );
         let refresh = &doc["paths"]["/v1/consents/{consentId}/refresh"]["post"]["responses"];
         for status in ["202", "200", "401", "403", "404", "409", "429", "503"] {
             assert!(refresh[status].is_object(), "{status}");

@@ -38,6 +38,46 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/consents/{consent_id}/refresh", post(request_refresh))
         .route("/v1/consents/{consent_id}/refreshes", get(history))
         .route("/v1/consents/{consent_id}/revoke", post(revoke))
+        .route(
+            "/v1/consents/{consent_id}/accounts",
+            get(crate::data::accounts),
+        )
+        .route(
+            "/v1/consents/{consent_id}/balances",
+            get(crate::data::balances),
+        )
+        .route(
+            "/v1/consents/{consent_id}/transactions",
+            get(crate::data::transactions),
+        )
+        .route(
+            "/v1/consents/{consent_id}/parties",
+            get(crate::data::parties),
+        )
+        .route(
+            "/v1/consents/{consent_id}/beneficiaries",
+            get(crate::data::beneficiaries),
+        )
+        .route(
+            "/v1/consents/{consent_id}/direct-debits",
+            get(crate::data::direct_debits),
+        )
+        .route(
+            "/v1/consents/{consent_id}/standing-orders",
+            get(crate::data::standing_orders),
+        )
+        .route(
+            "/v1/consents/{consent_id}/scheduled-payments",
+            get(crate::data::scheduled_payments),
+        )
+        .route(
+            "/v1/consents/{consent_id}/statements",
+            get(crate::data::statements),
+        )
+        .route(
+            "/v1/consents/{consent_id}/products",
+            get(crate::data::products),
+        )
         .route("/v1/refreshes/{refresh_id}", get(get_refresh))
         .route(
             "/v1/apps/{tenant_id}/settings",
@@ -93,7 +133,7 @@ impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<
     }
 }
 
-fn consent_id(raw: &str) -> Result<ConsentId, ApiError> {
+pub(crate) fn consent_id(raw: &str) -> Result<ConsentId, ApiError> {
     raw.parse().map_err(|_| {
         ApiError::from(Problem::bad_request(format!(
             "consentId {raw:?} is not a UUID"
@@ -118,7 +158,7 @@ fn source(principal: &Principal, tenant_source: RequestedBy) -> RequestedBy {
 }
 
 /// The consent if the caller may see it, else 404.
-async fn visible_consent(
+pub(crate) async fn visible_consent(
     state: &AppState,
     principal: &Principal,
     id: ConsentId,

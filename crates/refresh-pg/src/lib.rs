@@ -7,6 +7,7 @@
 
 mod crypto;
 mod pool;
+mod read;
 mod store;
 mod stored;
 
@@ -14,6 +15,7 @@ pub use crypto::{CryptoError, TokenCipher};
 pub use pool::{
     DatabaseSettings, PgError, Schema, check_migrated, connect, drop_schema, health, migrate,
 };
+pub use read::{ItemKind, TxFilter, TxKey, TxPage, TxRow};
 pub use store::{
     ClaimedEvents, ConsentRow, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
     PendingEvent, Store, StoreError, TenantSettingsRow,
