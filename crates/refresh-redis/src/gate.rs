@@ -191,6 +191,10 @@ fn secs_to_ms(secs: u64) -> i64 {
 }
 
 /// The admission gate. Cheap to clone; all state is in Redis.
+/// How much longer than the stagger period a bank start counts (see
+/// [`Gate::take_start_slot`]).
+pub const START_MARGIN_MS: i64 = 1_000;
+
 #[derive(Clone)]
 pub struct Gate {
     conn: ConnectionManager,
@@ -399,6 +403,11 @@ impl Gate {
     /// Times are whole milliseconds of Redis `TIME`; a start occupies its period
     /// plus one millisecond, so the truncated sub-millisecond part cannot let a
     /// `limit + 1`-th start into a real period.
+    ///
+    /// A start is logged here a few milliseconds before the bank sees the call, and
+    /// that delay varies; so a start occupies its window for `period` plus
+    /// [`START_MARGIN_MS`], and the bank never sees more than `limit` starts in any
+    /// `period` unless one call is delayed by more than the margin.
     pub async fn take_start_slot(
         &self,
         bucket: &str,
@@ -409,7 +418,7 @@ impl Gate {
             .key(reply::starts_key(&self.config.namespace, bucket))
             .arg(attempt_id)
             .arg(self.config.stagger.limit.max(1))
-            .arg(self.period_ms);
+            .arg(self.period_ms + START_MARGIN_MS);
         let value = self.eval("take_start_slot", &invocation).await?;
         match reply::parse_start(value).map_err(|e| GateError::reply("take_start_slot", e))? {
             StartReply::Go => Ok(StartDecision::Go),
