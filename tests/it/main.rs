@@ -7,8 +7,10 @@
 )]
 
 mod amqp;
+mod data;
 mod gate;
 mod harness;
 mod ingress;
+mod processes;
 mod purity;
 mod worker;
