@@ -398,4 +398,21 @@ async fn transient_failures_are_retried_then_exhausted() {
         "The bank was unavailable after 3 attempts"
     );
     assert_eq!(bank.calls(&key).await.len(), 3);
+
+    // The worker's metrics are served with the API's.
+    let metrics = api
+        .call(reqwest::Method::GET, "/metrics", None, None, &[])
+        .await;
+    let text = metrics.body.as_str().unwrap().to_owned();
+    for expected in [
+        "refreshd_refreshes_total{outcome=\"UPDATED\",code=\"\"} 1",
+        "refreshd_refreshes_total{outcome=\"ERROR\",code=\"bank_unavailable\"} 1",
+        // 2 retries for the flaky bank, 2 for the down one before giving up.
+        "refreshd_refresh_retries_total 4",
+        "refreshd_bank_errors_total{provider=\"sim\",kind=\"transient\"} 5",
+        "refreshd_bank_fetch_seconds_count{provider=\"sim\"} 6",
+        "refreshd_refreshes_in_flight 0",
+    ] {
+        assert!(text.contains(expected), "{expected} in {text}");
+    }
 }

@@ -16,6 +16,8 @@ pub struct Api {
     pub base: String,
     pub client: reqwest::Client,
     pub services: Services,
+    /// The registry served at `/metrics` (a worker started with this API adds to it).
+    pub metrics: Arc<refresh_ingress::Metrics>,
 }
 
 /// A dev-secret token for `tenant` with `scope`, valid for an hour.
@@ -56,10 +58,11 @@ pub async fn ingress_with(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("harness: bind");
+    let metrics = Arc::new(refresh_ingress::Metrics::new());
     let addr = refreshd::ingress::start(
         settings,
         &services,
-        Arc::new(refresh_ingress::Metrics::new()),
+        metrics.clone(),
         listener,
         &app.shutdown,
         &app.tracker,
@@ -71,6 +74,7 @@ pub async fn ingress_with(
             .build()
             .expect("harness: http client"),
         services,
+        metrics,
     })
 }
 

@@ -19,9 +19,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod ingress;
+mod process;
 mod proxy;
 mod worker;
 pub use ingress::{Answer, Api, dev_token, ingress_with};
+pub use process::{WorkerProcess, refreshd_binary};
 pub use proxy::Proxy;
 pub use worker::{Bank, app_with_bank, fast_worker_config, start_worker};
 

@@ -54,6 +54,7 @@ pub fn start_worker(app: &TestApp, api: &Api, config: refresh_worker::WorkerConf
         &app.settings,
         &api.services,
         config,
+        &api.metrics,
         &app.shutdown,
         &app.tracker,
     )

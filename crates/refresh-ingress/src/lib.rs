@@ -63,6 +63,25 @@ pub fn router(
     })
 }
 
+/// Only `/metrics`, for processes without the API (a standalone worker).
+pub fn metrics_router(metrics: Arc<Metrics>) -> axum::Router {
+    axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = metrics.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    )
+}
+
 /// Serves `router` on `listener` until `shutdown`, then lets in-flight requests finish.
 pub async fn serve(
     listener: tokio::net::TcpListener,

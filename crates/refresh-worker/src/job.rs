@@ -38,6 +38,11 @@ fn now() -> DateTime<Utc> {
     Utc::now()
 }
 
+/// The time since `t` (zero if `t` is ahead).
+fn since(t: DateTime<Utc>) -> Duration {
+    (now() - t).to_std().unwrap_or_default()
+}
+
 fn event_id() -> EventId {
     EventId::from_uuid(uuid::Uuid::now_v7())
 }
@@ -79,7 +84,10 @@ pub(crate) async fn handle(
 async fn process(deps: &WorkerDeps, config: &WorkerConfig, body: &[u8]) -> Step {
     let job = match Job::parse(body) {
         Ok(job) => job,
-        Err(error) => return Step::Settle(Outcome::dead_letter(error.to_string())),
+        Err(error) => {
+            deps.metrics.dead_lettered();
+            return Step::Settle(Outcome::dead_letter(error.to_string()));
+        }
     };
     match run_job(deps, config, &job).await {
         Ok(step) => step,
@@ -159,6 +167,7 @@ async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<
         .bucket(&job.tenant_id, &job.provider_id);
     let attempt_id = format!("{refresh_id}:{}", state.attempts);
     if let StartDecision::WaitUntil(t) = deps.gate.take_start_slot(&bucket, &attempt_id).await? {
+        deps.metrics.waited_for_start();
         return Ok(Step::Settle(Outcome::retry(
             until(t).min(config.max_wait_hop),
         )));
@@ -243,12 +252,21 @@ async fn fetch_and_store(
     let initial = state.initial || job.initial;
     let start = now();
     let oldest = start - config.history_window;
+    let fetch_started = std::time::Instant::now();
     let fetched = if initial {
         provider.connector.fetch_initial(access, oldest).await
     } else {
         let from = last_refreshed_at.map_or(oldest, |t| (t - config.overlap).max(oldest));
         provider.connector.fetch_refresh(access, from).await
     };
+    let failure = fetched.as_ref().err().map(|error| match error {
+        BankError::Revoked => "revoked",
+        BankError::MfaRequired => "mfa_required",
+        BankError::Transient { .. } => "transient",
+        BankError::Malformed(_) => "malformed",
+    });
+    deps.metrics
+        .bank_fetch(job.provider_id.as_str(), fetch_started.elapsed(), failure);
     let data = match fetched {
         Ok(data) => data,
         Err(BankError::Revoked) => {
@@ -271,6 +289,9 @@ async fn fetch_and_store(
     };
     if !data.deviations.is_empty() {
         info!(%refresh_id, deviations = ?data.deviations, "read past deviations from the bank's schema");
+        for (kind, count) in &data.deviations {
+            deps.metrics.deviation(kind, *count);
+        }
     }
     let (stored, dropped) = match map_fetch(&data, initial) {
         Ok(mapped) => mapped,
@@ -288,6 +309,8 @@ async fn fetch_and_store(
         .await?
     {
         Finish::Done(record) => {
+            deps.metrics
+                .finished("UPDATED", None, since(job.not_before));
             info!(%refresh_id, summary = ?record.summary, requests = data.requests, "refresh UPDATED");
         }
         Finish::Fenced => {
@@ -314,6 +337,7 @@ async fn retry_bank(
         return finish_error(deps, job, error, None).await;
     }
     let delay = backoff(config, attempts, retry_after);
+    deps.metrics.retried();
     info!(refresh_id = %job.refresh_id, attempts, ?delay, reason, "the bank is unavailable; retrying later");
     let next = Job {
         not_before: now() + chrono::TimeDelta::from_std(delay).unwrap_or_default(),
@@ -367,6 +391,8 @@ async fn finish_error(
         .await?
     {
         Finish::Done(_) => {
+            deps.metrics
+                .finished("ERROR", Some(code.as_str()), since(job.not_before));
             info!(refresh_id = %job.refresh_id, code = %code.as_str(), "refresh ERROR")
         }
         Finish::Fenced => {

@@ -10,6 +10,9 @@
 
 mod job;
 mod mapping;
+mod metrics;
+
+pub use metrics::WorkerMetrics;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -42,6 +45,7 @@ pub struct WorkerDeps {
     pub broker: Broker,
     /// By provider id.
     pub providers: BTreeMap<String, Provider>,
+    pub metrics: WorkerMetrics,
 }
 
 /// How the worker behaves. [`WorkerConfig::new`] gives the defaults for the keys
@@ -137,7 +141,9 @@ pub async fn run(deps: WorkerDeps, config: WorkerConfig, shutdown: CancellationT
         };
         let (deps, config, abort) = (Arc::clone(&deps), Arc::clone(&config), abort.clone());
         tracker.spawn(async move {
+            deps.metrics.in_flight().inc();
             job::handle(&deps, &config, delivery, &abort).await;
+            deps.metrics.in_flight().dec();
             drop(permit);
         });
     }

@@ -151,22 +151,17 @@ async fn dev(settings: &Settings, shutdown: CancellationToken) -> Result<(), Run
             addr: settings.http.bind.clone(),
             source,
         })?;
-    ingress::start(
-        settings,
-        &services,
-        std::sync::Arc::new(refresh_ingress::Metrics::new()),
-        listener,
-        &shutdown,
-        &tracker,
-    )
-    .await?;
+    // One registry: the worker's metrics are served with the ingress's at /metrics.
+    let metrics = std::sync::Arc::new(refresh_ingress::Metrics::new());
     worker::start(
         settings,
         &services,
         worker::config(settings),
+        &metrics,
         &shutdown,
         &tracker,
     )?;
+    ingress::start(settings, &services, metrics, listener, &shutdown, &tracker).await?;
     tracker.close();
     shutdown.cancelled().await;
     tracker.wait().await;

@@ -88,6 +88,8 @@ pub struct WorkerSettings {
     pub concurrency: u32,
     pub max_attempts: u32,
     pub prefetch: u16,
+    /// Where a standalone worker serves `/metrics` (empty: nowhere).
+    pub metrics_bind: String,
 }
 
 #[derive(Debug, Deserialize)]

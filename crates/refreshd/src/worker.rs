@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use refresh_bank::{ConnectorSettings, ProviderKind};
-use refresh_worker::{Provider, WorkerConfig, WorkerDeps};
+use refresh_worker::{Provider, WorkerConfig, WorkerDeps, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -63,14 +63,18 @@ pub fn start(
     settings: &Settings,
     services: &Services,
     config: WorkerConfig,
+    metrics: &refresh_ingress::Metrics,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<(), RunError> {
+    let worker_metrics = WorkerMetrics::default();
+    metrics.with_registry(|registry| worker_metrics.register(registry));
     let deps = WorkerDeps {
         store: services.store.clone(),
         gate: services.gate.clone(),
         broker: services.broker.clone(),
         providers: providers(settings)?,
+        metrics: worker_metrics,
     };
     tracker.spawn(refresh_worker::run(deps, config, shutdown.child_token()));
     Ok(())
@@ -80,7 +84,31 @@ pub fn start(
 pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
     let tracker = TaskTracker::new();
     let services = Services::connect(settings, &shutdown, &tracker).await?;
-    start(settings, &services, config(settings), &shutdown, &tracker)?;
+    let metrics = std::sync::Arc::new(refresh_ingress::Metrics::new());
+    start(
+        settings,
+        &services,
+        config(settings),
+        &metrics,
+        &shutdown,
+        &tracker,
+    )?;
+    if !settings.worker.metrics_bind.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&settings.worker.metrics_bind)
+            .await
+            .map_err(|source| RunError::Bind {
+                addr: settings.worker.metrics_bind.clone(),
+                source,
+            })?;
+        let router = refresh_ingress::metrics_router(metrics);
+        let stop = shutdown.child_token();
+        tracker.spawn(async move {
+            if let Err(error) = refresh_ingress::serve(listener, router, stop).await {
+                tracing::error!(error = %error, "the metrics listener stopped");
+            }
+        });
+        tracing::info!(addr = %settings.worker.metrics_bind, "worker metrics at /metrics");
+    }
     tracker.close();
     shutdown.cancelled().await;
     tracker.wait().await;
