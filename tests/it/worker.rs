@@ -416,3 +416,128 @@ async fn transient_failures_are_retried_then_exhausted() {
         assert!(text.contains(expected), "{expected} in {text}");
     }
 }
+
+#[tokio::test]
+async fn a_malformed_bank_payload_ends_in_bank_error_and_stores_nothing() {
+    let (app, api, bank) = started(5).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await;
+    let key = format!("token-{consent}");
+    // An amount as a float: the bank's data would be stored wrong, so it is refused.
+    let mut bad = dataset(
+        "Ann",
+        "main",
+        "10.00",
+        vec![tx(Some("T1"), "Booked", 1, "1.00")],
+    );
+    bad["transactions"][0]["Amount"]["Amount"] = json!(12.5);
+    bank.put_dataset(&key, &bad).await;
+    let id = refresh(&api, &token, &consent.to_string()).await;
+    let record = api.wait_terminal(&token, &id).await;
+    assert_eq!(record["status"], "ERROR", "{record}");
+    assert_eq!(record["error"]["code"], "bank_error");
+    assert!(record["summary"].is_null());
+    let consent = consent.to_string();
+    for table in ["accounts", "balances", "transactions"] {
+        let rows = count(
+            &app,
+            &format!("SELECT count(*) FROM {table} WHERE consent_id = $1"),
+            &consent,
+        )
+        .await;
+        assert_eq!(rows, 0, "{table}: nothing stored");
+    }
+    assert_eq!(
+        bank.calls(&key).await.len(),
+        3,
+        "no retry after a malformed answer"
+    );
+}
+
+#[tokio::test]
+async fn an_upstream_amqp_request_reaches_updated_with_both_events() {
+    let (app, api, _bank) = started(5).await;
+    let consent = api.seed_consent("acme", None, None).await;
+    let broker = &api.services.broker;
+    let probe = broker.declare_probe_queue("refresh.*.acme").await.unwrap();
+    let mut events = broker.consume(&probe, 10);
+    let reply_queue = broker.declare_reply_queue().await.unwrap();
+    let mut replies = broker.consume(&reply_queue, 1);
+    let body =
+        json!({ "consentId": consent, "tenantId": "acme", "requestedBy": "APP" }).to_string();
+    broker
+        .publish_request(
+            body.as_bytes(),
+            Some("upstream-1"),
+            Some(&reply_queue),
+            Some("c-1"),
+        )
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let reply: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(reply["accepted"], true, "{reply}");
+    let refresh_id = reply["refreshId"].as_str().unwrap().to_owned();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(20), events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let event: Value = serde_json::from_slice(&delivery.body).unwrap();
+        if event["data"]["refreshId"] == refresh_id.as_str() {
+            seen.push((
+                event["type"].as_str().unwrap().to_owned(),
+                event["data"]["requestedBy"].clone(),
+            ));
+        }
+        delivery.settle(refresh_core::Outcome::Ack).await.unwrap();
+    }
+    assert_eq!(
+        seen,
+        [
+            ("io.refreshd.refresh.initialized".to_owned(), json!("APP")),
+            ("io.refreshd.refresh.updated".to_owned(), json!("APP")),
+        ]
+    );
+    let rows = count(
+        &app,
+        "SELECT count(*) FROM transactions WHERE consent_id = $1",
+        &consent.to_string(),
+    )
+    .await;
+    assert!(rows > 0, "the bank's transactions are stored");
+}
+
+#[tokio::test]
+async fn a_poison_job_is_dead_lettered_and_the_worker_keeps_going() {
+    let (app, api, _bank) = started(5).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let broker = &api.services.broker;
+    broker
+        .publish_job(b"{\"not\": \"a job\"}", "poison-1", None)
+        .await
+        .unwrap();
+    let mut dead = broker.consume(&broker.names().jobs_dead.clone(), 10);
+    let delivery = tokio::time::timeout(Duration::from_secs(10), dead.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.message_id.as_deref(), Some("poison-1"));
+    assert!(
+        delivery
+            .dead_letter_reason()
+            .is_some_and(|r| r.contains("malformed job")),
+        "{:?}",
+        delivery.dead_letter_reason()
+    );
+    delivery.settle(refresh_core::Outcome::Ack).await.unwrap();
+    // The next job is handled as usual.
+    let consent = api.seed_consent("acme", None, None).await;
+    let id = refresh(&api, &token, &consent.to_string()).await;
+    let record = api.wait_terminal(&token, &id).await;
+    assert_eq!(record["status"], "UPDATED", "{record}");
+}
