@@ -977,12 +977,20 @@ async fn an_event_committed_before_a_crash_is_published_once_by_the_relay() {
         payload
     );
     delivery.settle(refresh_core::Outcome::Ack).await.unwrap();
-    let published: Option<chrono::DateTime<chrono::Utc>> =
-        sqlx::query_scalar("SELECT published_at FROM outbox WHERE event_id = $1")
+    // The relay marks the row once the publish is confirmed (which may be just after
+    // the subscriber got it).
+    let mut published: Option<chrono::DateTime<chrono::Utc>> = None;
+    for _ in 0..50 {
+        published = sqlx::query_scalar("SELECT published_at FROM outbox WHERE event_id = $1")
             .bind(event_id)
             .fetch_one(&app.pg)
             .await
             .unwrap();
+        if published.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(published.is_some(), "marked published");
     // Nothing more arrives for it: published once.
     assert!(
