@@ -43,7 +43,9 @@ async fn two_concurrent_tests_see_only_their_own_data_and_leave_nothing() {
     let (schema, keys, queues) = leftovers(&a.settings).await.unwrap();
     assert!(schema);
     assert_eq!(keys, 1);
-    assert_eq!(queues.len(), 5, "{queues:?}");
+    let expected = refresh_amqp::Names::new(&a.namespace).queues().len();
+    assert_eq!(queues.len(), expected, "{queues:?}");
+    assert_eq!(expected, 9, "5 queues of SPEC §4 and 4 wait tiers");
 
     let (sa, sb) = (
         test_settings(&a.namespace, &[]),

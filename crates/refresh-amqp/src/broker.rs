@@ -43,8 +43,6 @@ const HEALTH_TICK: Duration = Duration::from_secs(1);
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 /// Longest wait for a graceful connection close.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// RabbitMQ's largest per-message TTL: 2^32 - 1 ms.
-const MAX_EXPIRATION_MS: u128 = u32::MAX as u128;
 /// AMQP delivery mode of a message stored on disk.
 pub(crate) const PERSISTENT: u8 = 2;
 const JSON: &str = "application/json";
@@ -167,15 +165,13 @@ impl Broker {
 
     /// Publishes an admitted job: persistent, `message_id`, content type
     /// `application/json`, to the `jobs` exchange (routing key
-    /// [`JOB_ROUTING_KEY`]), or, when `delay` is `Some` and > 0, to the `jobs.wait`
-    /// queue with a per-message expiration of `delay` (in ms, rounded down) so it
-    /// dead-letters into `jobs` when due. `Ok` only on the broker's confirm; a
-    /// nack, the confirm timeout, or no connection is an `Err` (the caller undoes
-    /// the admission).
-    ///
-    /// `jobs.wait` is a classic queue, which expires messages only from its head: a
-    /// message waits at least its own delay, and also behind any message ahead of
-    /// it that is due later.
+    /// [`JOB_ROUTING_KEY`]), or, when `delay` is `Some` and > 0, through the wait
+    /// queue [`Names::wait_queue`] picks, which dead-letters it into `jobs`: under 1 s
+    /// `jobs.wait` with a per-message expiration of `delay`, else the longest
+    /// fixed-TTL tier not longer than `delay` — so a delayed job can come back
+    /// early, and its consumer must wait out the rest from the job's `notBefore`.
+    /// `Ok` only on the broker's confirm; a nack, the confirm timeout, or no
+    /// connection is an `Err` (the caller undoes the admission).
     pub async fn publish_job(
         &self,
         body: &[u8],
@@ -324,18 +320,16 @@ impl Broker {
                 self.publish(target, body, properties).await
             }
             Some(delay) => {
-                let millis = delay.as_millis();
-                if millis > MAX_EXPIRATION_MS {
-                    return Err(AmqpError::InvalidArgument(format!(
-                        "a delay of {millis} ms is over the broker's maximum of {MAX_EXPIRATION_MS} ms"
-                    )));
-                }
+                let (queue, per_message) = names.wait_queue(delay);
                 let target = Target {
                     exchange: "",
-                    routing_key: &names.jobs_wait,
+                    routing_key: queue,
                     mandatory: true,
                 };
-                let properties = properties.with_expiration(millis.to_string().into());
+                let properties = match per_message {
+                    Some(ttl) => properties.with_expiration(ttl.as_millis().to_string().into()),
+                    None => properties,
+                };
                 self.publish(target, body, properties).await
             }
         }

@@ -114,6 +114,23 @@ pub async fn declare(
         .await
         .map_err(AmqpError::from_lapin)?;
 
+    // The tiers: a queue TTL each, so their messages expire in arrival order.
+    for (ttl, tier) in &names.wait_tiers {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        channel
+            .queue_declare(
+                tier.as_str().into(),
+                durable(),
+                args(&[
+                    ("x-message-ttl", AMQPValue::LongLongInt(ttl_ms)),
+                    ("x-dead-letter-exchange", text(&names.jobs)),
+                    ("x-dead-letter-routing-key", text(JOB_ROUTING_KEY)),
+                ]),
+            )
+            .await
+            .map_err(AmqpError::from_lapin)?;
+    }
+
     let bind = |queue: &str, exchange: &str, key: &str| {
         channel.queue_bind(
             queue.into(),
