@@ -999,3 +999,32 @@ async fn an_event_committed_before_a_crash_is_published_once_by_the_relay() {
             .is_err()
     );
 }
+
+#[tokio::test]
+async fn a_lock_outliving_its_finished_refresh_does_not_refuse_the_next_request() {
+    let (app, api) = started(&[]).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await;
+    let first = api.post(&refresh_path(consent), &token, None).await;
+    assert_eq!(first.status, 202);
+    // The worker's commit is in, its lock release not yet (or it died in between).
+    sqlx::query(
+        "UPDATE refreshes SET status = 'UPDATED', finished_at = now() WHERE refresh_id = $1",
+    )
+    .bind(uuid::Uuid::parse_str(first.body["refreshId"].as_str().unwrap()).unwrap())
+    .execute(&app.pg)
+    .await
+    .unwrap();
+    let next = api.post(&refresh_path(consent), &token, None).await;
+    assert_eq!(next.status, 202, "{next:?}");
+    assert_ne!(next.body["refreshId"], first.body["refreshId"]);
+    // A lock whose refresh is still running is respected.
+    let busy = api.post(&refresh_path(consent), &token, None).await;
+    assert_problem(
+        &busy,
+        409,
+        "refresh_in_progress",
+        "A refresh is already in progress for this consent",
+    );
+    assert_eq!(busy.body["refreshId"], next.body["refreshId"]);
+}

@@ -109,20 +109,21 @@ impl Admitter {
         };
 
         let refresh_id = RefreshId::from_uuid(uuid::Uuid::now_v7());
-        let started = Instant::now();
-        let decision = self
-            .gate
-            .admit(&GateRequest {
-                consent_id: consent.consent_id,
-                tenant_id: consent.tenant_id.clone(),
-                provider_id: consent.provider_id.clone(),
-                requested_by: request.requested_by,
-                refresh_id,
-                count_quota: !request.initial,
-            })
-            .await
-            .map_err(Unavailable::Redis)?;
-        self.metrics.gate_latency(started.elapsed());
+        let gate_request = GateRequest {
+            consent_id: consent.consent_id,
+            tenant_id: consent.tenant_id.clone(),
+            provider_id: consent.provider_id.clone(),
+            requested_by: request.requested_by,
+            refresh_id,
+            count_quota: !request.initial,
+        };
+        let mut decision = self.admit(&gate_request).await?;
+        if let GateDecision::Refused(problem) = &decision
+            && let Some(holder) = problem.refresh_id
+            && self.release_stale_lock(consent.consent_id, holder).await?
+        {
+            decision = self.admit(&gate_request).await?;
+        }
         let ticket = match decision {
             GateDecision::Admitted(ticket) => ticket,
             GateDecision::Refused(problem) => {
@@ -150,6 +151,37 @@ impl Admitter {
                 }
             }
         }
+    }
+
+    async fn admit(&self, request: &GateRequest) -> Result<GateDecision, Unavailable> {
+        let started = Instant::now();
+        let decision = self.gate.admit(request).await.map_err(Unavailable::Redis)?;
+        self.metrics.gate_latency(started.elapsed());
+        Ok(decision)
+    }
+
+    /// A lock whose refresh already ended is stale: its worker commits the terminal
+    /// status before it frees the lock (or died in between). Frees it (only if
+    /// `holder` still owns it) and says whether it did.
+    async fn release_stale_lock(
+        &self,
+        consent: ConsentId,
+        holder: RefreshId,
+    ) -> Result<bool, Unavailable> {
+        let record = self
+            .store
+            .refresh(holder)
+            .await
+            .map_err(Unavailable::Database)?;
+        // No record: an admission still committing, or one that failed (its lock goes
+        // with its undo or its lease). Only a terminal record proves the lock stale.
+        if !record.is_some_and(|r| r.status.is_terminal()) {
+            return Ok(false);
+        }
+        self.gate
+            .release_lock(consent, holder)
+            .await
+            .map_err(Unavailable::Redis)
     }
 
     /// Record + event (transaction left open), confirmed publish, commit.
