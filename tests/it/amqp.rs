@@ -144,7 +144,7 @@ async fn a_delivery_dropped_unsettled_returns_to_its_queue() {
 
 /// Publishes a job delayed by `delay_ms` and returns how long it took to reach `jobs`.
 async fn delayed_arrival(
-    broker: &refresh_amqp::Broker,
+    broker: &Broker,
     jobs: &mut Consumer,
     id: &str,
     delay_ms: u64,
