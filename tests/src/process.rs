@@ -26,7 +26,7 @@ pub fn refreshd_binary() -> PathBuf {
         .expect("harness: the test binary lives in target/{profile}/deps");
     assert!(
         binary.is_file(),
-        "harness: {} is missing: run `cargo build -p refreshd` (or `cargo test --workspace --all-targets`)",
+        "harness: {} is missing: run `make test`, or `cargo build --workspace --bins` first",
         binary.display()
     );
     binary
