@@ -399,12 +399,9 @@ async fn transient_failures_are_retried_then_exhausted() {
     );
     assert_eq!(bank.calls(&key).await.len(), 3);
 
-    // The worker's metrics are served with the API's.
-    let metrics = api
-        .call(reqwest::Method::GET, "/metrics", None, None, &[])
-        .await;
-    let text = metrics.body.as_str().unwrap().to_owned();
-    for expected in [
+    // The worker's metrics are served with the API's. The in-flight gauge
+    // drops just after the terminal status is committed, so poll briefly.
+    let expected = [
         "refreshd_refreshes_total{outcome=\"UPDATED\",code=\"\"} 1",
         "refreshd_refreshes_total{outcome=\"ERROR\",code=\"bank_unavailable\"} 1",
         // 2 retries for the flaky bank, 2 for the down one before giving up.
@@ -412,8 +409,26 @@ async fn transient_failures_are_retried_then_exhausted() {
         "refreshd_bank_errors_total{provider=\"sim\",kind=\"transient\"} 5",
         "refreshd_bank_fetch_seconds_count{provider=\"sim\"} 6",
         "refreshd_refreshes_in_flight 0",
-    ] {
-        assert!(text.contains(expected), "{expected} in {text}");
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let metrics = api
+            .call(reqwest::Method::GET, "/metrics", None, None, &[])
+            .await;
+        let text = metrics.body.as_str().unwrap().to_owned();
+        let missing: Vec<&str> = expected
+            .iter()
+            .copied()
+            .filter(|line| !text.contains(line))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{missing:?} not in {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
