@@ -24,5 +24,5 @@ lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-bench: ## run the benchmarks
-	@echo "no benchmarks yet"
+bench: services ## run the load scenarios (release) against the local services; table on stdout, JSON in target/bench/results.json
+	$(CARGO) build --release -p refreshd -p refresh-bench && target/release/refresh-bench $(SCENARIOS)

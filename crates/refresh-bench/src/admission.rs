@@ -1,0 +1,587 @@
+//! Scenario 1 (admission over HTTP, with the raw limits of the gate script and of a
+//! confirmed publish to the quorum `jobs` queue, in the same run) and scenario 2 (the
+//! same admissions through the upstream `requests` queue).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use refresh_core::{ConsentId, Outcome, ProviderId, RefreshId, RequestedBy, TenantId};
+use refresh_redis::{GateDecision, GateRequest};
+use refresh_tests::{TestApp, dev_token, spawn_app_with};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+use crate::report::Report;
+use crate::stats::{ms, percentile};
+use crate::{RELAXED, progress};
+
+/// Tenants the consents are spread over: with `stagger.scope = "tenant"` each has
+/// its own start budget, so admissions are not pushed into `jobs.wait`.
+pub(crate) const TENANTS: usize = 64;
+/// Concurrent HTTP requests (and so connections) of the closed-loop driver.
+const CONNECTIONS: usize = 64;
+/// Concurrent callers of the raw limits.
+const RAW_CALLERS: usize = 64;
+const HTTP_BUDGET: Duration = Duration::from_secs(10);
+const RAW_BUDGET: Duration = Duration::from_secs(5);
+const HALF_LOAD_BUDGET: Duration = Duration::from_secs(5);
+const UPSTREAM_REQUESTS: usize = 3_000;
+const UPSTREAM_BUDGET: Duration = Duration::from_secs(30);
+const CONSENTS: usize = 60_000;
+
+/// A consent as the drivers need it: id and tenant.
+#[derive(Clone)]
+pub(crate) struct Seeded {
+    pub(crate) id: Uuid,
+    pub(crate) tenant: String,
+}
+
+/// `count` ACTIVE consents of provider `sim` spread over `TENANTS` tenants named
+/// `{prefix}00`…, in one statement. Their bank token is a placeholder: admission
+/// never reads it (no worker runs in this scenario).
+pub(crate) async fn bulk_consents(pg: &PgPool, prefix: &str, count: usize) -> Result<Vec<Seeded>> {
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "INSERT INTO consents (consent_id, tenant_id, provider_id, bank_consent_id, \
+         access_token_enc, expires_at) \
+         SELECT gen_random_uuid(), $2 || lpad((g % $3)::text, 2, '0'), 'sim', 'bank-' || g, \
+         '\\x00'::bytea, now() + interval '90 days' FROM generate_series(1, $1) g \
+         RETURNING consent_id, tenant_id",
+    )
+    .bind(i64::try_from(count)?)
+    .bind(prefix)
+    .bind(i32::try_from(TENANTS)?)
+    .fetch_all(pg)
+    .await
+    .context("bulk-insert consents")?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, tenant)| Seeded { id, tenant })
+        .collect())
+}
+
+/// What a batch of requests gave.
+#[derive(Default)]
+pub(crate) struct Tally {
+    pub(crate) latencies_ms: Vec<f64>,
+    pub(crate) accepted: usize,
+    pub(crate) other: HashMap<u16, usize>,
+}
+
+impl Tally {
+    fn add(&mut self, other: Tally) {
+        self.latencies_ms.extend(other.latencies_ms);
+        self.accepted += other.accepted;
+        for (status, n) in other.other {
+            *self.other.entry(status).or_default() += n;
+        }
+    }
+
+    fn refused(&self) -> String {
+        let mut parts: Vec<String> = self
+            .other
+            .iter()
+            .map(|(status, n)| format!("{n}× {status}"))
+            .collect();
+        parts.sort();
+        parts.join(", ")
+    }
+}
+
+/// The HTTP side: a client, the ingress's address, a token per tenant.
+#[derive(Clone)]
+pub(crate) struct Http {
+    pub(crate) client: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) tokens: Arc<HashMap<String, String>>,
+}
+
+impl Http {
+    pub(crate) fn new(app: &TestApp, base: &str, consents: &[Seeded]) -> Result<Self> {
+        let mut tokens = HashMap::new();
+        for c in consents {
+            if !tokens.contains_key(&c.tenant) {
+                tokens.insert(
+                    c.tenant.clone(),
+                    dev_token(app, Some(&c.tenant), "api:stored_data"),
+                );
+            }
+        }
+        Ok(Self {
+            client: reqwest::Client::builder()
+                .pool_max_idle_per_host(CONNECTIONS * 2)
+                .build()?,
+            base: base.to_owned(),
+            tokens: Arc::new(tokens),
+        })
+    }
+
+    /// `POST /v1/consents/{id}/refresh`: status, and the refresh id when accepted.
+    pub(crate) async fn refresh(&self, consent: &Seeded) -> (u16, Option<String>) {
+        let token = self
+            .tokens
+            .get(&consent.tenant)
+            .cloned()
+            .unwrap_or_default();
+        let sent = self
+            .client
+            .post(format!("{}/v1/consents/{}/refresh", self.base, consent.id))
+            .bearer_auth(token)
+            .send()
+            .await;
+        match sent {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let body: serde_json::Value = response.json().await.unwrap_or_default();
+                let id = body["refreshId"].as_str().map(str::to_owned);
+                (status, id)
+            }
+            Err(_) => (0, None),
+        }
+    }
+}
+
+/// Prints `label done/total` every second until dropped.
+pub(crate) struct Ticker(tokio::task::JoinHandle<()>);
+
+impl Ticker {
+    pub(crate) fn start(label: String, done: Arc<AtomicUsize>, total: usize) -> Self {
+        Self(tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let n = done.load(Ordering::Relaxed);
+                let secs = started.elapsed().as_secs_f64();
+                progress(&format!(
+                    "{label} {n}/{total} ({:.0}/s, {secs:.0} s)",
+                    n as f64 / secs
+                ));
+            }
+        }))
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// As many admissions as `CONNECTIONS` concurrent callers get through in `budget`.
+async fn closed_loop(
+    http: &Http,
+    consents: Arc<Vec<Seeded>>,
+    budget: Duration,
+) -> (Tally, Duration, usize) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let _ticker = Ticker::start("admission".into(), done.clone(), consents.len());
+    let started = Instant::now();
+    let deadline = started + budget;
+    let mut set = JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        let (http, consents, next, done) =
+            (http.clone(), consents.clone(), next.clone(), done.clone());
+        set.spawn(async move {
+            let mut tally = Tally::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= consents.len() || Instant::now() >= deadline {
+                    return tally;
+                }
+                let t = Instant::now();
+                let (status, _) = http.refresh(&consents[i]).await;
+                tally.latencies_ms.push(ms(t.elapsed()));
+                if status == 202 {
+                    tally.accepted += 1;
+                } else {
+                    *tally.other.entry(status).or_default() += 1;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    let mut tally = Tally::default();
+    while let Some(part) = set.join_next().await {
+        tally.add(part.unwrap_or_default());
+    }
+    let used = next.load(Ordering::Relaxed).min(consents.len());
+    (tally, started.elapsed(), used)
+}
+
+/// Admissions sent at a steady `rate` for `budget` (open loop: latency counted from
+/// each request's scheduled time).
+async fn paced(http: &Http, consents: &[Seeded], rate: f64, budget: Duration) -> Tally {
+    let n = ((rate * budget.as_secs_f64()) as usize).min(consents.len());
+    let done = Arc::new(AtomicUsize::new(0));
+    let _ticker = Ticker::start(format!("admission at {rate:.0}/s"), done.clone(), n);
+    let started = tokio::time::Instant::now();
+    let mut set = JoinSet::new();
+    for (i, consent) in consents.iter().take(n).enumerate() {
+        let at = started + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(at).await;
+        let (http, consent, done) = (http.clone(), consent.clone(), done.clone());
+        set.spawn(async move {
+            let (status, _) = http.refresh(&consent).await;
+            done.fetch_add(1, Ordering::Relaxed);
+            (status, ms(at.elapsed()))
+        });
+    }
+    let mut tally = Tally::default();
+    while let Some(Ok((status, latency))) = set.join_next().await {
+        tally.latencies_ms.push(latency);
+        if status == 202 {
+            tally.accepted += 1;
+        } else {
+            *tally.other.entry(status).or_default() += 1;
+        }
+    }
+    tally
+}
+
+/// `Gate::admit` (the admit script on the consent's slot, then the stagger script)
+/// called directly, for distinct consents.
+async fn raw_gate(gate: &refresh_redis::Gate, budget: Duration) -> Result<f64> {
+    let done = Arc::new(AtomicUsize::new(0));
+    let _ticker = Ticker::start("raw gate".into(), done.clone(), 0);
+    let started = Instant::now();
+    let deadline = started + budget;
+    let provider = ProviderId::parse("sim")?;
+    let mut set = JoinSet::new();
+    for caller in 0..RAW_CALLERS {
+        let (gate, done, provider) = (gate.clone(), done.clone(), provider.clone());
+        let tenant = TenantId::parse(&format!("raw{:02}", caller % TENANTS))?;
+        set.spawn(async move {
+            let mut admitted = 0_usize;
+            while Instant::now() < deadline {
+                let request = GateRequest {
+                    consent_id: ConsentId::from_uuid(Uuid::new_v4()),
+                    tenant_id: tenant.clone(),
+                    provider_id: provider.clone(),
+                    requested_by: RequestedBy::Api,
+                    refresh_id: RefreshId::from_uuid(Uuid::now_v7()),
+                    count_quota: true,
+                };
+                if let Ok(GateDecision::Admitted(_)) = gate.admit(&request).await {
+                    admitted += 1;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            admitted
+        });
+    }
+    let mut admitted = 0;
+    while let Some(part) = set.join_next().await {
+        admitted += part.unwrap_or_default();
+    }
+    Ok(admitted as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A bare confirmed, persistent publish to the quorum `jobs` queue (nothing consumes it).
+async fn raw_publish(broker: &refresh_amqp::Broker, budget: Duration) -> Result<f64> {
+    let done = Arc::new(AtomicUsize::new(0));
+    let _ticker = Ticker::start("raw publish".into(), done.clone(), 0);
+    let started = Instant::now();
+    let deadline = started + budget;
+    let mut set = JoinSet::new();
+    for _ in 0..RAW_CALLERS {
+        let (broker, done) = (broker.clone(), done.clone());
+        set.spawn(async move {
+            let mut confirmed = 0_usize;
+            while Instant::now() < deadline {
+                let id = Uuid::now_v7().to_string();
+                // About the size of a real job message.
+                let body = json!({
+                    "refreshId": id, "consentId": Uuid::new_v4(), "tenantId": "raw00",
+                    "providerId": "sim", "notBefore": chrono::Utc::now(), "initial": false,
+                });
+                let body = serde_json::to_vec(&body).unwrap_or_default();
+                if broker.publish_job(&body, &id, None).await.is_ok() {
+                    confirmed += 1;
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            confirmed
+        });
+    }
+    let mut confirmed = 0;
+    while let Some(part) = set.join_next().await {
+        confirmed += part.unwrap_or_default();
+    }
+    Ok(confirmed as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Scenario 2: upstream requests published (confirmed) to `requests` with a reply
+/// queue; throughput is replies per second, latency publish → reply.
+async fn upstream(
+    report: &mut Report,
+    broker: &refresh_amqp::Broker,
+    consents: &[Seeded],
+) -> Result<()> {
+    let n = UPSTREAM_REQUESTS.min(consents.len());
+    let queue = broker.declare_reply_queue().await?;
+    let mut replies = broker.consume(&queue, 1000);
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let done = Arc::new(AtomicUsize::new(0));
+    let _ticker = Ticker::start("upstream".into(), done.clone(), n);
+    let started = Instant::now();
+    let deadline = started + UPSTREAM_BUDGET;
+    let collector = {
+        let (sent, done) = (sent.clone(), done.clone());
+        tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut accepted = 0_usize;
+            let mut last = Instant::now();
+            while latencies.len() < n {
+                let Ok(Some(delivery)) =
+                    tokio::time::timeout_at(deadline.into(), replies.next()).await
+                else {
+                    break;
+                };
+                let now = Instant::now();
+                last = now;
+                let at = delivery
+                    .correlation_id
+                    .as_deref()
+                    .and_then(|c| sent.lock().ok()?.remove(c));
+                if let Some(at) = at {
+                    latencies.push(ms(now - at));
+                }
+                let body: serde_json::Value =
+                    serde_json::from_slice(&delivery.body).unwrap_or_default();
+                if body["accepted"] == json!(true) {
+                    accepted += 1;
+                }
+                let _ = delivery.settle(Outcome::Ack).await;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            (latencies, accepted, last)
+        })
+    };
+    let next = Arc::new(AtomicUsize::new(0));
+    let consents: Arc<Vec<Seeded>> = Arc::new(consents[..n].to_vec());
+    let mut set = JoinSet::new();
+    for _ in 0..32 {
+        let (broker, queue, sent, next, consents) = (
+            broker.clone(),
+            queue.clone(),
+            sent.clone(),
+            next.clone(),
+            consents.clone(),
+        );
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(consent) = consents.get(i) else { return };
+                let id = Uuid::new_v4().to_string();
+                let body = json!({"consentId": consent.id, "tenantId": consent.tenant, "requestedBy": "APP"});
+                let body = serde_json::to_vec(&body).unwrap_or_default();
+                if let Ok(mut map) = sent.lock() {
+                    map.insert(id.clone(), Instant::now());
+                }
+                let _ = broker
+                    .publish_request(&body, Some(&id), Some(&queue), Some(&id))
+                    .await;
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    let published = started.elapsed();
+    let (mut latencies, accepted, last) = collector.await?;
+    let elapsed = last.duration_since(started);
+    report.figure(
+        "upstream",
+        "requests",
+        "requests published (confirmed)",
+        n as f64,
+        "",
+    );
+    report.figure(
+        "upstream",
+        "publish_secs",
+        "time to publish them",
+        published.as_secs_f64(),
+        "s",
+    );
+    report.figure(
+        "upstream",
+        "replies",
+        "decisions received",
+        latencies.len() as f64,
+        "",
+    );
+    report.figure(
+        "upstream",
+        "accepted",
+        "of which accepted",
+        accepted as f64,
+        "",
+    );
+    report.figure(
+        "upstream",
+        "rps",
+        "upstream admissions/s",
+        latencies.len() as f64 / elapsed.as_secs_f64(),
+        "req/s",
+    );
+    if let Some(p50) = percentile(&mut latencies, 0.5) {
+        report.figure(
+            "upstream",
+            "p50_ms",
+            "publish → reply p50 (queued)",
+            p50,
+            "ms",
+        );
+    }
+    if let Some(p99) = percentile(&mut latencies, 0.99) {
+        report.figure(
+            "upstream",
+            "p99_ms",
+            "publish → reply p99 (queued)",
+            p99,
+            "ms",
+        );
+    }
+    if let Some(http) = report.get("admission", "http_rps") {
+        let rps = latencies.len() as f64 / elapsed.as_secs_f64();
+        report.figure(
+            "upstream",
+            "vs_http",
+            "upstream ÷ HTTP admissions/s",
+            rps / http,
+            "×",
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn run(
+    report: &mut Report,
+    http_wanted: bool,
+    upstream_wanted: bool,
+) -> Result<()> {
+    progress("admission: starting a namespace and an ingress");
+    let app = spawn_app_with(RELAXED).await;
+    let api = app.start_ingress().await;
+    progress(&format!(
+        "admission: seeding {CONSENTS} consents over {TENANTS} tenants"
+    ));
+    let consents = bulk_consents(&app.pg, "bench", CONSENTS).await?;
+    let http = Http::new(&app, &api.base, &consents)?;
+    let mut rest: &[Seeded] = &consents;
+    if http_wanted {
+        let pool = Arc::new(rest.to_vec());
+        let (mut tally, elapsed, used) = closed_loop(&http, pool, HTTP_BUDGET).await;
+        rest = &rest[used..];
+        let rps = tally.accepted as f64 / elapsed.as_secs_f64();
+        report.figure(
+            "admission",
+            "http_requests",
+            "HTTP requests sent",
+            (tally.latencies_ms.len()) as f64,
+            "",
+        );
+        report.figure(
+            "admission",
+            "http_rps",
+            "HTTP admissions/s (202)",
+            rps,
+            "req/s",
+        );
+        if !tally.other.is_empty() {
+            report.note("admission", &format!("not admitted: {}", tally.refused()));
+        }
+        if let Some(p50) = percentile(&mut tally.latencies_ms, 0.5) {
+            report.figure(
+                "admission",
+                "p50_ms",
+                "latency p50 (64 connections, saturated)",
+                p50,
+                "ms",
+            );
+        }
+        if let Some(p99) = percentile(&mut tally.latencies_ms, 0.99) {
+            report.figure(
+                "admission",
+                "p99_ms",
+                "latency p99 (64 connections, saturated)",
+                p99,
+                "ms",
+            );
+        }
+        progress("admission: raw limit of the gate (Gate::admit directly)");
+        let gate_rps = raw_gate(&api.services.gate, RAW_BUDGET).await?;
+        report.figure(
+            "admission",
+            "gate_rps",
+            "raw: gate scripts (Gate::admit)",
+            gate_rps,
+            "req/s",
+        );
+        progress("admission: raw limit of a confirmed publish to the quorum jobs queue");
+        let publish_rps = raw_publish(&api.services.broker, RAW_BUDGET).await?;
+        report.figure(
+            "admission",
+            "publish_rps",
+            "raw: confirmed publish, quorum queue",
+            publish_rps,
+            "msg/s",
+        );
+        let ratio = rps / gate_rps.min(publish_rps);
+        report.figure(
+            "admission",
+            "ratio",
+            "admissions/s ÷ min(raw limits)",
+            ratio,
+            "×",
+        );
+        let half = (rps / 2.0).max(1.0);
+        let mut tally = paced(&http, rest, half, HALF_LOAD_BUDGET).await;
+        rest = &rest[tally.latencies_ms.len().min(rest.len())..];
+        report.figure(
+            "admission",
+            "half_rps",
+            "half load: rate offered",
+            half,
+            "req/s",
+        );
+        if let Some(p50) = percentile(&mut tally.latencies_ms, 0.5) {
+            report.figure(
+                "admission",
+                "half_p50_ms",
+                "half load: latency p50",
+                p50,
+                "ms",
+            );
+        }
+        if let Some(p99) = percentile(&mut tally.latencies_ms, 0.99) {
+            report.figure(
+                "admission",
+                "half_p99_ms",
+                "half load: latency p99",
+                p99,
+                "ms",
+            );
+        }
+        if !tally.other.is_empty() {
+            report.note(
+                "admission",
+                &format!("half load, not admitted: {}", tally.refused()),
+            );
+        }
+    }
+    if upstream_wanted {
+        progress("upstream: publishing refresh requests to the requests queue");
+        upstream(report, &api.services.broker, rest).await?;
+    }
+    app.shutdown.cancel();
+    app.tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), app.tracker.wait()).await;
+    drop(api);
+    drop(app);
+    Ok(())
+}
