@@ -11,6 +11,7 @@ use refresh_pg::{KeyReservation, Store};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::admission::{Admitter, Decision, RefreshRequest};
 use crate::error::error_chain;
@@ -32,7 +33,10 @@ fn default_source() -> RequestedBy {
 /// How long to hold a request back when a dependency is down.
 const UNAVAILABLE_BACKOFF: Duration = Duration::from_secs(2);
 
-/// Consumes `{ns}.requests` until `shutdown`.
+/// Consumes `{ns}.requests` until `shutdown`, deciding up to `prefetch` requests at
+/// once (the broker never hands out more unsettled messages than that). On shutdown it
+/// stops taking messages and waits for the decisions under way to be answered and
+/// settled; what the broker had sent ahead returns to the queue.
 pub async fn run(
     admitter: Admitter,
     store: Store,
@@ -41,25 +45,34 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut consumer = broker.consume(&broker.names().requests.clone(), prefetch);
+    let tracker = TaskTracker::new();
     loop {
         let delivery = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => break,
             delivery = consumer.next() => delivery,
         };
-        let Some(delivery) = delivery else { return };
-        let (outcome, reply) = handle(&admitter, &store, &delivery).await;
-        if let (Some(reply), Some(reply_to)) = (reply, delivery.reply_to.clone()) {
-            let body = serde_json::to_vec(&reply).unwrap_or_default();
-            if let Err(error) = broker
-                .reply(&reply_to, delivery.correlation_id.as_deref(), &body)
-                .await
-            {
-                tracing::warn!(error = %error_chain(&error), "cannot send the decision reply");
-            }
+        let Some(delivery) = delivery else { break };
+        let (admitter, store, broker) = (admitter.clone(), store.clone(), broker.clone());
+        tracker.spawn(async move { answer(&admitter, &store, &broker, delivery).await });
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Decides one request, replies on its `reply_to` and settles it.
+async fn answer(admitter: &Admitter, store: &Store, broker: &Broker, delivery: Delivery) {
+    let (outcome, reply) = handle(admitter, store, &delivery).await;
+    if let (Some(reply), Some(reply_to)) = (reply, delivery.reply_to.clone()) {
+        let body = serde_json::to_vec(&reply).unwrap_or_default();
+        if let Err(error) = broker
+            .reply(&reply_to, delivery.correlation_id.as_deref(), &body)
+            .await
+        {
+            tracing::warn!(error = %error_chain(&error), "cannot send the decision reply");
         }
-        if let Err(error) = delivery.settle(outcome).await {
-            tracing::warn!(error = %error_chain(&error), "cannot settle a request; the broker redelivers it");
-        }
+    }
+    if let Err(error) = delivery.settle(outcome).await {
+        tracing::warn!(error = %error_chain(&error), "cannot settle a request; the broker redelivers it");
     }
 }
 
