@@ -162,7 +162,9 @@ impl Admitter {
 
     /// A lock whose refresh already ended is stale: its worker commits the terminal
     /// status before it frees the lock (or died in between). Frees it (only if
-    /// `holder` still owns it) and says whether it did.
+    /// `holder` still owns it) and says whether the holder's refresh has ended, so
+    /// that the gate is asked again — also when the worker freed the lock itself in
+    /// the meantime.
     async fn release_stale_lock(
         &self,
         consent: ConsentId,
@@ -181,7 +183,8 @@ impl Admitter {
         self.gate
             .release_lock(consent, holder)
             .await
-            .map_err(Unavailable::Redis)
+            .map_err(Unavailable::Redis)?;
+        Ok(true)
     }
 
     /// Record + event (transaction left open), confirmed publish, commit.
