@@ -38,7 +38,8 @@ pub async fn run(store: Store, broker: Broker, nudge: Arc<Notify>, shutdown: Can
     }
 }
 
-/// One round: publishes what it can, in order; returns how many were published.
+/// One round: publishes the claimed events (sent in order, confirms awaited
+/// together); returns how many were published.
 pub async fn relay_once(store: &Store, broker: &Broker) -> Result<usize, String> {
     store
         .publish_pending(BATCH, |event| publish(broker, event))

@@ -320,9 +320,13 @@ impl Store {
         event: &OutboxEvent,
     ) -> Result<PendingAdmission, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // One statement for both rows: admission is on every request's path.
         sqlx::query(
-            "INSERT INTO refreshes (refresh_id, consent_id, tenant_id, requested_by, status, \
-             initial, date_requested, not_before) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "WITH refresh AS (INSERT INTO refreshes (refresh_id, consent_id, tenant_id, \
+             requested_by, status, initial, date_requested, not_before) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)) \
+             INSERT INTO outbox (event_id, routing_key, payload, created_at) \
+             VALUES ($9, $10, $11, $7) ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(record.refresh_id.as_uuid())
         .bind(record.consent_id.as_uuid())
@@ -332,9 +336,11 @@ impl Store {
         .bind(initial)
         .bind(record.date_requested)
         .bind(record.not_before)
+        .bind(event.event_id.as_uuid())
+        .bind(&event.routing_key)
+        .bind(&event.payload)
         .execute(&mut *tx)
         .await?;
-        insert_outbox(&mut *tx, event, record.date_requested).await?;
         Ok(PendingAdmission { tx })
     }
 
@@ -417,11 +423,14 @@ impl Store {
         Ok(ClaimedEvents { tx, events })
     }
 
-    /// One relay round: claims up to `limit` unpublished events, hands each to
-    /// `publish` in order, stops at the first failure, and marks the published ones.
-    /// Returns how many were published. Used by the ingress relay and by workers
-    /// right after their commit; a crash between publish and mark publishes again,
-    /// which consumers absorb by deduplicating on the event id.
+    /// One relay round: claims up to `limit` unpublished events, hands them all to
+    /// `publish` at once (the calls are started in order, so a publisher that sends
+    /// on one channel keeps their order on the wire, and their confirms are awaited
+    /// together), and marks the published ones. Returns how many were published.
+    /// Used by the ingress relay and by workers right after their commit. An event
+    /// that failed stays unpublished for the next round; a crash between publish
+    /// and mark publishes again. Consumers absorb both by deduplicating on the
+    /// event id (SPEC §4).
     pub async fn publish_pending<F, Fut, E>(
         &self,
         limit: i64,
@@ -433,13 +442,14 @@ impl Store {
         E: std::fmt::Display,
     {
         let claimed = self.claim_events(limit).await?;
+        let sent = claimed.events.iter().map(|pending| publish(&pending.event));
+        let results = futures_util::future::join_all(sent).await;
         let mut published = Vec::with_capacity(claimed.events.len());
-        for pending in &claimed.events {
-            match publish(&pending.event).await {
+        for (pending, result) in claimed.events.iter().zip(results) {
+            match result {
                 Ok(()) => published.push(pending.id),
                 Err(error) => {
                     tracing::warn!(error = %error, event_id = %pending.event.event_id, "cannot publish an event yet");
-                    break;
                 }
             }
         }
