@@ -173,19 +173,19 @@ pub struct TxSummary {
 
 /// The changes to apply, in one database transaction.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MergePlan {
+pub struct MergePlan<'a> {
     /// New rows: first the new transactions with an id in batch order, then
     /// the id-less replacements by (account, date), each in batch order.
-    pub inserts: Vec<Transaction>,
+    pub inserts: Vec<&'a Transaction>,
     /// Rows to overwrite, by row id, with the fetched transaction.
-    pub updates: Vec<(i64, Transaction)>,
+    pub updates: Vec<(i64, &'a Transaction)>,
     /// Rows to delete, by row id.
     pub deletes: Vec<i64>,
     /// The counts for the refresh summary.
     pub summary: TxSummary,
 }
 
-impl MergePlan {
+impl MergePlan<'_> {
     /// Whether applying the plan changes nothing.
     pub fn is_empty(&self) -> bool {
         self.inserts.is_empty() && self.updates.is_empty() && self.deletes.is_empty()
@@ -238,7 +238,10 @@ type DateKey<'a> = (&'a str, NaiveDate);
 ///   id-less transactions: the stored id-less rows of that date are deleted
 ///   and the fetched ones inserted, unless both are the same multiset, in
 ///   which case that date is left alone and counts nothing.
-pub fn plan_transaction_merge(stored: &[StoredTransaction], fetched: &[Transaction]) -> MergePlan {
+pub fn plan_transaction_merge<'a>(
+    stored: &[StoredTransaction],
+    fetched: &'a [Transaction],
+) -> MergePlan<'a> {
     let mut plan = MergePlan::default();
 
     // Split the batch; a repeated id keeps its first position and its last value.
@@ -287,12 +290,12 @@ pub fn plan_transaction_merge(stored: &[StoredTransaction], fetched: &[Transacti
     for (key, tx) in with_id {
         match stored_by_id.get(&key) {
             None => {
-                plan.inserts.push(tx.clone());
+                plan.inserts.push(tx);
                 plan.summary.added += 1;
             }
             Some(row) if row.tx == *tx => {}
             Some(row) => {
-                plan.updates.push((row.row_id, tx.clone()));
+                plan.updates.push((row.row_id, tx));
                 plan.summary.updated += 1;
             }
         }
@@ -308,7 +311,7 @@ pub fn plan_transaction_merge(stored: &[StoredTransaction], fetched: &[Transacti
             plan.summary.removed += 1;
         }
         for tx in fetched_day {
-            plan.inserts.push(tx.clone());
+            plan.inserts.push(tx);
             plan.summary.added += 1;
         }
     }

@@ -15,6 +15,7 @@ use refresh_core::{
 };
 use serde_json::Value;
 use sqlx::postgres::PgRow;
+use sqlx::types::Json;
 use sqlx::{Postgres, Row};
 
 use crate::store::{
@@ -462,14 +463,16 @@ async fn merge_transactions(
     }
     if !plan.inserts.is_empty() {
         let inserts = &plan.inserts;
-        let col = |f: fn(&Transaction) -> String| inserts.iter().map(f).collect::<Vec<_>>();
-        let transaction_ids: Vec<Option<String>> =
-            inserts.iter().map(|t| t.transaction_id.clone()).collect();
+        let col = |f: fn(&Transaction) -> &str| inserts.iter().map(|t| f(t)).collect::<Vec<_>>();
+        let transaction_ids: Vec<Option<&str>> = inserts
+            .iter()
+            .map(|t| t.transaction_id.as_deref())
+            .collect();
         let dates: Vec<NaiveDate> = inserts.iter().map(|t| t.booking_date).collect();
         let times: Vec<DateTime<Utc>> = inserts.iter().map(|t| t.booking_date_time).collect();
-        let descriptions: Vec<Option<String>> =
-            inserts.iter().map(|t| t.description.clone()).collect();
-        let raws: Vec<Value> = inserts.iter().map(|t| t.raw.clone()).collect();
+        let descriptions: Vec<Option<&str>> =
+            inserts.iter().map(|t| t.description.as_deref()).collect();
+        let raws: Vec<Json<&Value>> = inserts.iter().map(|t| Json(&t.raw)).collect();
         sqlx::query(
             "INSERT INTO transactions (consent_id, account_id, transaction_id, booking_date, \
              booking_date_time, status, amount, currency, credit_debit, description, data, refresh_id) \
@@ -477,14 +480,14 @@ async fn merge_transactions(
              $6::text[], $7::text[], $8::text[], $9::text[], $10::text[], $11::jsonb[])",
         )
         .bind(consent)
-        .bind(col(|t| t.account_id.clone()))
+        .bind(col(|t| &t.account_id))
         .bind(&transaction_ids)
         .bind(&dates)
         .bind(&times)
-        .bind(col(|t| t.status.as_str().to_owned()))
-        .bind(col(|t| t.amount.as_str().to_owned()))
-        .bind(col(|t| t.currency.clone()))
-        .bind(col(|t| t.credit_debit.as_str().to_owned()))
+        .bind(col(|t| t.status.as_str()))
+        .bind(col(|t| t.amount.as_str()))
+        .bind(col(|t| &t.currency))
+        .bind(col(|t| t.credit_debit.as_str()))
         .bind(&descriptions)
         .bind(&raws)
         .bind(refresh_id.as_uuid())

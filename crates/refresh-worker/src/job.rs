@@ -293,7 +293,8 @@ async fn fetch_and_store(
             deps.metrics.deviation(kind, *count);
         }
     }
-    let (stored, dropped) = match map_fetch(&data, initial) {
+    let requests = data.requests;
+    let (stored, dropped) = match map_fetch(data, initial) {
         Ok(mapped) => mapped,
         Err(error) => {
             warn!(%refresh_id, error = %error, "the bank's data cannot be stored; nothing stored");
@@ -311,7 +312,7 @@ async fn fetch_and_store(
         Finish::Done(record) => {
             deps.metrics
                 .finished("UPDATED", None, since(job.not_before));
-            info!(%refresh_id, summary = ?record.summary, requests = data.requests, "refresh UPDATED");
+            info!(%refresh_id, summary = ?record.summary, requests, "refresh UPDATED");
         }
         Finish::Fenced => {
             debug!(%refresh_id, "the refresh was finished elsewhere; nothing written")
@@ -414,7 +415,8 @@ async fn after_finish(deps: &WorkerDeps, job: &Job) {
     }
 }
 
-/// Publishes unpublished outbox events with confirms, in order, and marks them.
+/// Publishes unpublished outbox events with confirms (sent in order, confirms awaited
+/// together) and marks them.
 async fn publish_outbox(store: &Store, broker: &refresh_amqp::Broker) -> Result<usize, String> {
     store
         .publish_pending(100, |event| {

@@ -58,7 +58,7 @@ fn items(kind: &'static str, list: &[BankItem], out: &mut Vec<ItemData>) {
 /// that id (a pending transaction the bank rejected); one without an id is dropped
 /// and counted.
 pub(crate) fn map_fetch(
-    data: &BankData,
+    data: BankData,
     initial: bool,
 ) -> Result<(FetchedData, Dropped), MappingError> {
     let mut dropped = Dropped::default();
@@ -89,7 +89,7 @@ pub(crate) fn map_fetch(
         .collect();
     let mut transactions = Vec::with_capacity(data.transactions.len());
     let mut rejected = Vec::new();
-    for tx in &data.transactions {
+    for tx in data.transactions {
         let status = match tx.status {
             TransactionStatus::Booked => TxStatus::Booked,
             TransactionStatus::Pending => TxStatus::Pending,
@@ -103,16 +103,16 @@ pub(crate) fn map_fetch(
         };
         let amount = Amount::parse(tx.amount.as_str()).map_err(|e| MappingError(e.to_string()))?;
         transactions.push(Transaction {
-            account_id: tx.account_id.clone(),
-            transaction_id: tx.transaction_id.clone(),
+            account_id: tx.account_id,
+            transaction_id: tx.transaction_id,
             booking_date: tx.booking_date,
             booking_date_time: tx.booking_date_time.to_utc(),
             status,
             amount,
-            currency: tx.currency.clone(),
+            currency: tx.currency,
             credit_debit: credit_debit(tx.credit_debit),
-            description: tx.description.clone(),
-            raw: tx.raw.clone(),
+            description: tx.description,
+            raw: tx.raw,
         });
     }
     let items_out = match (&data.initial, initial) {

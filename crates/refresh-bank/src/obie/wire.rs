@@ -29,11 +29,38 @@ pub(crate) struct Links {
 }
 
 /// A list under `Data`: an array as the schema says, or one object.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug)]
 pub(crate) enum Items {
     Many(Vec<Value>),
     One(Map<String, Value>),
+}
+
+impl Items {
+    /// Takes the value apart without copying it (an untagged enum would buffer and
+    /// rebuild every item, on every page).
+    fn from_value(value: Value) -> Result<Self, serde_json::Error> {
+        match value {
+            Value::Array(items) => Ok(Self::Many(items)),
+            Value::Object(item) => Ok(Self::One(item)),
+            other => Err(serde::de::Error::invalid_type(
+                unexpected(&other),
+                &"an array of objects or one object",
+            )),
+        }
+    }
+}
+
+/// How serde names a JSON value's type in an error message.
+fn unexpected(value: &Value) -> serde::de::Unexpected<'_> {
+    use serde::de::Unexpected;
+    match value {
+        Value::Null => Unexpected::Unit,
+        Value::Bool(b) => Unexpected::Bool(*b),
+        Value::Number(_) => Unexpected::Other("a number"),
+        Value::String(s) => Unexpected::Str(s),
+        Value::Array(_) => Unexpected::Seq,
+        Value::Object(_) => Unexpected::Map,
+    }
 }
 
 /// The `Data` of a listing: its items, and `Links` if a bank put them inside
@@ -58,7 +85,7 @@ macro_rules! read_data {
             fn try_from(mut data: Map<String, Value>) -> Result<Self, Self::Error> {
                 Ok(Self {
                     items: present(data.remove($key))
-                        .map(Items::deserialize)
+                        .map(Items::from_value)
                         .transpose()?,
                     links: present(data.remove("Links"))
                         .map(Links::deserialize)
