@@ -556,3 +556,62 @@ async fn a_poison_job_is_dead_lettered_and_the_worker_keeps_going() {
     let record = api.wait_terminal(&token, &id).await;
     assert_eq!(record["status"], "UPDATED", "{record}");
 }
+
+#[tokio::test]
+async fn a_job_taken_before_its_admission_commits_is_refreshed_once() {
+    use refresh_core::{
+        CloudEvent, EventId, Job, ProviderId, RefreshId, RefreshRecord, RequestedBy, TenantId,
+    };
+    let (app, api, _bank) = started(5).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await;
+    let store = &api.services.store;
+    let now = Utc::now();
+    let record = RefreshRecord::initialized(
+        RefreshId::from_uuid(uuid::Uuid::now_v7()),
+        consent,
+        TenantId::parse("acme").unwrap(),
+        RequestedBy::Api,
+        now,
+        now,
+    );
+    let event = CloudEvent::refresh(&record, EventId::from_uuid(uuid::Uuid::now_v7()), now);
+    let outbox = refresh_pg::OutboxEvent {
+        event_id: event.id,
+        routing_key: event.routing_key(),
+        payload: serde_json::to_value(&event).unwrap(),
+    };
+    // As admission does: record written, job published and confirmed, then commit —
+    // here late enough that the worker has already taken the job.
+    let pending = store
+        .begin_admission(&record, false, &outbox)
+        .await
+        .unwrap();
+    let job = Job {
+        refresh_id: record.refresh_id,
+        consent_id: record.consent_id,
+        tenant_id: record.tenant_id.clone(),
+        provider_id: ProviderId::parse("sim").unwrap(),
+        requested_by: RequestedBy::Api,
+        initial: false,
+        not_before: now,
+        attempt: 0,
+    };
+    let id = record.refresh_id.to_string();
+    api.services
+        .broker
+        .publish_job(&job.to_bytes(), &id, None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pending.commit().await.unwrap();
+
+    let done = api.wait_terminal(&token, &id).await;
+    assert_eq!(done["status"], "UPDATED", "{done}");
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM refreshes WHERE refresh_id = $1")
+        .bind(record.refresh_id.as_uuid())
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(attempts, 1, "refreshed exactly once");
+}

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use refresh_core::Outcome;
 use refresh_tests::app_with_bank;
 use tokio::task::JoinSet;
@@ -24,13 +24,22 @@ pub(crate) async fn run(report: &mut Report, budget: Duration) -> Result<()> {
     progress("e2e: starting a namespace, an ingress, the simulator and a worker process");
     let (app, api, bank) = app_with_bank(RELAXED).await;
     let n = (RATE * budget.as_secs_f64()) as usize;
-    let consents = sim_consents(&api, &bank, n).await?;
+    // One more consent than measured: its refresh warms up the worker process.
+    let mut consents = sim_consents(&api, &bank, n + 1).await?;
     let http = Http::new(&app, &api.base, &consents)?;
+    let warm_up = consents.pop().context("no consents seeded")?;
     let broker = api.services.broker.clone();
     let queue = broker.declare_probe_queue("refresh.updated.#").await?;
     let mut events = broker.consume(&queue, 500);
     let _worker = Worker::spawn(&app)?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    progress("e2e: waiting for the worker to finish a warm-up refresh");
+    let (status, _) = http.refresh(&warm_up).await;
+    anyhow::ensure!(status == 202, "warm-up refresh answered {status}");
+    let first = tokio::time::timeout(Duration::from_secs(60), events.next())
+        .await
+        .context("no UPDATED event for the warm-up refresh within 60 s")?
+        .context("the event probe closed")?;
+    first.settle(Outcome::Ack).await?;
 
     // Requests sent, by refresh id once the 202 names it.
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use rand::Rng as _;
 use refresh_amqp::Delivery;
 use refresh_bank::{BankError, ConsentAccess};
-use refresh_core::{ConsentStatus, EventId, Job, Outcome, RefreshError, RefreshStatus};
+use refresh_core::{ConsentStatus, EventId, Job, Outcome, RefreshError, RefreshId, RefreshStatus};
 use refresh_pg::{AttemptStart, Finish, JobState, Store, StoreError};
 use refresh_redis::{Gate, GateError, StartDecision};
 use secrecy::ExposeSecret as _;
@@ -109,10 +109,36 @@ fn error_chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// Waits between reads of a record not yet visible: the admission commits right
+/// after the broker confirmed the job, so a worker that is quick to take it often
+/// looks a moment too early. About 0.3 s in all, then the job is retried later.
+const RECORD_POLL: [Duration; 5] = [
+    Duration::from_millis(5),
+    Duration::from_millis(15),
+    Duration::from_millis(30),
+    Duration::from_millis(80),
+    Duration::from_millis(170),
+];
+
+/// The job's record, read again a few times while it is not there yet.
+async fn committed_job_state(
+    deps: &WorkerDeps,
+    refresh_id: RefreshId,
+) -> Result<Option<JobState>, Failure> {
+    for pause in RECORD_POLL {
+        if let Some(state) = deps.store.job_state(refresh_id).await? {
+            return Ok(Some(state));
+        }
+        tokio::time::sleep(pause).await;
+    }
+    Ok(deps.store.job_state(refresh_id).await?)
+}
+
 async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<Step, Failure> {
     let refresh_id = job.refresh_id;
-    let Some(state) = deps.store.job_state(refresh_id).await? else {
-        // The admission commits after the broker confirmed the job: give it time.
+    let Some(state) = committed_job_state(deps, refresh_id).await? else {
+        // Still no record: the admission is slow to commit, or failed after the
+        // publish. Give it time, then drop the job.
         if now() < job.not_before + config.admission_grace {
             return Ok(Step::Settle(Outcome::retry(Duration::from_secs(2))));
         }
