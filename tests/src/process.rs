@@ -37,6 +37,35 @@ fn env_key(key: &str) -> String {
     format!("REFRESHD__{}", key.replace('.', "__").to_uppercase())
 }
 
+/// `binary worker` on `app`'s namespace and its `sim` provider, with the dev settings
+/// plus `overrides` (`("lock.lease_secs", "5")`). Hermetic: only the variables set
+/// here configure the child.
+pub fn worker_command(
+    binary: &std::path::Path,
+    app: &TestApp,
+    overrides: &[(&str, &str)],
+) -> Command {
+    let mut command = Command::new(binary);
+    command.arg("worker");
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("REFRESHD") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("REFRESHD_ENV", "dev")
+        .env("REFRESHD_CONFIG_DIR", repo_root().join("config"))
+        .env("RUST_LOG", "warn")
+        .env(env_key("namespace"), &app.namespace);
+    if let Some(sim) = app.settings.providers.get("sim") {
+        command.env(env_key("providers.sim.base_url"), &sim.base_url);
+    }
+    for (key, value) in overrides {
+        command.env(env_key(key), value);
+    }
+    command
+}
+
 impl WorkerProcess {
     /// Starts `refreshd worker` on `app`'s namespace and its `sim` provider, with the
     /// dev settings plus `overrides` (`("lock.lease_secs", "5")`).
@@ -47,25 +76,7 @@ impl WorkerProcess {
             uuid::Uuid::new_v4().simple()
         ));
         let stderr = std::fs::File::create(&log).expect("harness: create the worker's log");
-        let mut command = Command::new(refreshd_binary());
-        command.arg("worker");
-        // Hermetic: only the variables set here configure the child.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("REFRESHD") {
-                command.env_remove(key);
-            }
-        }
-        command
-            .env("REFRESHD_ENV", "dev")
-            .env("REFRESHD_CONFIG_DIR", repo_root().join("config"))
-            .env("RUST_LOG", "warn")
-            .env(env_key("namespace"), &app.namespace);
-        if let Some(sim) = app.settings.providers.get("sim") {
-            command.env(env_key("providers.sim.base_url"), &sim.base_url);
-        }
-        for (key, value) in overrides {
-            command.env(env_key(key), value);
-        }
+        let mut command = worker_command(&refreshd_binary(), app, overrides);
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -578,10 +578,6 @@ pub(crate) async fn run(
         progress("upstream: publishing refresh requests to the requests queue");
         upstream(report, &api.services.broker, rest).await?;
     }
-    app.shutdown.cancel();
-    app.tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(10), app.tracker.wait()).await;
-    drop(api);
-    drop(app);
+    crate::stop(app, api).await;
     Ok(())
 }

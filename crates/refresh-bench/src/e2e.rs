@@ -112,10 +112,6 @@ pub(crate) async fn run(report: &mut Report, budget: Duration) -> Result<()> {
     if let Some(p99) = percentile(&mut latencies, 0.99) {
         report.figure("e2e", "p99_ms", "request → UPDATED event p99", p99, "ms");
     }
-    app.shutdown.cancel();
-    app.tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(10), app.tracker.wait()).await;
-    drop(api);
-    drop(app);
+    crate::stop(app, api).await;
     Ok(())
 }

@@ -96,3 +96,12 @@ fn main() -> anyhow::Result<()> {
     progress(&format!("results written to {}", file.display()));
     Ok(())
 }
+
+/// Stops the roles a scenario started, then removes its namespace (on drop).
+pub(crate) async fn stop(app: refresh_tests::TestApp, api: refresh_tests::Api) {
+    app.shutdown.cancel();
+    app.tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), app.tracker.wait()).await;
+    drop(api);
+    drop(app);
+}

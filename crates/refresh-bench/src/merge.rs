@@ -3,11 +3,11 @@
 //! worker's finishing transaction). The history is grown in place with
 //! `INSERT … SELECT generate_series(…)`, so each size is the whole table.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use chrono::{NaiveDate, TimeDelta, Utc};
-use refresh_core::{Amount, ConsentId, CreditDebit, EventId, RefreshId, Transaction, TxStatus};
+use refresh_core::{Amount, CreditDebit, EventId, RefreshId, Transaction, TxStatus};
 use refresh_pg::{FetchedData, Finish, Store};
 use refresh_tests::spawn_app_with;
 use serde_json::json;
@@ -156,11 +156,6 @@ pub(crate) async fn run(report: &mut Report) -> Result<()> {
             "×",
         );
     }
-    let _ = ConsentId::from_uuid(consent_uuid);
-    app.shutdown.cancel();
-    app.tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(10), app.tracker.wait()).await;
-    drop(api);
-    drop(app);
+    crate::stop(app, api).await;
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! `refreshd worker` processes; their CPU per refresh and peak RSS.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -43,30 +43,7 @@ pub(crate) struct Worker(Child);
 
 impl Worker {
     pub(crate) fn spawn(app: &TestApp) -> Result<Self> {
-        let mut command = Command::new(refreshd_binary()?);
-        command.arg("worker");
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("REFRESHD") {
-                command.env_remove(key);
-            }
-        }
-        command
-            .env("REFRESHD_ENV", "dev")
-            .env(
-                "REFRESHD_CONFIG_DIR",
-                refresh_tests::repo_root().join("config"),
-            )
-            .env("RUST_LOG", "warn")
-            .env("REFRESHD__NAMESPACE", &app.namespace);
-        if let Some(sim) = app.settings.providers.get("sim") {
-            command.env("REFRESHD__PROVIDERS__SIM__BASE_URL", &sim.base_url);
-        }
-        for (key, value) in RELAXED {
-            command.env(
-                format!("REFRESHD__{}", key.replace('.', "__").to_uppercase()),
-                value,
-            );
-        }
+        let mut command = refresh_tests::worker_command(&refreshd_binary()?, app, RELAXED);
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -272,10 +249,6 @@ pub(crate) async fn run(report: &mut Report) -> Result<()> {
         peak_rss,
         "MiB",
     );
-    app.shutdown.cancel();
-    app.tracker.close();
-    let _ = tokio::time::timeout(Duration::from_secs(10), app.tracker.wait()).await;
-    drop(api);
-    drop(app);
+    crate::stop(app, api).await;
     Ok(())
 }
