@@ -243,6 +243,44 @@ async fn paced(http: &Http, consents: &[Seeded], rate: f64, budget: Duration) ->
     tally
 }
 
+/// Bare confirmed publishes to the quorum `jobs` queue at a steady `rate` for
+/// `budget` (open loop); the latency of each, from its scheduled time, in ms.
+async fn paced_publish(broker: &refresh_amqp::Broker, rate: f64, budget: Duration) -> Vec<f64> {
+    let n = (rate * budget.as_secs_f64()) as usize;
+    let done = Arc::new(AtomicUsize::new(0));
+    let _ticker = Ticker::start(format!("bare publish at {rate:.0}/s"), done.clone(), n);
+    let started = tokio::time::Instant::now();
+    let mut set = JoinSet::new();
+    for i in 0..n {
+        let at = started + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(at).await;
+        let (broker, done) = (broker.clone(), done.clone());
+        set.spawn(async move {
+            let id = Uuid::now_v7().to_string();
+            let ok = broker
+                .publish_job(&job_sized_body(&id), &id, None)
+                .await
+                .is_ok();
+            done.fetch_add(1, Ordering::Relaxed);
+            ok.then(|| ms(at.elapsed()))
+        });
+    }
+    let mut latencies = Vec::with_capacity(n);
+    while let Some(Ok(latency)) = set.join_next().await {
+        latencies.extend(latency);
+    }
+    latencies
+}
+
+/// A body about the size of a real job message.
+fn job_sized_body(id: &str) -> Vec<u8> {
+    let body = json!({
+        "refreshId": id, "consentId": Uuid::new_v4(), "tenantId": "raw00",
+        "providerId": "sim", "notBefore": chrono::Utc::now(), "initial": false,
+    });
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
 /// `Gate::admit` (the admit script on the consent's slot, then the stagger script)
 /// called directly, for distinct consents.
 async fn raw_gate(gate: &refresh_redis::Gate, budget: Duration) -> Result<f64> {
@@ -294,13 +332,11 @@ async fn raw_publish(broker: &refresh_amqp::Broker, budget: Duration) -> Result<
             let mut confirmed = 0_usize;
             while Instant::now() < deadline {
                 let id = Uuid::now_v7().to_string();
-                // About the size of a real job message.
-                let body = json!({
-                    "refreshId": id, "consentId": Uuid::new_v4(), "tenantId": "raw00",
-                    "providerId": "sim", "notBefore": chrono::Utc::now(), "initial": false,
-                });
-                let body = serde_json::to_vec(&body).unwrap_or_default();
-                if broker.publish_job(&body, &id, None).await.is_ok() {
+                if broker
+                    .publish_job(&job_sized_body(&id), &id, None)
+                    .await
+                    .is_ok()
+                {
                     confirmed += 1;
                 }
                 done.fetch_add(1, Ordering::Relaxed);
@@ -571,6 +607,26 @@ pub(crate) async fn run(
             report.note(
                 "admission",
                 &format!("half load, not admitted: {}", tally.refused()),
+            );
+        }
+        // The latency floor of the same load: a bare confirmed publish at that rate.
+        let mut bare = paced_publish(&api.services.broker, half, HALF_LOAD_BUDGET).await;
+        if let Some(p50) = percentile(&mut bare, 0.5) {
+            report.figure(
+                "admission",
+                "half_publish_p50_ms",
+                "half load: bare confirmed publish p50, same rate",
+                p50,
+                "ms",
+            );
+        }
+        if let Some(p99) = percentile(&mut bare, 0.99) {
+            report.figure(
+                "admission",
+                "half_publish_p99_ms",
+                "half load: bare confirmed publish p99, same rate",
+                p99,
+                "ms",
             );
         }
     }
