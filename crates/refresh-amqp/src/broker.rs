@@ -8,7 +8,6 @@
 //! again and publishes the new [`Link`] on a watch channel that publishers and
 //! consumers follow. Nothing is re-sent behind a caller's back.
 
-use std::error::Error as _;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,6 +19,7 @@ use lapin::options::{
 };
 use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Event};
+use refresh_core::error_chain;
 use tokio::sync::{Mutex as AsyncMutex, Notify, watch};
 use tokio::time::{Instant, MissedTickBehavior, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -443,18 +443,6 @@ pub(crate) fn short(what: &str, value: &str) -> Result<ShortString, AmqpError> {
         .map_err(|error| AmqpError::InvalidArgument(format!("{what}: {error}")))
 }
 
-/// The error with its sources, for a log line.
-pub(crate) fn report(error: &AmqpError) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 /// Opens a connection, declares the topology and opens the publish channel.
 async fn establish(
     settings: &AmqpSettings,
@@ -564,7 +552,7 @@ async fn supervise(inner: Arc<Inner>, mut link: Link, mut events: EventStream) {
                     Ok(Err(error)) => {
                         warn!(
                             namespace,
-                            error = report(&error),
+                            error = error_chain(&error),
                             "cannot re-open the publish channel; reconnecting"
                         );
                     }
@@ -601,7 +589,7 @@ async fn supervise(inner: Arc<Inner>, mut link: Link, mut events: EventStream) {
                     warn!(
                         namespace,
                         failures,
-                        error = report(&error),
+                        error = error_chain(&error),
                         "reconnecting to rabbitmq failed"
                     );
                 }

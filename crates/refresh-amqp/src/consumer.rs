@@ -15,8 +15,9 @@ use tokio::time::timeout;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, warn};
 
-use crate::broker::{BACKOFF_MAX, BACKOFF_MIN, Link, PERSISTENT, Target, report, short};
+use crate::broker::{BACKOFF_MAX, BACKOFF_MIN, Link, PERSISTENT, Target, short};
 use crate::{AmqpError, Broker};
+use refresh_core::error_chain;
 
 /// Header the quorum queue sets on a redelivery: deliveries before this one.
 const DELIVERY_COUNT: &str = "x-delivery-count";
@@ -157,7 +158,7 @@ impl Consumer {
                 self.retry_delay = BACKOFF_MIN;
             }
             Ok(Err(error)) => {
-                warn!(queue = %self.queue, error = report(&error), "cannot subscribe; retrying");
+                warn!(queue = %self.queue, error = error_chain(&error), "cannot subscribe; retrying");
                 self.pause().await;
             }
             Err(_) => {
@@ -401,7 +402,7 @@ impl Delivery {
                 Ok(()) => return self.ack().await,
                 Err(error) => warn!(
                     queue = %self.queue,
-                    error = report(&error),
+                    error = error_chain(&error),
                     "cannot publish the dead-letter copy; nacking instead (the reason is not kept)"
                 ),
             }
@@ -429,7 +430,7 @@ impl Delivery {
             Err(error) => {
                 warn!(
                     queue = %self.queue,
-                    error = report(&error),
+                    error = error_chain(&error),
                     "cannot publish the retry copy; returning the message to its queue"
                 );
                 let _ = self.nack(true).await;

@@ -13,6 +13,7 @@
 //! Each module's items are also re-exported here.
 
 pub mod admission;
+mod error_chain;
 pub mod event;
 pub mod ids;
 pub mod job;
@@ -27,6 +28,7 @@ pub mod stagger;
 pub mod status;
 
 pub use admission::*;
+pub use error_chain::error_chain;
 pub use event::*;
 pub use ids::*;
 pub use job::{Job, JobError};

@@ -52,17 +52,7 @@ impl From<refresh_redis::GateError> for ApiError {
     }
 }
 
-/// `error: source: source …`, for logs.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
-}
+pub use refresh_core::error_chain;
 
 /// The problem as a response, with `Retry-After` when it says when to retry and
 /// `WWW-Authenticate` on 401.

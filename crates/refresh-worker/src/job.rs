@@ -7,7 +7,9 @@ use chrono::{DateTime, Utc};
 use rand::Rng as _;
 use refresh_amqp::Delivery;
 use refresh_bank::{BankError, ConsentAccess};
-use refresh_core::{ConsentStatus, EventId, Job, Outcome, RefreshError, RefreshId, RefreshStatus};
+use refresh_core::{
+    ConsentStatus, EventId, Job, Outcome, RefreshError, RefreshId, RefreshStatus, error_chain,
+};
 use refresh_pg::{AttemptStart, Finish, JobState, Store, StoreError};
 use refresh_redis::{Gate, GateError, StartDecision};
 use secrecy::ExposeSecret as _;
@@ -96,17 +98,6 @@ async fn process(deps: &WorkerDeps, config: &WorkerConfig, body: &[u8]) -> Step 
             Step::Settle(Outcome::retry(config.dependency_retry))
         }
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Waits between reads of a record not yet visible: the admission commits right
