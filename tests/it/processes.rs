@@ -7,55 +7,29 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
+use refresh_tests::fixtures::{dataset, tx};
 use refresh_tests::{Api, Bank, TestApp, WorkerProcess, app_with_bank, dev_token};
 use serde_json::{Value, json};
 
 const STORED: &str = "api:stored_data";
 
-async fn refresh(api: &Api, token: &str, consent: &str) -> String {
-    let answer = api
-        .post(&format!("/v1/consents/{consent}/refresh"), token, None)
-        .await;
-    assert_eq!(answer.status, 202, "{answer:?}");
-    answer.body["refreshId"].as_str().unwrap().to_owned()
-}
-
-fn day(days_ago: i64) -> String {
-    (Utc::now() - TimeDelta::days(days_ago))
-        .format("%Y-%m-%dT10:00:00+00:00")
-        .to_string()
-}
-
-fn tx(id: Option<&str>, days_ago: i64, amount: &str) -> Value {
-    let mut tx = json!({
-        "AccountId": "A1", "Amount": {"Amount": amount, "Currency": "GBP"},
-        "CreditDebitIndicator": "Debit", "Status": "Booked",
-        "BookingDateTime": day(days_ago), "TransactionInformation": format!("shop {amount}")
-    });
-    if let Some(id) = id {
-        tx["TransactionId"] = json!(id);
-    }
-    tx
-}
-
 /// One account (so a fetch is three bank calls), three transactions with an id and
 /// three without (two on one day).
 fn small_dataset() -> Value {
-    json!({
-        "accounts": [{
-            "AccountId": "A1", "Status": "Enabled", "Currency": "GBP", "AccountType": "Personal",
-            "AccountSubType": "CurrentAccount", "Nickname": "Bills",
-            "Account": [{"SchemeName": "UK.OBIE.SortCodeAccountNumber", "Identification": "80200110203345", "Name": "Ms Holder"}]
-        }],
-        "balances": [{
-            "AccountId": "A1", "Amount": {"Amount": "100.00", "Currency": "GBP"},
-            "CreditDebitIndicator": "Credit", "Type": "InterimAvailable", "DateTime": day(0)
-        }],
-        "transactions": [
-            tx(Some("t1"), 3, "1.00"), tx(Some("t2"), 2, "2.00"), tx(Some("t3"), 1, "3.00"),
-            tx(None, 2, "10.00"), tx(None, 2, "20.00"), tx(None, 1, "30.00"),
+    let booked = |id, days_ago, amount| tx(id, "Booked", days_ago, amount);
+    dataset(
+        "Ms Holder",
+        "Bills",
+        "100.00",
+        vec![
+            booked(Some("t1"), 3, "1.00"),
+            booked(Some("t2"), 2, "2.00"),
+            booked(Some("t3"), 1, "3.00"),
+            booked(None, 2, "10.00"),
+            booked(None, 2, "20.00"),
+            booked(None, 1, "30.00"),
         ],
-    })
+    )
 }
 
 /// A seeded consent whose simulator key serves [`small_dataset`] with `latency_ms`.
@@ -134,7 +108,7 @@ async fn two_worker_processes_keep_the_stagger_at_the_bank() {
     }
     let keys: BTreeSet<String> = consents.iter().map(|c| format!("token-{c}")).collect();
     let ids: Vec<String> =
-        futures_util::future::join_all(consents.iter().map(|c| refresh(&api, &token, c))).await;
+        futures_util::future::join_all(consents.iter().map(|c| api.refresh(&token, c))).await;
     let uuids: Vec<uuid::Uuid> = ids.iter().map(|i| i.parse().unwrap()).collect();
 
     let begun = Instant::now();
@@ -214,7 +188,7 @@ async fn a_worker_killed_mid_refresh_is_recovered_by_another_process() {
     let (consent, key) = slow_consent(&api, &bank, 3000).await;
 
     let mut first = WorkerProcess::spawn(&app, &settings);
-    let id = refresh(&api, &token, &consent).await;
+    let id = api.refresh(&token, &consent).await;
     wait_first_call(&bank, &key, &mut first).await;
     first.kill();
     let killed = Instant::now();
@@ -304,7 +278,7 @@ async fn a_worker_killed_mid_refresh_is_recovered_by_another_process() {
     assert_eq!(updated, 1);
 
     // The lock is free: a new refresh is admitted.
-    let next = refresh(&api, &token, &consent).await;
+    let next = api.refresh(&token, &consent).await;
     assert_ne!(next, id);
 
     // Events, deduplicated on the CloudEvents id: one of each for the refresh.
@@ -356,7 +330,7 @@ async fn sigterm_drains_an_in_flight_refresh_and_exits_0() {
     let (consent, key) = slow_consent(&api, &bank, 2000).await;
 
     let mut worker = WorkerProcess::spawn(&app, &settings);
-    let id = refresh(&api, &token, &consent).await;
+    let id = api.refresh(&token, &consent).await;
     wait_first_call(&bank, &key, &mut worker).await;
     let signalled = Instant::now();
     worker.terminate();

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
+use refresh_tests::fixtures::{dataset, day, tx};
 use refresh_tests::{
     Api, Bank, TestApp, app_with_bank, dev_token, fast_worker_config, start_worker,
 };
@@ -34,54 +35,12 @@ async fn register(api: &Api, token: &str, key: &str) -> (String, String) {
     )
 }
 
-async fn refresh(api: &Api, token: &str, consent: &str) -> String {
-    let answer = api
-        .post(&format!("/v1/consents/{consent}/refresh"), token, None)
-        .await;
-    assert_eq!(answer.status, 202, "{answer:?}");
-    answer.body["refreshId"].as_str().unwrap().to_owned()
-}
-
 async fn count(app: &TestApp, sql: &str, consent: &str) -> i64 {
     sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_owned()))
         .bind(uuid::Uuid::parse_str(consent).unwrap())
         .fetch_one(&app.pg)
         .await
         .unwrap()
-}
-
-fn day(days_ago: i64) -> String {
-    (Utc::now() - TimeDelta::days(days_ago))
-        .format("%Y-%m-%dT10:00:00+00:00")
-        .to_string()
-}
-
-fn tx(id: Option<&str>, status: &str, days_ago: i64, amount: &str) -> Value {
-    let mut tx = json!({
-        "AccountId": "A1", "Amount": {"Amount": amount, "Currency": "GBP"},
-        "CreditDebitIndicator": "Debit", "Status": status,
-        "BookingDateTime": day(days_ago), "TransactionInformation": format!("shop {amount}")
-    });
-    if let Some(id) = id {
-        tx["TransactionId"] = json!(id);
-    }
-    tx
-}
-
-fn dataset(holder: &str, nickname: &str, balance: &str, transactions: Vec<Value>) -> Value {
-    json!({
-        "accounts": [{
-            "AccountId": "A1", "Status": "Enabled", "Currency": "GBP", "AccountType": "Personal",
-            "AccountSubType": "CurrentAccount", "Nickname": nickname,
-            "Account": [{"SchemeName": "UK.OBIE.SortCodeAccountNumber", "Identification": "80200110203345", "Name": holder}]
-        }],
-        "balances": [{
-            "AccountId": "A1", "Amount": {"Amount": balance, "Currency": "GBP"},
-            "CreditDebitIndicator": "Credit", "Type": "InterimAvailable", "DateTime": day(0)
-        }],
-        "transactions": transactions,
-        "beneficiaries": [{"AccountId": "A1", "BeneficiaryId": "B1", "Reference": "rent"}]
-    })
 }
 
 #[tokio::test]
@@ -175,7 +134,7 @@ async fn a_refresh_reaches_updated_with_the_banks_data_and_both_events() {
     );
 
     // A plain refresh of unchanged data changes no transaction.
-    let second = refresh(&api, &token, &consent).await;
+    let second = api.refresh(&token, &consent).await;
     let record = api.wait_terminal(&token, &second).await;
     assert_eq!(record["status"], "UPDATED", "{record}");
     assert_eq!(record["summary"]["transactionsAdded"], 0, "{record}");
@@ -266,7 +225,7 @@ async fn merge_rules_on_crafted_data() {
         ),
     )
     .await;
-    let second = refresh(&api, &token, &consent).await;
+    let second = api.refresh(&token, &consent).await;
     let record = api.wait_terminal(&token, &second).await;
     assert_eq!(record["status"], "UPDATED", "{record}");
     assert_eq!(
@@ -331,7 +290,7 @@ async fn revoked_and_mfa_end_in_error() {
     bank.scenario(&format!("token-{mfa}"), &json!({"mfaRequired": true}))
         .await;
 
-    let id = refresh(&api, &token, &revoked.to_string()).await;
+    let id = api.refresh(&token, &revoked.to_string()).await;
     let record = api.wait_terminal(&token, &id).await;
     assert_eq!(record["status"], "ERROR", "{record}");
     assert_eq!(record["error"]["code"], "consent_revoked");
@@ -342,7 +301,7 @@ async fn revoked_and_mfa_end_in_error() {
     let consent = api.get(&format!("/v1/consents/{revoked}"), &token).await;
     assert_eq!(consent.body["status"], "REVOKED", "{consent:?}");
 
-    let id = refresh(&api, &token, &mfa.to_string()).await;
+    let id = api.refresh(&token, &mfa.to_string()).await;
     let record = api.wait_terminal(&token, &id).await;
     assert_eq!(record["status"], "ERROR", "{record}");
     assert_eq!(record["error"]["code"], "mfa_required");
@@ -364,7 +323,7 @@ async fn transient_failures_are_retried_then_exhausted() {
     let key = format!("token-{flaky}");
     bank.scenario(&key, &json!({"failNext": {"count": 2, "status": 503}}))
         .await;
-    let id = refresh(&api, &token, &flaky.to_string()).await;
+    let id = api.refresh(&token, &flaky.to_string()).await;
     let record = api.wait_terminal(&token, &id).await;
     assert_eq!(record["status"], "UPDATED", "{record}");
     let statuses: Vec<Value> = bank
@@ -389,7 +348,7 @@ async fn transient_failures_are_retried_then_exhausted() {
     let key = format!("token-{down}");
     bank.scenario(&key, &json!({"failNext": {"count": 100, "status": 503}}))
         .await;
-    let id = refresh(&api, &token, &down.to_string()).await;
+    let id = api.refresh(&token, &down.to_string()).await;
     let record = api.wait_terminal(&token, &id).await;
     assert_eq!(record["status"], "ERROR", "{record}");
     assert_eq!(record["error"]["code"], "bank_unavailable");
@@ -447,7 +406,7 @@ async fn a_malformed_bank_payload_ends_in_bank_error_and_stores_nothing() {
     );
     bad["transactions"][0]["Amount"]["Amount"] = json!(12.5);
     bank.put_dataset(&key, &bad).await;
-    let id = refresh(&api, &token, &consent.to_string()).await;
+    let id = api.refresh(&token, &consent.to_string()).await;
     let record = api.wait_terminal(&token, &id).await;
     assert_eq!(record["status"], "ERROR", "{record}");
     assert_eq!(record["error"]["code"], "bank_error");
@@ -552,7 +511,7 @@ async fn a_poison_job_is_dead_lettered_and_the_worker_keeps_going() {
     delivery.settle(refresh_core::Outcome::Ack).await.unwrap();
     // The next job is handled as usual.
     let consent = api.seed_consent("acme", None, None).await;
-    let id = refresh(&api, &token, &consent.to_string()).await;
+    let id = api.refresh(&token, &consent.to_string()).await;
     let record = api.wait_terminal(&token, &id).await;
     assert_eq!(record["status"], "UPDATED", "{record}");
 }

@@ -134,6 +134,18 @@ impl Api {
             .await
     }
 
+    /// `POST /v1/consents/{consent}/refresh`, which must answer 202; the refresh id.
+    pub async fn refresh(&self, token: &str, consent: &str) -> String {
+        let answer = self
+            .post(&format!("/v1/consents/{consent}/refresh"), token, None)
+            .await;
+        assert_eq!(answer.status, 202, "{answer:?}");
+        answer.body["refreshId"]
+            .as_str()
+            .expect("a 202 names its refreshId")
+            .to_owned()
+    }
+
     pub async fn post(&self, path: &str, token: &str, body: Option<&Value>) -> Answer {
         self.call(reqwest::Method::POST, path, Some(token), body, &[])
             .await
