@@ -80,12 +80,7 @@ pub async fn start(
 pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
     let tracker = TaskTracker::new();
     let services = Services::connect(settings, &shutdown, &tracker).await?;
-    let listener = tokio::net::TcpListener::bind(&settings.http.bind)
-        .await
-        .map_err(|source| RunError::Bind {
-            addr: settings.http.bind.clone(),
-            source,
-        })?;
+    let listener = crate::bind(&settings.http.bind).await?;
     start(
         settings,
         &services,

@@ -113,14 +113,19 @@ pub async fn migrate(settings: &Settings) -> Result<(), RunError> {
     Ok(())
 }
 
-async fn bank_sim(settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
-    let addr = settings.bank_sim.bind.clone();
-    let listener = tokio::net::TcpListener::bind(&addr)
+/// A listener on `addr`, or [`RunError::Bind`] naming it.
+pub(crate) async fn bind(addr: &str) -> Result<tokio::net::TcpListener, RunError> {
+    tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| RunError::Bind {
-            addr: addr.clone(),
+            addr: addr.to_owned(),
             source,
-        })?;
+        })
+}
+
+async fn bank_sim(settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
+    let addr = settings.bank_sim.bind.clone();
+    let listener = bind(&addr).await?;
     tracing::info!(%addr, "bank simulator listening");
     refresh_banksim::serve(listener, settings.bank_sim.clone(), shutdown)
         .await
@@ -131,12 +136,7 @@ async fn bank_sim(settings: &Settings, shutdown: CancellationToken) -> Result<()
 async fn dev(settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
     let tracker = tokio_util::task::TaskTracker::new();
     let sim_addr = settings.bank_sim.bind.clone();
-    let sim_listener = tokio::net::TcpListener::bind(&sim_addr)
-        .await
-        .map_err(|source| RunError::Bind {
-            addr: sim_addr.clone(),
-            source,
-        })?;
+    let sim_listener = bind(&sim_addr).await?;
     let sim_settings = settings.bank_sim.clone();
     let sim_shutdown = shutdown.child_token();
     tracker.spawn(async move {
@@ -145,12 +145,7 @@ async fn dev(settings: &Settings, shutdown: CancellationToken) -> Result<(), Run
         }
     });
     let services = services::Services::connect(settings, &shutdown, &tracker).await?;
-    let listener = tokio::net::TcpListener::bind(&settings.http.bind)
-        .await
-        .map_err(|source| RunError::Bind {
-            addr: settings.http.bind.clone(),
-            source,
-        })?;
+    let listener = bind(&settings.http.bind).await?;
     // One registry: the worker's metrics are served with the ingress's at /metrics.
     let metrics = std::sync::Arc::new(refresh_ingress::Metrics::new());
     worker::start(

@@ -94,12 +94,7 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<(),
         &tracker,
     )?;
     if !settings.worker.metrics_bind.is_empty() {
-        let listener = tokio::net::TcpListener::bind(&settings.worker.metrics_bind)
-            .await
-            .map_err(|source| RunError::Bind {
-                addr: settings.worker.metrics_bind.clone(),
-                source,
-            })?;
+        let listener = crate::bind(&settings.worker.metrics_bind).await?;
         let router = refresh_ingress::metrics_router(metrics);
         let stop = shutdown.child_token();
         tracker.spawn(async move {
