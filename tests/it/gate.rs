@@ -719,3 +719,90 @@ async fn a_redis_that_never_answers_is_unavailable() {
     .await;
     silent.abort();
 }
+
+#[tokio::test]
+async fn autosync_takes_at_most_its_share_and_an_on_demand_request_is_not_queued_behind_it() {
+    let app = spawn_app_with(&[
+        ("stagger.limit", "10"),
+        ("stagger.period_secs", "10"),
+        ("stagger.autosync_share", "0.5"),
+    ])
+    .await;
+    let gate = gate(&app);
+    let mut autosync = Vec::new();
+    for _ in 0..40 {
+        let ticket = admitted(
+            gate.admit(&request(new_consent(), RequestedBy::Autosync))
+                .await
+                .unwrap(),
+        );
+        autosync.push(ticket.not_before.timestamp_millis());
+    }
+    let api = admitted(
+        gate.admit(&request(new_consent(), RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    let wait = (api.not_before - api.now).num_milliseconds();
+    assert!(
+        (0..=10_000).contains(&wait),
+        "the API request starts within one period, not behind 40 auto-syncs: {wait} ms"
+    );
+    autosync.sort_unstable();
+    // No period of 10 s holds more than 5 auto-sync slots...
+    assert!(
+        autosync.windows(6).all(|w| w[5] - w[0] >= 10_000),
+        "{autosync:?}"
+    );
+    // ...and the auto-syncs use their share, not less: 40 slots in 80 s.
+    assert!(autosync[39] - autosync[0] <= 80_000, "{autosync:?}");
+    // No period holds more than the limit, counting both classes.
+    let mut all = autosync.clone();
+    all.push(api.not_before.timestamp_millis());
+    all.sort_unstable();
+    assert!(all.windows(2).all(|w| w[1] - w[0] >= 1_000), "{all:?}");
+
+    // While on-demand requests use less than the rest, each starts about as early as
+    // if no auto-sync were queued: a second and a third fit in the same period.
+    for _ in 0..2 {
+        let next = admitted(
+            gate.admit(&request(new_consent(), RequestedBy::Portal))
+                .await
+                .unwrap(),
+        );
+        let wait = (next.not_before - next.now).num_milliseconds();
+        assert!((0..=10_000).contains(&wait), "{wait} ms");
+    }
+}
+
+#[tokio::test]
+async fn an_undone_autosync_slot_no_longer_keeps_others_away() {
+    let app = spawn_app_with(&[
+        ("stagger.limit", "10"),
+        ("stagger.period_secs", "10"),
+        ("stagger.autosync_share", "0.5"),
+    ])
+    .await;
+    let gate = gate(&app);
+    let first = admitted(
+        gate.admit(&request(new_consent(), RequestedBy::Autosync))
+            .await
+            .unwrap(),
+    );
+    gate.undo(&first).await.unwrap();
+    let again = admitted(
+        gate.admit(&request(new_consent(), RequestedBy::Autosync))
+            .await
+            .unwrap(),
+    );
+    assert!(
+        (again.not_before - first.not_before).num_milliseconds() < 1_000,
+        "the undone slot is handed out again"
+    );
+    let mut redis = app.redis.clone();
+    let slots: Vec<String> = redis
+        .zrange(format!("{}:{{stagger:global}}:slots", app.namespace), 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(slots, vec![again.refresh_id.to_string()]);
+}

@@ -34,7 +34,7 @@ impl StaggerScope {
 /// The `stagger` settings: at most `limit` refresh starts in any
 /// `period_secs` window; admission is refused when the earliest free slot is
 /// more than `max_delay_secs` away.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StaggerSettings {
     /// Starts allowed per period (default 30).
@@ -45,6 +45,9 @@ pub struct StaggerSettings {
     pub max_delay_secs: u64,
     /// Which refreshes share a budget (default `global`).
     pub scope: StaggerScope,
+    /// The share of a period's slots that `AUTOSYNC` requests may take, in (0, 1]
+    /// (default 0.5; SPEC §6 fair share).
+    pub autosync_share: f64,
 }
 
 impl Default for StaggerSettings {
@@ -54,6 +57,7 @@ impl Default for StaggerSettings {
             period_secs: 60,
             max_delay_secs: 3600,
             scope: StaggerScope::Global,
+            autosync_share: 0.5,
         }
     }
 }
@@ -67,6 +71,9 @@ pub enum StaggerError {
     /// `stagger.period_secs` is 0.
     #[error("stagger.period_secs must be at least 1")]
     ZeroPeriod,
+    /// `stagger.autosync_share` is not in (0, 1].
+    #[error("stagger.autosync_share must be more than 0 and at most 1")]
+    AutosyncShare,
 }
 
 /// Where a new refresh may start.
@@ -93,6 +100,9 @@ impl StaggerSettings {
         if self.period_secs == 0 {
             return Err(StaggerError::ZeroPeriod);
         }
+        if !(self.autosync_share > 0.0 && self.autosync_share <= 1.0) {
+            return Err(StaggerError::AutosyncShare);
+        }
         Ok(())
     }
 
@@ -113,6 +123,29 @@ impl StaggerSettings {
         const NANOS_PER_SEC: u128 = 1_000_000_000;
         let nanos =
             (u128::from(self.period_secs) * NANOS_PER_SEC).div_ceil(u128::from(self.limit.max(1)));
+        i64::try_from(nanos).map_or(TimeDelta::MAX, TimeDelta::nanoseconds)
+    }
+
+    /// How many of a period's `limit` slots auto-syncs may take: the share of the
+    /// limit, rounded down, but at least one.
+    pub fn autosync_limit(&self) -> u32 {
+        let share = self.autosync_share.clamp(0.0, 1.0);
+        // Exact for the small integers a limit is; the cast saturates.
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            reason = "a non-negative value no larger than the limit"
+        )]
+        let allowed = (f64::from(self.limit) * share).floor() as u32;
+        allowed.clamp(1, self.limit.max(1))
+    }
+
+    /// The gap between consecutive auto-sync slots: period / [`Self::autosync_limit`],
+    /// rounded up like [`Self::spacing`].
+    pub fn autosync_spacing(&self) -> TimeDelta {
+        const NANOS_PER_SEC: u128 = 1_000_000_000;
+        let nanos = (u128::from(self.period_secs) * NANOS_PER_SEC)
+            .div_ceil(u128::from(self.autosync_limit()));
         i64::try_from(nanos).map_or(TimeDelta::MAX, TimeDelta::nanoseconds)
     }
 
@@ -158,7 +191,41 @@ mod tests {
             period_secs,
             max_delay_secs,
             scope: StaggerScope::Global,
+            autosync_share: 0.5,
         }
+    }
+
+    #[test]
+    fn autosync_takes_its_share_of_the_limit() {
+        let check = |limit: u32, share: f64, allowed: u32, spacing_ms: i64| {
+            let s = StaggerSettings {
+                autosync_share: share,
+                ..settings(limit, 60, 0)
+            };
+            assert_eq!(s.autosync_limit(), allowed, "{limit} × {share}");
+            assert_eq!(
+                s.autosync_spacing(),
+                TimeDelta::milliseconds(spacing_ms),
+                "{limit} × {share}"
+            );
+        };
+        check(30, 0.5, 15, 4_000);
+        check(10, 0.5, 5, 12_000);
+        check(30, 1.0, 30, 2_000);
+        check(30, 0.01, 1, 60_000);
+        check(7, 0.5, 3, 20_000);
+        let invalid = |share: f64| {
+            let s = StaggerSettings {
+                autosync_share: share,
+                ..StaggerSettings::default()
+            };
+            assert_eq!(s.validate(), Err(StaggerError::AutosyncShare), "{share}");
+        };
+        invalid(0.0);
+        invalid(-0.5);
+        invalid(1.5);
+        invalid(f64::NAN);
+        assert_eq!(StaggerSettings::default().validate(), Ok(()));
     }
 
     #[test]
@@ -243,12 +310,13 @@ mod tests {
         };
         check("{}", Ok(StaggerSettings::default()));
         check(
-            r#"{"limit": 5, "period_secs": 10, "max_delay_secs": 60, "scope": "provider"}"#,
+            r#"{"limit": 5, "period_secs": 10, "max_delay_secs": 60, "scope": "provider", "autosync_share": 0.25}"#,
             Ok(StaggerSettings {
                 limit: 5,
                 period_secs: 10,
                 max_delay_secs: 60,
                 scope: StaggerScope::Provider,
+                autosync_share: 0.25,
             }),
         );
         check(

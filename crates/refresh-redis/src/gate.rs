@@ -7,7 +7,9 @@
 //! | --- | --- | --- |
 //! | `{ns}:{c:<consentId>}:lock` | string, PX lease | the refresh id in flight |
 //! | `{ns}:{c:<consentId>}:q:<rule>` | sorted set | admissions counted by `quota.rules[rule]`: member refresh id, score admission time (ms); expires 24 h after the newest (rolling) or at the next local midnight (calendar day) |
-//! | `{ns}:{stagger:<bucket>}` | string, expires a period after the slot | the last start slot handed out: `<ms>:<refresh id>` |
+//! | `{ns}:{stagger:<bucket>}` | string, expires a period after the slot | the last on-demand start slot handed out: `<ms>:<refresh id>` |
+//! | `{ns}:{stagger:<bucket>}:autosync` | string, expires a period after the slot | the last `AUTOSYNC` start slot handed out, likewise |
+//! | `{ns}:{stagger:<bucket>}:slots` | sorted set | every start slot not yet past: member refresh id, score slot (ms); keeps any two slots `period / limit` apart |
 //! | `{ns}:{stagger:<bucket>}:starts` | sorted set | bank refresh starts of the last period: member attempt id, score start time (ms) |
 //!
 //! An admission is two scripts, because the consent and the stagger bucket live in
@@ -85,6 +87,8 @@ pub struct Ticket {
     /// Indices in `quota.rules` of the rules that counted the admission.
     counted: Vec<usize>,
     bucket: String,
+    /// The slot came from the auto-sync chain.
+    autosync: bool,
     /// The slot (ms) and the bucket's value before it, to give it back.
     slot: i64,
     previous_slot: Option<String>,
@@ -200,6 +204,8 @@ pub struct Gate {
     conn: ConnectionManager,
     config: Arc<GateConfig>,
     spacing_ms: i64,
+    /// Spacing of the auto-sync chain: the period over auto-sync's share of the limit.
+    autosync_spacing_ms: i64,
     max_delay_ms: i64,
     period_ms: i64,
     lease_ms: i64,
@@ -209,6 +215,8 @@ impl Gate {
     pub fn new(conn: ConnectionManager, config: GateConfig) -> Self {
         // Rounded up, so `limit + 1` slots never fit in one period.
         let spacing_ms = reply::millis_ceil(config.stagger.spacing()).clamp(1, MAX_MS);
+        let autosync_spacing_ms =
+            reply::millis_ceil(config.stagger.autosync_spacing()).clamp(spacing_ms, MAX_MS);
         let max_delay_ms = secs_to_ms(config.stagger.max_delay_secs);
         let period_ms = secs_to_ms(config.stagger.period_secs).max(1);
         let lease_ms = i64::try_from(config.lease.as_millis())
@@ -218,6 +226,7 @@ impl Gate {
             conn,
             config: Arc::new(config),
             spacing_ms,
+            autosync_spacing_ms,
             max_delay_ms,
             period_ms,
             lease_ms,
@@ -277,7 +286,8 @@ impl Gate {
             .stagger
             .scope
             .bucket(&req.tenant_id, &req.provider_id);
-        match self.take_slot(&bucket, req.refresh_id).await {
+        let autosync = req.requested_by == RequestedBy::Autosync;
+        match self.take_slot(&bucket, req.refresh_id, autosync).await {
             Ok(SlotReply::Slot { slot, previous, .. }) => {
                 let times = reply::instant(now).and_then(|n| Ok((n, reply::instant(slot)?)));
                 match times {
@@ -288,6 +298,7 @@ impl Gate {
                         now,
                         counted,
                         bucket,
+                        autosync,
                         slot,
                         previous_slot: previous,
                     })),
@@ -322,9 +333,11 @@ impl Gate {
             .await;
         let mut invocation = lua::RETURN_SLOT_SCRIPT.prepare_invoke();
         invocation
-            .key(reply::slot_key(&self.config.namespace, &ticket.bucket))
+            .key(self.chain_key(&ticket.bucket, ticket.autosync))
+            .key(reply::slots_key(&self.config.namespace, &ticket.bucket))
             .arg(reply::slot_value(ticket.slot, ticket.refresh_id))
-            .arg(ticket.previous_slot.as_deref().unwrap_or_default());
+            .arg(ticket.previous_slot.as_deref().unwrap_or_default())
+            .arg(ticket.refresh_id.to_string());
         let slot = self.eval("return_slot", &invocation).await;
         admission?;
         slot.map(|_| ())
@@ -467,13 +480,34 @@ impl Gate {
         }
     }
 
-    async fn take_slot(&self, bucket: &str, refresh: RefreshId) -> Result<SlotReply, GateError> {
+    /// The key of a class's slot chain in `bucket`.
+    fn chain_key(&self, bucket: &str, autosync: bool) -> String {
+        if autosync {
+            reply::autosync_slot_key(&self.config.namespace, bucket)
+        } else {
+            reply::slot_key(&self.config.namespace, bucket)
+        }
+    }
+
+    async fn take_slot(
+        &self,
+        bucket: &str,
+        refresh: RefreshId,
+        autosync: bool,
+    ) -> Result<SlotReply, GateError> {
+        let own_spacing = if autosync {
+            self.autosync_spacing_ms
+        } else {
+            self.spacing_ms
+        };
         let mut invocation = lua::TAKE_SLOT_SCRIPT.prepare_invoke();
         invocation
-            .key(reply::slot_key(&self.config.namespace, bucket))
-            .arg(self.spacing_ms)
+            .key(self.chain_key(bucket, autosync))
+            .key(reply::slots_key(&self.config.namespace, bucket))
+            .arg(own_spacing)
             .arg(self.max_delay_ms)
             .arg(self.period_ms)
+            .arg(self.spacing_ms)
             .arg(refresh.to_string());
         let value = self.eval("take_slot", &invocation).await?;
         reply::parse_slot(value).map_err(|e| GateError::reply("take_slot", e))

@@ -98,27 +98,51 @@ for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return released
 ";
 
-/// Admission rule 5: the next start slot of a stagger bucket.
+/// Admission rule 5 with the fair share of SPEC §6: the next start slot of a stagger
+/// bucket for one class of request (on-demand, or auto-sync).
+///
+/// Each class follows its own chain: on-demand slots `spacing` apart (the limit's
+/// rate), auto-sync slots `own` apart (the limit's rate times `stagger.autosync_share`),
+/// so no period holds more auto-syncs than their share. Every slot of either class is
+/// also kept at least `spacing` from every other slot of the bucket, so no period holds
+/// more than the limit: a candidate that comes too near a slot of the other class
+/// moves just past it. An on-demand request therefore starts about as early as if no
+/// auto-sync were queued (it steps past at most the few auto-sync slots in its way),
+/// while on-demand requests use less than the rest of the limit.
 const TAKE_SLOT: &str = r"
--- KEYS[1]: the last slot handed out in the bucket, as '<ms>:<refresh id>' (the
--- owner makes giving it back exact even when a later slot has the same time).
--- ARGV: spacing, max delay, period (ms); refresh id.
+-- KEYS[1]: the class's last slot, as '<ms>:<refresh id>' (the owner makes giving it
+-- back exact even when a later slot has the same time); KEYS[2]: every slot of the
+-- bucket not yet past (sorted set: member refresh id, score slot).
+-- ARGV: the class's own spacing, max delay, period, the bucket's spacing (ms); refresh id.
 local now = now_ms()
-local spacing, max_delay, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local own, max_delay, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local spacing = tonumber(ARGV[4])
 local raw = redis.call('GET', KEYS[1])
 local last = raw and tonumber(string.match(raw, '^%d+'))
 local slot = now
-if last and last + spacing > now then slot = last + spacing end
+if last and last + own > now then slot = last + own end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. int(now - spacing))
+while slot - now <= max_delay do
+  local near = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. int(slot - spacing),
+    '(' .. int(slot + spacing), 'WITHSCORES')
+  if #near == 0 then break end
+  slot = tonumber(near[#near]) + spacing
+end
 if slot - now > max_delay then return {'full', now, slot - now - max_delay} end
 -- Once `now` passes slot + spacing the value no longer matters; keep it a period.
-redis.call('SET', KEYS[1], int(slot) .. ':' .. ARGV[4], 'PXAT', int(slot + period))
+redis.call('SET', KEYS[1], int(slot) .. ':' .. ARGV[5], 'PXAT', int(slot + period))
+redis.call('ZADD', KEYS[2], int(slot), ARGV[5])
+local newest = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[2], int(tonumber(newest[2]) + period))
 return {'slot', now, slot, raw or ''}
 ";
 
-/// Gives a slot back if no later one was handed out since.
+/// Gives a slot back: it no longer keeps other slots away, and its chain moves back
+/// if no later slot of the class was handed out since.
 const RETURN_SLOT: &str = r"
--- KEYS[1]: the bucket's last slot. ARGV[1]: the value the slot was stored as;
--- ARGV[2]: the value before it, or ''.
+-- KEYS[1]: the class's last slot; KEYS[2]: the bucket's slots. ARGV[1]: the value
+-- the slot was stored as; ARGV[2]: the value before it, or ''; ARGV[3]: refresh id.
+redis.call('ZREM', KEYS[2], ARGV[3])
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] == '' then
   redis.call('DEL', KEYS[1])

@@ -21,9 +21,19 @@ pub(super) fn quota_key(namespace: &str, consent: ConsentId, rule: usize) -> Str
     format!("{namespace}:{{c:{consent}}}:q:{rule}")
 }
 
-/// The last start slot handed out in a stagger bucket, stored as [`slot_value`].
+/// The last on-demand start slot handed out in a stagger bucket, stored as [`slot_value`].
 pub(super) fn slot_key(namespace: &str, bucket: &str) -> String {
     format!("{namespace}:{{stagger:{bucket}}}")
+}
+
+/// The last auto-sync start slot handed out in a stagger bucket, stored as [`slot_value`].
+pub(super) fn autosync_slot_key(namespace: &str, bucket: &str) -> String {
+    format!("{namespace}:{{stagger:{bucket}}}:autosync")
+}
+
+/// Every start slot of a stagger bucket not yet past, of both classes.
+pub(super) fn slots_key(namespace: &str, bucket: &str) -> String {
+    format!("{namespace}:{{stagger:{bucket}}}:slots")
 }
 
 /// How the stagger script stores a slot: `<ms>:<refresh id>`.
