@@ -355,3 +355,147 @@ async fn sigterm_drains_an_in_flight_refresh_and_exits_0() {
         }
     ));
 }
+
+/// A free port on 127.0.0.1 (bound and let go; the process binds it a moment later).
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+async fn get_ok(client: &reqwest::Client, url: &str) -> Option<String> {
+    let answer = client.get(url).send().await.ok()?;
+    answer
+        .status()
+        .is_success()
+        .then_some(answer.text().await.ok()?)
+}
+
+#[tokio::test]
+async fn a_scheduler_process_auto_syncs_serves_its_probes_and_drains_on_sigterm() {
+    let (app, api, _bank) = app_with_bank(&[("stagger.limit", "600")]).await;
+    api.services
+        .store
+        .put_tenant_settings(
+            &refresh_core::TenantId::parse("acme").unwrap(),
+            refresh_pg::TenantSettingsRow {
+                autosync_interval_hours: Some(6),
+                inactivation_days: 90,
+            },
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let consent = api.seed_consent("acme", None, None).await;
+    sqlx::query("UPDATE consents SET created_at = created_at - interval '7 hours'")
+        .execute(&app.pg)
+        .await
+        .unwrap();
+    let ops = free_addr();
+    let settings = [
+        ("shutdown.grace_secs", "5"),
+        ("scheduler.tick_secs", "1"),
+        ("scheduler.metrics_bind", ops.as_str()),
+    ];
+    let mut scheduler = WorkerProcess::spawn_role(&app, "scheduler", &settings);
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let requested = loop {
+        scheduler.assert_running();
+        let n: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM refreshes WHERE consent_id = $1 AND requested_by = 'AUTOSYNC'",
+        )
+        .bind(consent.as_uuid())
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+        if n > 0 || Instant::now() > deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(requested, 1, "log:\n{}", scheduler.log());
+    assert_eq!(
+        get_ok(&client, &format!("http://{ops}/healthz"))
+            .await
+            .as_deref(),
+        Some(r#"{"status":"ok"}"#)
+    );
+    let ready: Value = serde_json::from_str(
+        &get_ok(&client, &format!("http://{ops}/readyz"))
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        ready,
+        json!({"status": "ready", "checks": {"redis": true, "rabbitmq": true, "postgresql": true}})
+    );
+    let metrics = get_ok(&client, &format!("http://{ops}/metrics"))
+        .await
+        .unwrap();
+    for name in [
+        "refreshd_scheduler_tick_seconds_count",
+        "refreshd_scheduler_autosync_requested_total 1",
+        "refreshd_scheduler_last_tick_timestamp_seconds",
+        "refreshd_admissions_total{source=\"AUTOSYNC\"} 1",
+    ] {
+        assert!(metrics.contains(name), "{name} in:\n{metrics}");
+    }
+
+    let signalled = Instant::now();
+    scheduler.terminate();
+    let status = scheduler
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "no exit within shutdown.grace_secs; log:\n{}",
+                scheduler.log()
+            )
+        });
+    assert!(status.success(), "{status}; log:\n{}", scheduler.log());
+    report(&format!(
+        "scheduler: exit 0 {:?} after SIGTERM",
+        signalled.elapsed()
+    ));
+}
+
+#[tokio::test]
+async fn a_worker_process_serves_its_probes() {
+    let (app, _api, _bank) = app_with_bank(&[]).await;
+    let ops = free_addr();
+    let mut worker = WorkerProcess::spawn(&app, &[("worker.metrics_bind", ops.as_str())]);
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let health = loop {
+        worker.assert_running();
+        if let Some(body) = get_ok(&client, &format!("http://{ops}/healthz")).await {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no /healthz; log:\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(health, r#"{"status":"ok"}"#);
+    let ready = get_ok(&client, &format!("http://{ops}/readyz"))
+        .await
+        .unwrap();
+    assert!(ready.contains(r#""status":"ready""#), "{ready}");
+    let metrics = get_ok(&client, &format!("http://{ops}/metrics"))
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("refreshd_refreshes_in_flight"),
+        "{metrics}"
+    );
+    worker.terminate();
+    assert!(
+        worker
+            .wait_exit(Duration::from_secs(10))
+            .await
+            .is_some_and(|s| s.success())
+    );
+}

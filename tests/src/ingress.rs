@@ -17,7 +17,7 @@ pub struct Api {
     pub client: reqwest::Client,
     pub services: Services,
     /// The registry served at `/metrics` (a worker started with this API adds to it).
-    pub metrics: Arc<refresh_ingress::Metrics>,
+    pub metrics: Arc<refresh_ops::Registry>,
 }
 
 /// A dev-secret token for `tenant` with `scope`, valid for an hour.
@@ -58,11 +58,14 @@ pub async fn ingress_with(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("harness: bind");
-    let metrics = Arc::new(refresh_ingress::Metrics::new());
+    let metrics = Arc::new(refresh_ops::Registry::new());
+    let admission = refresh_admission::AdmissionMetrics::default();
+    metrics.register(|r| admission.register(r));
     let addr = refreshd::ingress::start(
         settings,
         &services,
         metrics.clone(),
+        admission,
         listener,
         &app.shutdown,
         &app.tracker,

@@ -24,7 +24,7 @@ mod process;
 mod proxy;
 mod worker;
 pub use ingress::{Answer, Api, dev_token, ingress_with};
-pub use process::{WorkerProcess, refreshd_binary, worker_command};
+pub use process::{WorkerProcess, refreshd_binary, role_command, worker_command};
 pub use proxy::Proxy;
 pub use worker::{Bank, app_with_bank, fast_worker_config, start_worker};
 

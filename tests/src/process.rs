@@ -45,8 +45,18 @@ pub fn worker_command(
     app: &TestApp,
     overrides: &[(&str, &str)],
 ) -> Command {
+    role_command(binary, "worker", app, overrides)
+}
+
+/// `binary role` on `app`'s namespace, configured like [`worker_command`].
+pub fn role_command(
+    binary: &std::path::Path,
+    role: &str,
+    app: &TestApp,
+    overrides: &[(&str, &str)],
+) -> Command {
     let mut command = Command::new(binary);
-    command.arg("worker");
+    command.arg(role);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("REFRESHD") {
             command.env_remove(key);
@@ -70,19 +80,24 @@ impl WorkerProcess {
     /// Starts `refreshd worker` on `app`'s namespace and its `sim` provider, with the
     /// dev settings plus `overrides` (`("lock.lease_secs", "5")`).
     pub fn spawn(app: &TestApp, overrides: &[(&str, &str)]) -> Self {
+        Self::spawn_role(app, "worker", overrides)
+    }
+
+    /// Starts `refreshd {role}` likewise (e.g. `scheduler`).
+    pub fn spawn_role(app: &TestApp, role: &str, overrides: &[(&str, &str)]) -> Self {
         let log = std::env::temp_dir().join(format!(
-            "refreshd-worker-{}-{}.log",
+            "refreshd-{role}-{}-{}.log",
             app.namespace,
             uuid::Uuid::new_v4().simple()
         ));
-        let stderr = std::fs::File::create(&log).expect("harness: create the worker's log");
-        let mut command = worker_command(&refreshd_binary(), app, overrides);
+        let stderr = std::fs::File::create(&log).expect("harness: create the process's log");
+        let mut command = role_command(&refreshd_binary(), role, app, overrides);
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .expect("harness: spawn `refreshd worker`");
+            .expect("harness: spawn `refreshd`");
         Self { child, log }
     }
 

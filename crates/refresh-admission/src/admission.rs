@@ -19,7 +19,7 @@ use refresh_pg::{ConsentRow, OutboxEvent, Store, StoreError};
 use refresh_redis::{Gate, GateDecision, GateError, GateRequest, Ticket};
 use tokio::sync::Notify;
 
-use crate::metrics::Metrics;
+use crate::metrics::AdmissionMetrics;
 
 /// Who asks, and for which consent.
 #[derive(Clone, Debug)]
@@ -56,7 +56,7 @@ pub struct Admitter {
     store: Store,
     gate: Gate,
     broker: Broker,
-    metrics: Arc<Metrics>,
+    metrics: AdmissionMetrics,
     /// Wakes the outbox relay when an event was written.
     outbox: Arc<Notify>,
 }
@@ -66,7 +66,7 @@ impl Admitter {
         store: Store,
         gate: Gate,
         broker: Broker,
-        metrics: Arc<Metrics>,
+        metrics: AdmissionMetrics,
         outbox: Arc<Notify>,
     ) -> Self {
         Self {
@@ -328,7 +328,7 @@ pub(crate) fn refuse_consent(
 }
 
 /// The INITIALIZED (or later) event of a record, ready for the outbox.
-pub(crate) fn refresh_event(record: &RefreshRecord, at: DateTime<Utc>) -> OutboxEvent {
+pub fn refresh_event(record: &RefreshRecord, at: DateTime<Utc>) -> OutboxEvent {
     let event = CloudEvent::refresh(record, EventId::from_uuid(uuid::Uuid::now_v7()), at);
     OutboxEvent {
         event_id: event.id,

@@ -10,7 +10,7 @@ use refresh_pg::{OutboxEvent, Store};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::error::error_chain;
+use refresh_core::error_chain;
 
 /// Rows claimed per round.
 const BATCH: i64 = 200;

@@ -1,12 +1,15 @@
-//! CloudEvents 1.0 (structured JSON) for refresh status changes and refused requests, and their routing keys.
+//! CloudEvents 1.0 (structured JSON) for refresh status changes, refused requests and
+//! consent lifecycle changes, and their routing keys.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use crate::ids::ProviderId;
 use crate::ids::{ConsentId, EventId, TenantId};
 use crate::problem::Problem;
 use crate::record::RefreshRecord;
 use crate::requested_by::RequestedBy;
+use crate::status::ConsentStatus;
 
 /// The CloudEvents version produced.
 pub const SPEC_VERSION: &str = "1.0";
@@ -18,6 +21,8 @@ pub const DATA_CONTENT_TYPE: &str = "application/json";
 pub const EVENT_TYPE_PREFIX: &str = "io.refreshd.refresh.";
 /// The segment of refused requests (not a refresh status).
 pub const REJECTED_SEGMENT: &str = "rejected";
+/// Consent lifecycle event types are this prefix plus the change's segment.
+pub const CONSENT_EVENT_TYPE_PREFIX: &str = "io.refreshd.consent.";
 
 /// A CloudEvent in structured JSON mode; field names as CloudEvents spells them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +113,60 @@ impl CloudEvent<RejectedRequest> {
     /// `refresh.rejected.{tenantId}`.
     pub fn routing_key(&self) -> String {
         routing_key(REJECTED_SEGMENT, &self.data.tenant_id)
+    }
+}
+
+/// The data of a consent lifecycle event: the consent as `GET /v1/consents/{consentId}`
+/// shows it, at the change (`quota` is absent: a consent that left `ACTIVE` admits
+/// nothing more).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsentSnapshot {
+    pub consent_id: ConsentId,
+    pub tenant_id: TenantId,
+    pub provider_id: ProviderId,
+    pub bank_consent_id: String,
+    pub status: ConsentStatus,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub last_refreshed_at: Option<DateTime<Utc>>,
+    pub refreshing: bool,
+}
+
+impl ConsentStatus {
+    /// The segment of the lifecycle event announcing a change to this status
+    /// (`revoked`, `expired`, `inactivated`); none for `ACTIVE`.
+    pub fn event_segment(self) -> Option<&'static str> {
+        match self {
+            Self::Active => None,
+            Self::Revoked => Some("revoked"),
+            Self::Expired => Some("expired"),
+            Self::Inactive => Some("inactivated"),
+        }
+    }
+}
+
+impl CloudEvent<ConsentSnapshot> {
+    /// The event announcing that the consent reached `consent.status`; `None` for
+    /// `ACTIVE`, which no event announces.
+    pub fn consent(consent: ConsentSnapshot, id: EventId, time: DateTime<Utc>) -> Option<Self> {
+        let segment = consent.status.event_segment()?;
+        Some(Self {
+            specversion: SPEC_VERSION.to_owned(),
+            id,
+            source: EVENT_SOURCE.to_owned(),
+            r#type: format!("{CONSENT_EVENT_TYPE_PREFIX}{segment}"),
+            subject: consent.consent_id.to_string(),
+            time,
+            datacontenttype: DATA_CONTENT_TYPE.to_owned(),
+            data: consent,
+        })
+    }
+
+    /// `consent.{revoked|expired|inactivated}.{tenantId}`.
+    pub fn routing_key(&self) -> String {
+        let segment = self.data.status.event_segment().unwrap_or("changed");
+        format!("consent.{segment}.{}", self.data.tenant_id)
     }
 }
 

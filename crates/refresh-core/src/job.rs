@@ -34,6 +34,14 @@ impl Job {
         serde_json::from_slice(body).map_err(|e| JobError(e.to_string()))
     }
 
+    /// The `refreshId` of a body that is not a valid job as a whole (a field missing
+    /// or malformed), when that much of it can be read: its refresh can then be ended
+    /// instead of waiting forever.
+    pub fn refresh_id_of(body: &[u8]) -> Option<RefreshId> {
+        let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+        value.get("refreshId")?.as_str()?.parse().ok()
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         // Serializing plain data with string keys cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
@@ -43,6 +51,27 @@ impl Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refresh_id_of_a_broken_job() {
+        let check = |body: &str, expected: Option<&str>| {
+            assert_eq!(
+                Job::refresh_id_of(body.as_bytes()),
+                expected.map(|id| id.parse().unwrap()),
+                "{body}"
+            );
+        };
+        let id = "0190d3c4-7a00-7000-8000-000000000001";
+        check(&format!(r#"{{"refreshId": "{id}"}}"#), Some(id));
+        check(
+            &format!(r#"{{"refreshId": "{id}", "consentId": 7}}"#),
+            Some(id),
+        );
+        check(r#"{"refreshId": "nope"}"#, None);
+        check(r#"{"refreshId": 1}"#, None);
+        check("not json", None);
+        check("[]", None);
+    }
 
     #[test]
     fn round_trip_and_refusals() {

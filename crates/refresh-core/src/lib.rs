@@ -13,6 +13,7 @@
 //! Each module's items are also re-exported here.
 
 pub mod admission;
+pub mod autosync;
 mod error_chain;
 pub mod event;
 pub mod ids;
@@ -28,6 +29,7 @@ pub mod stagger;
 pub mod status;
 
 pub use admission::*;
+pub use autosync::*;
 pub use error_chain::error_chain;
 pub use event::*;
 pub use ids::*;
@@ -51,6 +53,7 @@ mod purity {
     /// Every module; a new module belongs here too.
     const SOURCES: &[(&str, &str)] = &[
         ("admission.rs", include_str!("admission.rs")),
+        ("autosync.rs", include_str!("autosync.rs")),
         ("event.rs", include_str!("event.rs")),
         ("ids.rs", include_str!("ids.rs")),
         ("job.rs", include_str!("job.rs")),

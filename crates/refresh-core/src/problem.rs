@@ -47,6 +47,8 @@ string_enum! {
         BankError => "bank_error",
         /// 500: a bug or an unexpected state; details go to the log only.
         Internal => "internal",
+        /// 500 (refresh error): the refresh's job was lost or dead-lettered.
+        InternalError => "internal_error",
     }
 }
 
@@ -65,7 +67,7 @@ impl ProblemCode {
             Self::RefreshInProgress => 409,
             Self::PayloadTooLarge => 413,
             Self::DailyLimitReached | Self::BacklogFull => 429,
-            Self::Internal => 500,
+            Self::Internal | Self::InternalError => 500,
             Self::BankError => 502,
             Self::Unavailable | Self::BankUnavailable => 503,
         }
@@ -435,7 +437,14 @@ mod tests {
             "Internal Server Error",
             "rfc9110#section-15.6.1",
         );
-        assert_eq!(ProblemCode::ALL.len(), 17);
+        check_code(
+            InternalError,
+            "internal_error",
+            500,
+            "Internal Server Error",
+            "rfc9110#section-15.6.1",
+        );
+        assert_eq!(ProblemCode::ALL.len(), 18);
         assert!("Consent_Not_Found".parse::<ProblemCode>().is_err());
     }
 

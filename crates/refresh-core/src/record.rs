@@ -117,6 +117,15 @@ impl RefreshError {
         )
     }
 
+    /// The refresh's job cannot run any more (dead-lettered, or lost with no worker
+    /// holding it); `reason` says why.
+    pub fn internal_error(reason: &str) -> Self {
+        Self::new(
+            ProblemCode::InternalError,
+            format!("The refresh could not be run: {reason}"),
+        )
+    }
+
     /// The problem a client waiting on this refresh is answered with.
     pub fn to_problem(&self) -> Problem {
         Problem::from_refresh_error(self.code, self.message.clone())

@@ -6,7 +6,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use refresh_core::{Problem, ProblemCode};
 
-use crate::admission::Unavailable;
+use refresh_admission::Unavailable;
 
 pub(crate) const PROBLEM_JSON: &str = "application/problem+json";
 

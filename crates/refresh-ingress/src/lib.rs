@@ -1,13 +1,10 @@
-//! The ingress (SPEC §2–§4): admission shared by every channel, the HTTP API, the
-//! upstream request consumer, and the outbox relay that publishes status events.
+//! The ingress (SPEC §3–§4): the HTTP API and the upstream request consumer, both
+//! deciding through the admission of `refresh-admission`.
 
-mod admission;
 mod auth;
 mod data;
 mod error;
-pub mod metrics;
 mod openapi;
-pub mod relay;
 mod routes;
 mod state;
 pub mod upstream;
@@ -16,15 +13,14 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use admission::{Admitter, Decision, RefreshRequest, Unavailable};
 pub use auth::{AuthConfigError, Principal, SCOPE_ADMIN, SCOPE_STORED_DATA, Verifier, mint_hs256};
 pub use error::{ApiError, error_chain};
-pub use metrics::Metrics;
+use refresh_admission::Admitter;
 use refresh_amqp::Broker;
+use refresh_ops::Registry;
 use refresh_pg::Store;
 use refresh_redis::{ConnectionManager, Gate};
 pub use routes::BODY_LIMIT;
-use tokio_util::sync::CancellationToken;
 
 /// What the HTTP API needs besides the adapters.
 #[derive(Debug, Clone)]
@@ -46,7 +42,7 @@ pub fn router(
     broker: Broker,
     redis: ConnectionManager,
     verifier: Verifier,
-    metrics: Arc<Metrics>,
+    metrics: Arc<Registry>,
     config: HttpConfig,
 ) -> axum::Router {
     routes::router(state::AppState {
@@ -61,34 +57,4 @@ pub fn router(
         retention_days: config.retention_days,
         sync_wait: config.sync_wait,
     })
-}
-
-/// Only `/metrics`, for processes without the API (a standalone worker).
-pub fn metrics_router(metrics: Arc<Metrics>) -> axum::Router {
-    axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = metrics.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.render(),
-                )
-            }
-        }),
-    )
-}
-
-/// Serves `router` on `listener` until `shutdown`, then lets in-flight requests finish.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: axum::Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
 }

@@ -19,10 +19,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa::ToSchema;
 
-use crate::admission::{Decision, RefreshRequest};
 use crate::auth::Principal;
 use crate::error::{ApiError, problem_response};
 use crate::state::AppState;
+use refresh_admission::{Decision, RefreshRequest};
 
 /// Largest accepted request body (SPEC §3).
 pub const BODY_LIMIT: usize = 64 * 1024;

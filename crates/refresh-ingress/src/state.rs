@@ -8,9 +8,9 @@ use refresh_amqp::Broker;
 use refresh_pg::Store;
 use refresh_redis::Gate;
 
-use crate::admission::Admitter;
 use crate::auth::Verifier;
-use crate::metrics::Metrics;
+use refresh_admission::Admitter;
+use refresh_ops::Registry;
 
 #[derive(Clone)]
 pub(crate) struct AppState {
@@ -20,7 +20,7 @@ pub(crate) struct AppState {
     pub(crate) broker: Broker,
     pub(crate) redis: refresh_redis::ConnectionManager,
     pub(crate) verifier: Verifier,
-    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Registry>,
     /// Configured provider ids.
     pub(crate) providers: Arc<BTreeSet<String>>,
     pub(crate) retention_days: u32,

@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admission::{Admitter, Decision, RefreshRequest};
 use crate::error::error_chain;
+use refresh_admission::{Admitter, Decision, RefreshRequest};
 
 /// The request message (wire type).
 #[derive(Debug, Deserialize)]

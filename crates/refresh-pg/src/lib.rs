@@ -6,12 +6,14 @@
 //! to it, so the migrations and queries never name a schema.
 
 mod crypto;
+mod lifecycle;
 mod pool;
 mod read;
 mod store;
 mod stored;
 
 pub use crypto::{CryptoError, TokenCipher};
+pub use lifecycle::{AutosyncClaim, RemovedData, Retained, StalledCandidate};
 pub use pool::{
     DatabaseSettings, PgError, Schema, check_migrated, connect, drop_schema, health, migrate,
 };

@@ -126,7 +126,7 @@ const CONSENT_COLUMNS: &str = "consent_id, tenant_id, provider_id, bank_consent_
 pub(crate) const REFRESH_COLUMNS: &str = "refresh_id, consent_id, tenant_id, requested_by, status, \
      date_requested, not_before, started_at, finished_at, error_code, error_message, summary";
 
-fn consent_row(row: &PgRow) -> Result<ConsentRow, StoreError> {
+pub(crate) fn consent_row(row: &PgRow) -> Result<ConsentRow, StoreError> {
     Ok(ConsentRow {
         consent_id: ConsentId::from_uuid(row.try_get("consent_id")?),
         tenant_id: TenantId::parse(row.try_get::<&str, _>("tenant_id")?).map_err(corrupt)?,
@@ -247,8 +247,8 @@ impl Store {
         )?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO consents (consent_id, tenant_id, provider_id, bank_consent_id, \
-             access_token_enc, expires_at, status, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $7) RETURNING {CONSENT_COLUMNS}"
+             access_token_enc, expires_at, status, created_at, updated_at, autosync_jitter_bp) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $7, $8) RETURNING {CONSENT_COLUMNS}"
         )))
         .bind(consent.consent_id.as_uuid())
         .bind(consent.tenant_id.as_str())
@@ -257,6 +257,7 @@ impl Store {
         .bind(sealed)
         .bind(consent.expires_at)
         .bind(consent.created_at)
+        .bind(i32::try_from(refresh_core::autosync_jitter_bp(consent.consent_id)).map_err(corrupt)?)
         .fetch_one(&self.pool)
         .await?;
         consent_row(&row)
@@ -289,23 +290,6 @@ impl Store {
             })
             .transpose()
             .map_err(StoreError::from)
-    }
-
-    /// Sets the consent's status; false if there is no such consent.
-    pub async fn set_consent_status(
-        &self,
-        consent_id: ConsentId,
-        status: ConsentStatus,
-        at: DateTime<Utc>,
-    ) -> Result<bool, StoreError> {
-        let done =
-            sqlx::query("UPDATE consents SET status = $2, updated_at = $3 WHERE consent_id = $1")
-                .bind(consent_id.as_uuid())
-                .bind(status.as_str())
-                .bind(at)
-                .execute(&self.pool)
-                .await?;
-        Ok(done.rows_affected() == 1)
     }
 
     // --- refreshes ------------------------------------------------------------------

@@ -191,12 +191,7 @@ async fn write_terminal(
         .await?;
     }
     if let Some(status) = consent_status {
-        sqlx::query("UPDATE consents SET status = $2, updated_at = $3 WHERE consent_id = $1")
-            .bind(record.consent_id.as_uuid())
-            .bind(status.as_str())
-            .bind(at)
-            .execute(&mut **tx)
-            .await?;
+        crate::lifecycle::transition(tx, record.consent_id, status, at).await?;
     }
     insert_outbox(&mut **tx, &outbox_event(record, event_id, at), at).await
 }

@@ -88,7 +88,11 @@ async fn process(deps: &WorkerDeps, config: &WorkerConfig, body: &[u8]) -> Step 
         Ok(job) => job,
         Err(error) => {
             deps.metrics.dead_lettered();
-            return Step::Settle(Outcome::dead_letter(error.to_string()));
+            let reason = error.to_string();
+            if let Some(refresh_id) = Job::refresh_id_of(body) {
+                end_dead_lettered(deps, refresh_id, &reason).await;
+            }
+            return Step::Settle(Outcome::dead_letter(reason));
         }
     };
     match run_job(deps, config, &job).await {
@@ -421,6 +425,43 @@ async fn finish_error(
     Ok(Step::Settle(Outcome::Ack))
 }
 
+/// A job dead-lettered with its refresh id readable: its refresh can never run, so it
+/// ends `ERROR` `internal_error` with the reason at once (if still in flight), and its
+/// consent is freed. A failure here leaves it to the scheduler's stalled check.
+async fn end_dead_lettered(deps: &WorkerDeps, refresh_id: RefreshId, reason: &str) {
+    let error = RefreshError::internal_error(&format!("its job was dead-lettered ({reason})"));
+    let consent_id = match deps.store.job_state(refresh_id).await {
+        Ok(Some(state)) => state.record.consent_id,
+        Ok(None) => return,
+        Err(error) => {
+            warn!(%refresh_id, error = %error_chain(&error), "cannot end the refresh of a dead-lettered job now");
+            return;
+        }
+    };
+    match deps
+        .store
+        .finish_error(refresh_id, error, None, event_id(), now())
+        .await
+    {
+        Ok(Finish::Done(_)) => {
+            warn!(%refresh_id, "ended the refresh of a dead-lettered job ERROR internal_error");
+            deps.metrics
+                .finished("ERROR", Some("internal_error"), Duration::ZERO);
+        }
+        Ok(Finish::Fenced) => return,
+        Err(error) => {
+            warn!(%refresh_id, error = %error_chain(&error), "cannot end the refresh of a dead-lettered job now");
+            return;
+        }
+    }
+    if let Err(error) = publish_outbox(&deps.store, &deps.broker).await {
+        warn!(error = %error, "cannot publish the outbox now; the relay will");
+    }
+    if let Err(error) = deps.gate.release_lock(consent_id, refresh_id).await {
+        warn!(error = %error_chain(&error), "cannot free the consent's lock; its lease will");
+    }
+}
+
 /// After a terminal status is committed: publish the outbox (the ingress relay also
 /// would, so a failure here loses nothing) and free the lock.
 async fn after_finish(deps: &WorkerDeps, job: &Job) {
@@ -432,23 +473,9 @@ async fn after_finish(deps: &WorkerDeps, job: &Job) {
     }
 }
 
-/// Publishes unpublished outbox events with confirms (sent in order, confirms awaited
-/// together) and marks them.
+/// Publishes the outbox right after a commit, as the relay would.
 async fn publish_outbox(store: &Store, broker: &refresh_amqp::Broker) -> Result<usize, String> {
-    store
-        .publish_pending(100, |event| {
-            let body = serde_json::to_vec(&event.payload).unwrap_or_default();
-            let id = event.event_id.to_string();
-            let routing_key = event.routing_key.clone();
-            async move {
-                broker
-                    .publish_event(&routing_key, &body, &id)
-                    .await
-                    .map_err(|e| error_chain(&e))
-            }
-        })
-        .await
-        .map_err(|e| error_chain(&e))
+    refresh_admission::relay::relay_once(store, broker).await
 }
 
 #[cfg(test)]

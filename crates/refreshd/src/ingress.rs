@@ -4,7 +4,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use refresh_ingress::{Admitter, HttpConfig, Metrics, Verifier};
+use refresh_admission::{AdmissionMetrics, Admitter};
+use refresh_ingress::{HttpConfig, Verifier};
+use refresh_ops::Registry;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -12,12 +14,15 @@ use tokio_util::task::TaskTracker;
 use crate::services::Services;
 use crate::{RunError, Settings};
 
-/// Starts the ingress's tasks on `tracker`, serving HTTP on `listener`; returns the
-/// bound address. Everything stops when `shutdown` is cancelled.
+/// Starts the ingress's tasks on `tracker`, serving HTTP on `listener` and `registry`
+/// at `/metrics`, counting admissions in `admission_metrics` (registered by the
+/// caller, once per process); returns the bound address. Everything stops when
+/// `shutdown` is cancelled.
 pub async fn start(
     settings: &Settings,
     services: &Services,
-    metrics: Arc<Metrics>,
+    registry: Arc<Registry>,
+    admission_metrics: AdmissionMetrics,
     listener: tokio::net::TcpListener,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
@@ -32,7 +37,7 @@ pub async fn start(
         services.store.clone(),
         services.gate.clone(),
         services.broker.clone(),
-        metrics.clone(),
+        admission_metrics,
         nudge.clone(),
     );
     let router = refresh_ingress::router(
@@ -42,7 +47,7 @@ pub async fn start(
         services.broker.clone(),
         services.redis.clone(),
         verifier,
-        metrics,
+        registry,
         HttpConfig {
             providers: settings.providers.keys().cloned().collect(),
             retention_days: settings.history.retention_days,
@@ -53,7 +58,7 @@ pub async fn start(
         addr: settings.http.bind.clone(),
         source,
     })?;
-    tracker.spawn(refresh_ingress::relay::run(
+    tracker.spawn(refresh_admission::relay::run(
         services.store.clone(),
         services.broker.clone(),
         nudge,
@@ -68,7 +73,7 @@ pub async fn start(
     ));
     let http_shutdown = shutdown.child_token();
     tracker.spawn(async move {
-        if let Err(error) = refresh_ingress::serve(listener, router, http_shutdown).await {
+        if let Err(error) = refresh_ops::serve(listener, router, http_shutdown).await {
             tracing::error!(error = %error, "the HTTP server stopped");
         }
     });
@@ -81,17 +86,19 @@ pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<(),
     let tracker = TaskTracker::new();
     let services = Services::connect(settings, &shutdown, &tracker).await?;
     let listener = crate::bind(&settings.http.bind).await?;
+    let registry = Arc::new(Registry::new());
+    let admission_metrics = AdmissionMetrics::default();
+    registry.register(|r| admission_metrics.register(r));
     start(
         settings,
         &services,
-        Arc::new(Metrics::new()),
+        registry,
+        admission_metrics,
         listener,
         &shutdown,
         &tracker,
     )
     .await?;
-    tracker.close();
-    shutdown.cancelled().await;
-    tracker.wait().await;
+    crate::until_drained(&tracker, &shutdown).await;
     Ok(())
 }

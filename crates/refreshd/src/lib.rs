@@ -2,6 +2,7 @@
 //! integration tests call, so both exercise the same code.
 
 pub mod ingress;
+pub mod scheduler;
 pub mod services;
 pub mod settings;
 pub mod telemetry;
@@ -49,7 +50,12 @@ impl Role {
 
     /// Roles that encrypt or decrypt bank access tokens.
     pub(crate) fn handles_tokens(self) -> bool {
-        matches!(self, Self::Ingress | Self::Worker | Self::Dev)
+        // The scheduler connects like the others (and re-encrypts nothing yet, but
+        // shares their store).
+        matches!(
+            self,
+            Self::Ingress | Self::Worker | Self::Scheduler | Self::Dev
+        )
     }
 
     /// The environment whose file is layered when `REFRESHD_ENV` is unset.
@@ -99,7 +105,7 @@ pub async fn run(
         Role::Ingress => ingress::run(&settings, shutdown).await,
         Role::Worker => worker::run(&settings, shutdown).await,
         Role::Dev => dev(&settings, shutdown).await,
-        Role::Scheduler => Err(RunError::NotAvailable(role.name())),
+        Role::Scheduler => scheduler::run(&settings, shutdown).await,
     }
 }
 
@@ -132,35 +138,100 @@ async fn bank_sim(settings: &Settings, shutdown: CancellationToken) -> Result<()
         .map_err(|e| RunError::Role("bank-sim", Box::new(e)))
 }
 
-/// `refreshd dev`: the bank simulator, the ingress and the worker in one process.
+/// Serves `/healthz`, `/readyz` and `/metrics` on `bind` for a role without the API,
+/// unless `bind` is empty.
+pub(crate) async fn serve_ops(
+    bind: &str,
+    role: &'static str,
+    registry: std::sync::Arc<refresh_ops::Registry>,
+    readiness: refresh_ops::Readiness,
+    shutdown: &CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> Result<(), RunError> {
+    if bind.is_empty() {
+        return Ok(());
+    }
+    let listener = self::bind(bind).await?;
+    let router = refresh_ops::router(registry, readiness);
+    let stop = shutdown.child_token();
+    tracker.spawn(async move {
+        if let Err(error) = refresh_ops::serve(listener, router, stop).await {
+            tracing::error!(error = %error, role, "the operations listener stopped");
+        }
+    });
+    tracing::info!(addr = %bind, role, "serving /healthz, /readyz and /metrics");
+    Ok(())
+}
+
+/// `refreshd dev`: the bank simulator, the ingress, a worker and a scheduler in one
+/// process. The simulator stops last, so that refreshes in flight at Ctrl-C finish
+/// against it rather than spending an attempt.
 async fn dev(settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
-    let tracker = tokio_util::task::TaskTracker::new();
+    let sim_tracker = tokio_util::task::TaskTracker::new();
     let sim_addr = settings.bank_sim.bind.clone();
     let sim_listener = bind(&sim_addr).await?;
     let sim_settings = settings.bank_sim.clone();
-    let sim_shutdown = shutdown.child_token();
-    tracker.spawn(async move {
-        if let Err(error) = refresh_banksim::serve(sim_listener, sim_settings, sim_shutdown).await {
+    let sim_shutdown = CancellationToken::new();
+    let sim_stop = sim_shutdown.clone();
+    sim_tracker.spawn(async move {
+        if let Err(error) = refresh_banksim::serve(sim_listener, sim_settings, sim_stop).await {
             tracing::error!(error = %error, "the bank simulator stopped");
         }
     });
-    let services = services::Services::connect(settings, &shutdown, &tracker).await?;
+    sim_tracker.close();
+    let roles = dev_roles(settings, &shutdown).await;
+    sim_shutdown.cancel();
+    sim_tracker.wait().await;
+    roles
+}
+
+/// The ingress, worker and scheduler of `refreshd dev`, until `shutdown` and their drain.
+async fn dev_roles(settings: &Settings, shutdown: &CancellationToken) -> Result<(), RunError> {
+    let tracker = tokio_util::task::TaskTracker::new();
+    let services = services::Services::connect(settings, shutdown, &tracker).await?;
     let listener = bind(&settings.http.bind).await?;
-    // One registry: the worker's metrics are served with the ingress's at /metrics.
-    let metrics = std::sync::Arc::new(refresh_ingress::Metrics::new());
+    // One registry: every role's metrics are served with the ingress's at /metrics.
+    let registry = std::sync::Arc::new(refresh_ops::Registry::new());
     worker::start(
         settings,
         &services,
         worker::config(settings),
-        &metrics,
-        &shutdown,
+        &registry,
+        shutdown,
         &tracker,
     )?;
-    ingress::start(settings, &services, metrics, listener, &shutdown, &tracker).await?;
+    let admission_metrics = refresh_admission::AdmissionMetrics::default();
+    registry.register(|r| admission_metrics.register(r));
+    scheduler::start(
+        settings,
+        &services,
+        &registry,
+        admission_metrics.clone(),
+        shutdown,
+        &tracker,
+    );
+    ingress::start(
+        settings,
+        &services,
+        registry,
+        admission_metrics,
+        listener,
+        shutdown,
+        &tracker,
+    )
+    .await?;
+    until_drained(&tracker, shutdown).await;
+    Ok(())
+}
+
+/// Waits for `shutdown`, then for every task on `tracker` to finish its drain.
+pub(crate) async fn until_drained(
+    tracker: &tokio_util::task::TaskTracker,
+    shutdown: &CancellationToken,
+) {
     tracker.close();
     shutdown.cancelled().await;
     tracker.wait().await;
-    Ok(())
 }
 
 /// How long `run` may take to stop after `shutdown` is cancelled.

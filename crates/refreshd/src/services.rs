@@ -1,6 +1,5 @@
 //! Connecting a role to the services it needs, each adapter handed its own section.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use refresh_amqp::Broker;
@@ -67,5 +66,13 @@ impl Services {
     }
 }
 
-/// Shared between the roles of one process (`refreshd dev`).
-pub type SharedMetrics = Arc<refresh_ingress::Metrics>;
+impl Services {
+    /// Readiness over every connected adapter.
+    pub fn readiness(&self) -> refresh_ops::Readiness {
+        refresh_ops::Readiness {
+            redis: Some(self.redis.clone()),
+            store: Some(self.store.clone()),
+            broker: Some(self.broker.clone()),
+        }
+    }
+}

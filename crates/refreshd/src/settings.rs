@@ -35,6 +35,7 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     pub worker: WorkerSettings,
     pub history: HistorySettings,
+    pub scheduler: SchedulerSettings,
     #[serde(default)]
     pub auth: AuthSettings,
     #[serde(default)]
@@ -88,7 +89,7 @@ pub struct WorkerSettings {
     pub concurrency: u32,
     pub max_attempts: u32,
     pub prefetch: u16,
-    /// Where a standalone worker serves `/metrics` (empty: nowhere).
+    /// Where a standalone worker serves `/healthz`, `/readyz`, `/metrics` (empty: nowhere).
     pub metrics_bind: String,
 }
 
@@ -96,6 +97,19 @@ pub struct WorkerSettings {
 #[serde(deny_unknown_fields)]
 pub struct HistorySettings {
     pub retention_days: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSettings {
+    pub tick_secs: u64,
+    /// Consents requested per tick and replica at most.
+    pub batch_size: u32,
+    /// A refresh still INITIALIZED this long after its start slot, with no worker
+    /// holding its lock, is ended ERROR `internal_error`.
+    pub stalled_after_secs: u64,
+    /// Where a standalone scheduler serves `/healthz`, `/readyz`, `/metrics` (empty: nowhere).
+    pub metrics_bind: String,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -215,7 +229,13 @@ impl Settings {
         if self.stagger.period_secs == 0 {
             return Err(invalid("stagger.period_secs", "must be at least 1"));
         }
-        let positive: [(&'static str, u64); 9] = [
+        if self.stagger.validate().is_err() {
+            return Err(invalid(
+                "stagger.autosync_share",
+                "must be more than 0 and at most 1",
+            ));
+        }
+        let positive: [(&'static str, u64); 12] = [
             ("lock.lease_secs", self.lock.lease_secs),
             ("shutdown.grace_secs", self.shutdown.grace_secs),
             ("worker.concurrency", self.worker.concurrency.into()),
@@ -225,6 +245,12 @@ impl Settings {
             ("http.sync_wait_secs", self.http.sync_wait_secs),
             ("redis.command_timeout_ms", self.redis.command_timeout_ms),
             ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
+            ("scheduler.tick_secs", self.scheduler.tick_secs),
+            ("scheduler.batch_size", self.scheduler.batch_size.into()),
+            (
+                "scheduler.stalled_after_secs",
+                self.scheduler.stalled_after_secs,
+            ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(key, "must be at least 1"));

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use refresh_bank::{ConnectorSettings, ProviderKind};
+use refresh_ops::Registry;
 use refresh_worker::{Provider, WorkerConfig, WorkerDeps, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -63,12 +64,12 @@ pub fn start(
     settings: &Settings,
     services: &Services,
     config: WorkerConfig,
-    metrics: &refresh_ingress::Metrics,
+    registry: &Registry,
     shutdown: &CancellationToken,
     tracker: &TaskTracker,
 ) -> Result<(), RunError> {
     let worker_metrics = WorkerMetrics::default();
-    metrics.with_registry(|registry| worker_metrics.register(registry));
+    registry.register(|r| worker_metrics.register(r));
     let deps = WorkerDeps {
         store: services.store.clone(),
         gate: services.gate.clone(),
@@ -84,28 +85,24 @@ pub fn start(
 pub async fn run(settings: &Settings, shutdown: CancellationToken) -> Result<(), RunError> {
     let tracker = TaskTracker::new();
     let services = Services::connect(settings, &shutdown, &tracker).await?;
-    let metrics = std::sync::Arc::new(refresh_ingress::Metrics::new());
+    let registry = std::sync::Arc::new(Registry::new());
     start(
         settings,
         &services,
         config(settings),
-        &metrics,
+        &registry,
         &shutdown,
         &tracker,
     )?;
-    if !settings.worker.metrics_bind.is_empty() {
-        let listener = crate::bind(&settings.worker.metrics_bind).await?;
-        let router = refresh_ingress::metrics_router(metrics);
-        let stop = shutdown.child_token();
-        tracker.spawn(async move {
-            if let Err(error) = refresh_ingress::serve(listener, router, stop).await {
-                tracing::error!(error = %error, "the metrics listener stopped");
-            }
-        });
-        tracing::info!(addr = %settings.worker.metrics_bind, "worker metrics at /metrics");
-    }
-    tracker.close();
-    shutdown.cancelled().await;
-    tracker.wait().await;
+    crate::serve_ops(
+        &settings.worker.metrics_bind,
+        "worker",
+        registry,
+        services.readiness(),
+        &shutdown,
+        &tracker,
+    )
+    .await?;
+    crate::until_drained(&tracker, &shutdown).await;
     Ok(())
 }

@@ -1,0 +1,11 @@
+//! Admission (SPEC §2) for every channel — the HTTP API, the upstream AMQP consumer,
+//! the dashboard and the scheduler all decide a refresh request through one
+//! [`Admitter`] — and the outbox relay that publishes the events written by any
+//! role's transactions.
+
+mod admission;
+mod metrics;
+pub mod relay;
+
+pub use admission::{Admitter, Decision, RefreshRequest, Unavailable, refresh_event};
+pub use metrics::AdmissionMetrics;
