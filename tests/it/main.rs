@@ -13,4 +13,5 @@ mod harness;
 mod ingress;
 mod processes;
 mod purity;
+mod refreshctl;
 mod worker;

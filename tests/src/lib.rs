@@ -24,7 +24,9 @@ mod process;
 mod proxy;
 mod worker;
 pub use ingress::{Answer, Api, dev_token, ingress_with};
-pub use process::{WorkerProcess, refreshd_binary, worker_command};
+pub use process::{
+    WorkerProcess, refreshctl_binary, refreshctl_command, refreshd_binary, worker_command,
+};
 pub use proxy::Proxy;
 pub use worker::{Bank, app_with_bank, fast_worker_config, start_worker};
 

@@ -193,10 +193,12 @@ impl Broker {
 fn describe(properties: &BasicProperties, body: Vec<u8>) -> DeadMessage {
     let ours = text_header(properties, DEAD_REASON_HEADER);
     let deaths = broker_deaths(properties);
+    // `x-death` is newest first; `x-first-death-reason` is often a wait queue's
+    // TTL expiry, which is how a delayed job reached `jobs`, not why it died.
     let reason = ours
         .clone()
-        .or_else(|| text_header(properties, "x-first-death-reason"))
         .or_else(|| deaths.first().map(|death| death.reason.clone()))
+        .or_else(|| text_header(properties, "x-first-death-reason").filter(|r| r != "expired"))
         .unwrap_or_else(|| "unknown".to_owned());
     let earlier = count_header(properties, REPLAYED_COUNT_HEADER);
     let now_count = if ours.is_some() {
