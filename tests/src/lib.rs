@@ -18,11 +18,13 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod cluster;
 pub mod fixtures;
 mod ingress;
 mod process;
 mod proxy;
 mod worker;
+pub use cluster::RedisCluster;
 pub use ingress::{Answer, Api, dev_token, ingress_with};
 pub use process::{
     WorkerProcess, refreshctl_binary, refreshctl_command, refreshd_binary, worker_command,
@@ -41,7 +43,7 @@ pub struct TestApp {
     pub settings: Settings,
     /// A pool working inside the namespace's schema (already migrated).
     pub pg: PgPool,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: refresh_redis::ConnectionManager,
     /// A broker connection; the namespace's topology is declared.
     pub amqp: Connection,
     /// Stops every role the test started.
