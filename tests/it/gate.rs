@@ -839,3 +839,47 @@ async fn the_gate_on_a_cluster_answers_again_after_a_node_restarts() {
         }
     }
 }
+
+#[tokio::test]
+async fn the_gate_on_a_cluster_follows_a_failover_to_a_replica() {
+    let mut app = Redis::Cluster.app(&[("stagger.limit", "600")]).await;
+    let cluster = app.cluster.as_mut().unwrap();
+    let replica = cluster.add_replica(0).await;
+    let gate = gate(&app);
+    // Locks held on every master, the failing one included.
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        let req = request(new_consent(), RequestedBy::Api);
+        admitted(gate.admit(&req).await.unwrap());
+        held.push(req);
+    }
+    // Replication is asynchronous: give it a moment before the master dies.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cluster = app.cluster.as_mut().unwrap();
+    cluster.kill_node(0);
+    cluster.wait_until_master(replica).await;
+    // Each lock is still there after the failover: a second request is refused
+    // 409 naming the holder; until the client has followed, it is 503, never an
+    // admission.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for req in &held {
+        let again = GateRequest {
+            refresh_id: new_refresh(),
+            ..req.clone()
+        };
+        loop {
+            match gate.admit(&again).await {
+                Ok(decision) => {
+                    let problem = refused(decision);
+                    assert_eq!(problem.code, ProblemCode::RefreshInProgress);
+                    assert_eq!(problem.refresh_id, Some(req.refresh_id));
+                    break;
+                }
+                Err(GateError::Unavailable(_)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(error) => panic!("{error:?}"),
+            }
+        }
+    }
+}

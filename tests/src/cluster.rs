@@ -158,6 +158,68 @@ impl RedisCluster {
         }
     }
 
+    /// Adds a replica of master `index` (a fourth node, or more) and waits until it
+    /// has synchronised; returns its index.
+    pub async fn add_replica(&mut self, index: usize) -> usize {
+        let master = self.nodes[index].port;
+        let id = run(Command::new("redis-cli")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &master.to_string(),
+                "CLUSTER",
+                "MYID",
+            ])
+            .stdin(Stdio::null()));
+        let id = String::from_utf8_lossy(&id.stdout).trim().to_owned();
+        let port = free_port();
+        let child = self.spawn(port);
+        self.nodes.push(Node {
+            port,
+            child: Some(child),
+        });
+        self.wait_for(port, "PONG", &["PING"]).await;
+        let added = run(Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("add-node")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("127.0.0.1:{master}"))
+            .args(["--cluster-slave", "--cluster-master-id", &id])
+            .stdin(Stdio::null()));
+        assert!(
+            added.status.success(),
+            "harness: redis-cli --cluster add-node failed: {}{}",
+            String::from_utf8_lossy(&added.stdout),
+            String::from_utf8_lossy(&added.stderr)
+        );
+        self.wait_for(port, "master_link_status:up", &["INFO", "replication"])
+            .await;
+        for node in &self.nodes {
+            self.wait_for(node.port, "cluster_state:ok", &["CLUSTER", "INFO"])
+                .await;
+        }
+        self.nodes.len() - 1
+    }
+
+    /// Kills node `index` (SIGKILL) and leaves it down.
+    pub fn kill_node(&mut self, index: usize) {
+        if let Some(mut child) = self.nodes[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits until node `index` is a master (after a failover promoted it).
+    pub async fn wait_until_master(&self, index: usize) {
+        self.wait_for(
+            self.nodes[index].port,
+            "role:master",
+            &["INFO", "replication"],
+        )
+        .await;
+    }
+
     /// Kills node `index` and starts it again on its port and folder: it rejoins
     /// with its `nodes.conf` (same id, same slots), its data lost.
     pub async fn restart_node(&mut self, index: usize) {
