@@ -395,3 +395,47 @@ async fn dlq_replay_of_a_poison_job_that_was_then_fixed_makes_it_updated_once() 
     .unwrap();
     assert_eq!((attempts, updated_events), (1, 1));
 }
+
+#[tokio::test]
+async fn a_replayed_job_that_dies_again_is_replayed_once_and_counted_twice() {
+    let (app, api, _bank) = app_with_bank(&[("stagger.limit", "600")]).await;
+    start_worker(&app, &api, fast_worker_config(&app));
+    let broker = &api.services.broker;
+    broker
+        .publish_job(b"{\"not\": \"a job\"}", "poison-1", None)
+        .await
+        .unwrap();
+    let dead = |count: u32| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let listed = broker
+                .dead_letters(refresh_amqp::DeadQueue::Jobs, 10)
+                .await
+                .unwrap();
+            if listed.iter().any(|d| d.count == count) {
+                return listed;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no dead message with count {count}: {listed:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let first = dead(1).await;
+    assert_eq!(first.len(), 1);
+    assert!(first[0].reason.contains("malformed job"), "{first:?}");
+
+    // Replaying everything: the worker dead-letters it again at once, and the pass
+    // does not pick that new copy up a second time.
+    let run = refreshctl(&app, None, None, &["--json", "dlq", "replay"]).await;
+    assert_eq!(run.code, 0, "{run}");
+    assert_eq!(run.json()["replayed"].as_array().unwrap().len(), 1, "{run}");
+    let again = dead(2).await;
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0].message_id.as_deref(), Some("poison-1"));
+    assert_eq!(
+        again[0].first_seen, first[0].first_seen,
+        "the first death is kept"
+    );
+}

@@ -75,7 +75,7 @@ impl Broker {
         let name = self.dead_queue_name(queue);
         let mut listed = Vec::new();
         while listed.len() < limit.min(MAX_PASS) {
-            let Some(message) = self.get(&channel, name).await? else {
+            let Some((message, _)) = self.get(&channel, name).await? else {
                 break;
             };
             listed.push(describe(&message.properties, message.data));
@@ -86,7 +86,8 @@ impl Broker {
 
     /// Puts the dead messages whose `message_id` is in `ids` (every one when `ids`
     /// is empty) back on their queue, each once: republished with a publisher
-    /// confirm, and only then is the dead copy acknowledged. Returns what was
+    /// confirm, and only then is the dead copy acknowledged. Only the messages dead
+    /// when the pass begins are looked at (at most 10,000). Returns what was
     /// replayed. A publish that fails stops the pass with the error; that message
     /// and the rest stay in the dead queue.
     pub async fn replay_dead_letters(
@@ -103,12 +104,22 @@ impl Broker {
         };
         let mut replayed = Vec::new();
         let mut seen = 0;
+        // Only the messages that were dead when the pass began: one that dies
+        // again while the pass runs joins the queue's tail and must not come round
+        // a second time.
+        let mut budget = MAX_PASS;
         let outcome = loop {
-            if seen >= MAX_PASS || (!ids.is_empty() && replayed.len() == ids.len()) {
+            if seen >= budget || (!ids.is_empty() && replayed.len() == ids.len()) {
                 break Ok(());
             }
             let message = match self.get(&channel, name).await {
-                Ok(Some(message)) => message,
+                Ok(Some((message, remaining))) => {
+                    if seen == 0 {
+                        let remaining = usize::try_from(remaining).unwrap_or(usize::MAX);
+                        budget = budget.min(remaining.saturating_add(1));
+                    }
+                    message
+                }
                 Ok(None) => break Ok(()),
                 Err(error) => break Err(error),
             };
@@ -175,7 +186,7 @@ impl Broker {
         &self,
         channel: &Channel,
         queue: &str,
-    ) -> Result<Option<lapin::message::Delivery>, AmqpError> {
+    ) -> Result<Option<(lapin::message::Delivery, u32)>, AmqpError> {
         let queue: ShortString = short("queue", queue)?;
         let got = timeout(
             self.confirm_timeout(),
@@ -184,7 +195,7 @@ impl Broker {
         .await
         .map_err(|_| AmqpError::NotConnected)?
         .map_err(AmqpError::from_lapin)?;
-        Ok(got.map(|message| message.delivery))
+        Ok(got.map(|message| (message.delivery, message.message_count)))
     }
 }
 
