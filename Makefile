@@ -11,7 +11,7 @@ run: services ## start everything locally (refreshd dev) against the local servi
 	@deploy/local/run.sh
 
 test: services ## run every test (unit and integration) against the real services
-	$(CARGO) build --workspace --bins # the process tests spawn target/debug/refreshd
+	$(CARGO) build --workspace --bins # the process tests spawn target/debug/refreshd and refreshctl
 	$(CARGO) test --workspace --all-targets --no-fail-fast
 
 services: ## make sure Redis, RabbitMQ and PostgreSQL answer (installs them if missing)

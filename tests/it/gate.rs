@@ -1,4 +1,6 @@
-//! The admission gate (SPEC §2 rules 3–5) and the workers' start slots, through the real Redis.
+//! The admission gate (SPEC §2 rules 3–5) and the workers' start slots, through the
+//! real Redis: every scenario runs twice, on the standalone Redis and on a local
+//! three-master Redis Cluster started for it (`gate::<scenario>::{standalone,cluster}`).
 
 #![allow(
     clippy::unwrap_used,
@@ -15,8 +17,67 @@ use refresh_core::{
 use refresh_redis::{
     Gate, GateConfig, GateDecision, GateError, GateRequest, QuotaStatus, StartDecision, Ticket,
 };
-use refresh_tests::{TestApp, spawn_app_with};
+use refresh_tests::{RedisCluster, TestApp, spawn_app_from, spawn_app_with, test_settings};
 use tokio::task::JoinSet;
+
+/// Where a scenario's gate keeps its state.
+#[derive(Clone, Copy, Debug)]
+enum Redis {
+    Standalone,
+    Cluster,
+}
+
+/// A [`TestApp`] and, on a cluster, the cluster (dropped after the app).
+struct GateApp {
+    app: TestApp,
+    cluster: Option<RedisCluster>,
+}
+
+impl std::ops::Deref for GateApp {
+    type Target = TestApp;
+    fn deref(&self) -> &TestApp {
+        &self.app
+    }
+}
+
+impl Redis {
+    async fn app(self, overrides: &[(&str, &str)]) -> GateApp {
+        match self {
+            Self::Standalone => GateApp {
+                app: spawn_app_with(overrides).await,
+                cluster: None,
+            },
+            Self::Cluster => {
+                let cluster = RedisCluster::start().await;
+                let mut settings = test_settings(&refresh_tests::fresh_namespace(), overrides);
+                settings.redis.cluster_nodes = cluster.urls();
+                let app = spawn_app_from(settings).await;
+                assert!(app.redis.is_cluster());
+                GateApp {
+                    app,
+                    cluster: Some(cluster),
+                }
+            }
+        }
+    }
+}
+
+/// `scenario(Redis)` as two tests, `scenario::standalone` and `scenario::cluster`.
+macro_rules! on_both {
+    ($scenario:ident) => {
+        mod $scenario {
+            #[tokio::test]
+            async fn standalone() {
+                super::$scenario(super::Redis::Standalone).await;
+            }
+
+            #[tokio::test]
+            async fn cluster() {
+                super::$scenario(super::Redis::Cluster).await;
+            }
+        }
+    };
+}
 
 fn config(app: &TestApp) -> GateConfig {
     GateConfig {
@@ -136,9 +197,9 @@ fn check_daily_limit(
     assert_eq!(problem.detail, daily_limit_text(limit, secs * 1000));
 }
 
-#[tokio::test]
-async fn the_lock_admits_one_refresh_per_consent_and_only_its_owner_frees_it() {
-    let app = spawn_app_with(&[]).await;
+on_both!(the_lock_admits_one_refresh_per_consent_and_only_its_owner_frees_it);
+async fn the_lock_admits_one_refresh_per_consent_and_only_its_owner_frees_it(redis: Redis) {
+    let app = redis.app(&[]).await;
     let gate = gate(&app);
     let consent = new_consent();
     let first = request(consent, RequestedBy::Api);
@@ -208,9 +269,9 @@ async fn the_lock_admits_one_refresh_per_consent_and_only_its_owner_frees_it() {
     );
 }
 
-#[tokio::test]
-async fn the_fifth_admission_in_24_hours_is_refused_with_the_exact_text() {
-    let app = spawn_app_with(&[]).await;
+on_both!(the_fifth_admission_in_24_hours_is_refused_with_the_exact_text);
+async fn the_fifth_admission_in_24_hours_is_refused_with_the_exact_text(redis: Redis) {
+    let app = redis.app(&[]).await;
     let gate = gate(&app);
     let consent = new_consent();
     assert_eq!(
@@ -298,10 +359,10 @@ async fn the_fifth_admission_in_24_hours_is_refused_with_the_exact_text() {
     );
 }
 
-#[tokio::test]
-async fn a_calendar_day_quota_counts_per_local_day_and_resets_at_local_midnight() {
+on_both!(a_calendar_day_quota_counts_per_local_day_and_resets_at_local_midnight);
+async fn a_calendar_day_quota_counts_per_local_day_and_resets_at_local_midnight(redis: Redis) {
     // Kathmandu is UTC+05:45, so its midnights are nowhere near UTC's.
-    let app = spawn_app_with(&[("quota.time_zone", "Asia/Kathmandu")]).await;
+    let app = redis.app(&[("quota.time_zone", "Asia/Kathmandu")]).await;
     let mut config = config(&app);
     config.rules = vec![QuotaRule {
         sources: vec![RequestedBy::Api],
@@ -374,9 +435,11 @@ async fn a_calendar_day_quota_counts_per_local_day_and_resets_at_local_midnight(
     );
 }
 
-#[tokio::test]
-async fn undo_gives_back_the_lock_the_quota_and_the_slot() {
-    let app = spawn_app_with(&[("stagger.limit", "1"), ("stagger.period_secs", "60")]).await;
+on_both!(undo_gives_back_the_lock_the_quota_and_the_slot);
+async fn undo_gives_back_the_lock_the_quota_and_the_slot(redis: Redis) {
+    let app = redis
+        .app(&[("stagger.limit", "1"), ("stagger.period_secs", "60")])
+        .await;
     let gate = gate(&app);
     let earlier = admitted(
         gate.admit(&request(new_consent(), RequestedBy::Api))
@@ -459,14 +522,15 @@ async fn undo_gives_back_the_lock_the_quota_and_the_slot() {
     );
 }
 
-#[tokio::test]
-async fn backlog_full_is_refused_and_consumes_nothing() {
-    let app = spawn_app_with(&[
-        ("stagger.limit", "1"),
-        ("stagger.period_secs", "60"),
-        ("stagger.max_delay_secs", "60"),
-    ])
-    .await;
+on_both!(backlog_full_is_refused_and_consumes_nothing);
+async fn backlog_full_is_refused_and_consumes_nothing(redis: Redis) {
+    let app = redis
+        .app(&[
+            ("stagger.limit", "1"),
+            ("stagger.period_secs", "60"),
+            ("stagger.max_delay_secs", "60"),
+        ])
+        .await;
     let gate = gate(&app);
     // The third consent already used some quota earlier.
     let third = new_consent();
@@ -515,9 +579,9 @@ async fn backlog_full_is_refused_and_consumes_nothing() {
     assert_eq!(autosync.code, ProblemCode::BacklogFull);
 }
 
-#[tokio::test]
-async fn two_hundred_simultaneous_requests_for_one_consent_admit_exactly_one() {
-    let app = spawn_app_with(&[]).await;
+on_both!(two_hundred_simultaneous_requests_for_one_consent_admit_exactly_one);
+async fn two_hundred_simultaneous_requests_for_one_consent_admit_exactly_one(redis: Redis) {
+    let app = redis.app(&[]).await;
     let gate = gate(&app);
     let consent = new_consent();
     let mut tasks = JoinSet::new();
@@ -549,14 +613,15 @@ async fn two_hundred_simultaneous_requests_for_one_consent_admit_exactly_one() {
     );
 }
 
-#[tokio::test]
-async fn five_hundred_consents_get_slots_at_least_period_over_limit_apart() {
-    let app = spawn_app_with(&[
-        ("stagger.limit", "30"),
-        ("stagger.period_secs", "60"),
-        ("stagger.max_delay_secs", "100000"),
-    ])
-    .await;
+on_both!(five_hundred_consents_get_slots_at_least_period_over_limit_apart);
+async fn five_hundred_consents_get_slots_at_least_period_over_limit_apart(redis: Redis) {
+    let app = redis
+        .app(&[
+            ("stagger.limit", "30"),
+            ("stagger.period_secs", "60"),
+            ("stagger.max_delay_secs", "100000"),
+        ])
+        .await;
     let gate = gate(&app);
     let spacing = app.settings.stagger.spacing().num_milliseconds();
     assert_eq!(spacing, 2_000);
@@ -588,9 +653,11 @@ async fn five_hundred_consents_get_slots_at_least_period_over_limit_apart() {
     assert_eq!(slots[499] - slots[0], 499 * spacing);
 }
 
-#[tokio::test]
-async fn start_slots_allow_limit_starts_per_period_and_count_an_attempt_once() {
-    let app = spawn_app_with(&[("stagger.limit", "3"), ("stagger.period_secs", "6")]).await;
+on_both!(start_slots_allow_limit_starts_per_period_and_count_an_attempt_once);
+async fn start_slots_allow_limit_starts_per_period_and_count_an_attempt_once(redis: Redis) {
+    let app = redis
+        .app(&[("stagger.limit", "3"), ("stagger.period_secs", "6")])
+        .await;
     let gate = gate(&app);
     let before = redis_ms(&app).await;
     for attempt in ["a1", "a2", "a3"] {
@@ -646,12 +713,7 @@ async fn start_slots_allow_limit_starts_per_period_and_count_an_attempt_once() {
 
 /// A gate whose Redis is `url`, failing after `timeout`.
 fn gate_at(url: &str, timeout: Duration) -> Gate {
-    let client = redis::Client::open(url).unwrap();
-    let config = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(timeout))
-        .set_response_timeout(Some(timeout))
-        .set_number_of_retries(0);
-    let conn = redis::aio::ConnectionManager::new_lazy_with_config(client, config).unwrap();
+    let conn = refresh_redis::ConnectionManager::lazy(url, timeout).unwrap();
     let stagger = refresh_core::StaggerSettings::default();
     Gate::new(
         conn,
@@ -721,13 +783,117 @@ async fn a_redis_that_never_answers_is_unavailable() {
 }
 
 #[tokio::test]
-async fn autosync_takes_at_most_its_share_and_an_on_demand_request_is_not_queued_behind_it() {
-    let app = spawn_app_with(&[
-        ("stagger.limit", "10"),
-        ("stagger.period_secs", "10"),
-        ("stagger.autosync_share", "0.5"),
-    ])
-    .await;
+async fn a_redis_cluster_that_is_gone_is_unavailable() {
+    let mut cluster = RedisCluster::start().await;
+    let settings = refresh_redis::RedisSettings {
+        url: "redis://127.0.0.1:1/".to_owned(),
+        command_timeout_ms: 300,
+        cluster_nodes: cluster.urls(),
+    };
+    let conn = refresh_redis::connect(&settings).await.unwrap();
+    let gate = Gate::new(
+        conn,
+        GateConfig {
+            namespace: "gone".to_owned(),
+            rules: refresh_core::default_quota_rules(),
+            time_zone: "UTC".parse().unwrap(),
+            stagger: refresh_core::StaggerSettings::default(),
+            lease: Duration::from_secs(120),
+        },
+    );
+    assert!(gate.in_flight(new_consent()).await.unwrap().is_none());
+    cluster.kill();
+    check_unavailable(&gate).await;
+}
+
+#[tokio::test]
+async fn the_gate_on_a_cluster_answers_again_after_a_node_restarts() {
+    let redis = Redis::Cluster;
+    let mut app = redis.app(&[("stagger.limit", "600")]).await;
+    let gate = gate(&app);
+    // Consents on every master: their hash tags spread over the slots.
+    let consents: Vec<ConsentId> = (0..30).map(|_| new_consent()).collect();
+    for consent in &consents {
+        admit_and_finish(&gate, &request(*consent, RequestedBy::Api)).await;
+    }
+    let cluster = app.cluster.as_mut().unwrap();
+    cluster.restart_node(1).await;
+    // The client follows the node back (its slots, a new connection); until it
+    // has, a decision is 503, never a wrong answer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for consent in &consents {
+        loop {
+            match gate.admit(&request(*consent, RequestedBy::Api)).await {
+                Ok(decision) => {
+                    let ticket = admitted(decision);
+                    gate.release_lock(*consent, ticket.refresh_id)
+                        .await
+                        .unwrap();
+                    break;
+                }
+                Err(GateError::Unavailable(_)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(error) => panic!("{error:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_gate_on_a_cluster_follows_a_failover_to_a_replica() {
+    let mut app = Redis::Cluster.app(&[("stagger.limit", "600")]).await;
+    let cluster = app.cluster.as_mut().unwrap();
+    let replica = cluster.add_replica(0).await;
+    let gate = gate(&app);
+    // Locks held on every master, the failing one included.
+    let mut held = Vec::new();
+    for _ in 0..30 {
+        let req = request(new_consent(), RequestedBy::Api);
+        admitted(gate.admit(&req).await.unwrap());
+        held.push(req);
+    }
+    // Replication is asynchronous: give it a moment before the master dies.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cluster = app.cluster.as_mut().unwrap();
+    cluster.kill_node(0);
+    cluster.wait_until_master(replica).await;
+    // Each lock is still there after the failover: a second request is refused
+    // 409 naming the holder; until the client has followed, it is 503, never an
+    // admission.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    for req in &held {
+        let again = GateRequest {
+            refresh_id: new_refresh(),
+            ..req.clone()
+        };
+        loop {
+            match gate.admit(&again).await {
+                Ok(decision) => {
+                    let problem = refused(decision);
+                    assert_eq!(problem.code, ProblemCode::RefreshInProgress);
+                    assert_eq!(problem.refresh_id, Some(req.refresh_id));
+                    break;
+                }
+                Err(GateError::Unavailable(_)) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(error) => panic!("{error:?}"),
+            }
+        }
+    }
+}
+
+async fn autosync_takes_at_most_its_share_and_an_on_demand_request_is_not_queued_behind_it(
+    redis: Redis,
+) {
+    let app = redis
+        .app(&[
+            ("stagger.limit", "10"),
+            ("stagger.period_secs", "10"),
+            ("stagger.autosync_share", "0.5"),
+        ])
+        .await;
     let gate = gate(&app);
     let mut autosync = Vec::new();
     for _ in 0..40 {
@@ -775,14 +941,16 @@ async fn autosync_takes_at_most_its_share_and_an_on_demand_request_is_not_queued
     }
 }
 
-#[tokio::test]
-async fn an_undone_autosync_slot_no_longer_keeps_others_away() {
-    let app = spawn_app_with(&[
-        ("stagger.limit", "10"),
-        ("stagger.period_secs", "10"),
-        ("stagger.autosync_share", "0.5"),
-    ])
-    .await;
+on_both!(autosync_takes_at_most_its_share_and_an_on_demand_request_is_not_queued_behind_it);
+
+async fn an_undone_autosync_slot_no_longer_keeps_others_away(redis: Redis) {
+    let app = redis
+        .app(&[
+            ("stagger.limit", "10"),
+            ("stagger.period_secs", "10"),
+            ("stagger.autosync_share", "0.5"),
+        ])
+        .await;
     let gate = gate(&app);
     let first = admitted(
         gate.admit(&request(new_consent(), RequestedBy::Autosync))
@@ -806,3 +974,4 @@ async fn an_undone_autosync_slot_no_longer_keeps_others_away() {
         .unwrap();
     assert_eq!(slots, vec![again.refresh_id.to_string()]);
 }
+on_both!(an_undone_autosync_slot_no_longer_keeps_others_away);

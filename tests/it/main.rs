@@ -13,5 +13,6 @@ mod harness;
 mod ingress;
 mod processes;
 mod purity;
+mod refreshctl;
 mod scheduler;
 mod worker;

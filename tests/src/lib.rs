@@ -18,13 +18,18 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+mod cluster;
 pub mod fixtures;
 mod ingress;
 mod process;
 mod proxy;
 mod worker;
+pub use cluster::RedisCluster;
 pub use ingress::{Answer, Api, dev_token, ingress_with};
-pub use process::{WorkerProcess, refreshd_binary, role_command, worker_command};
+pub use process::{
+    WorkerProcess, refreshctl_binary, refreshctl_command, refreshd_binary, role_command,
+    worker_command,
+};
 pub use proxy::Proxy;
 pub use worker::{Bank, app_with_bank, fast_worker_config, start_worker};
 
@@ -39,7 +44,7 @@ pub struct TestApp {
     pub settings: Settings,
     /// A pool working inside the namespace's schema (already migrated).
     pub pg: PgPool,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: refresh_redis::ConnectionManager,
     /// A broker connection; the namespace's topology is declared.
     pub amqp: Connection,
     /// Stops every role the test started.

@@ -18,11 +18,20 @@ pub struct WorkerProcess {
 
 /// `target/debug/refreshd`, next to the `deps/` folder holding the test binary.
 pub fn refreshd_binary() -> PathBuf {
+    built_binary("refreshd")
+}
+
+/// `target/debug/refreshctl`, built with refreshd.
+pub fn refreshctl_binary() -> PathBuf {
+    built_binary("refreshctl")
+}
+
+fn built_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("harness: the test binary's path");
     let binary = exe
         .parent()
         .and_then(|deps| deps.parent())
-        .map(|dir| dir.join(format!("refreshd{}", std::env::consts::EXE_SUFFIX)))
+        .map(|dir| dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX)))
         .expect("harness: the test binary lives in target/{profile}/deps");
     assert!(
         binary.is_file(),
@@ -55,8 +64,31 @@ pub fn role_command(
     app: &TestApp,
     overrides: &[(&str, &str)],
 ) -> Command {
-    let mut command = Command::new(binary);
+    let mut command = hermetic_command(binary, app, overrides);
     command.arg(role);
+    command
+}
+
+/// `refreshctl` configured like [`worker_command`] (namespace, the app's delivery
+/// limit), with `REFRESHCTL_TOKEN` removed: a test passes `--url` and `--token`.
+pub fn refreshctl_command(app: &TestApp) -> tokio::process::Command {
+    let delivery_limit = app.settings.amqp.delivery_limit.to_string();
+    let std = hermetic_command(
+        &refreshctl_binary(),
+        app,
+        &[("amqp.delivery_limit", &delivery_limit)],
+    );
+    let mut command = tokio::process::Command::from(std);
+    command.env_remove("REFRESHCTL_TOKEN").kill_on_drop(true);
+    command
+}
+
+fn hermetic_command(
+    binary: &std::path::Path,
+    app: &TestApp,
+    overrides: &[(&str, &str)],
+) -> Command {
+    let mut command = Command::new(binary);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("REFRESHD") {
             command.env_remove(key);
@@ -97,7 +129,7 @@ impl WorkerProcess {
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .expect("harness: spawn `refreshd`");
+            .expect("harness: spawn `refreshd worker`");
         Self { child, log }
     }
 

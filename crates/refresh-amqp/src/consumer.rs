@@ -20,13 +20,15 @@ use crate::{AmqpError, Broker};
 use refresh_core::error_chain;
 
 /// Header the quorum queue sets on a redelivery: deliveries before this one.
-const DELIVERY_COUNT: &str = "x-delivery-count";
+pub(crate) const DELIVERY_COUNT: &str = "x-delivery-count";
 /// Header on a dead-lettered copy: the reason given to [`Outcome::DeadLetter`].
 pub const DEAD_REASON_HEADER: &str = "x-refreshd-dead-reason";
 /// Header on a dead-lettered copy: the queue the message was consumed from.
-const DEAD_QUEUE_HEADER: &str = "x-refreshd-dead-queue";
+pub(crate) const DEAD_QUEUE_HEADER: &str = "x-refreshd-dead-queue";
 /// Header on a dead-lettered copy: the original's `x-delivery-count`.
-const DEAD_DELIVERY_COUNT_HEADER: &str = "x-refreshd-delivery-count";
+pub(crate) const DEAD_DELIVERY_COUNT_HEADER: &str = "x-refreshd-delivery-count";
+/// Header on a dead-lettered copy: when it was dead-lettered (AMQP timestamp, seconds).
+pub(crate) const DEAD_AT_HEADER: &str = "x-refreshd-dead-at";
 /// Header on a retry copy: how many times the message was retried so far.
 pub const RETRIES_HEADER: &str = "x-refreshd-retries";
 /// Longest wait to open a consumer channel and subscribe.
@@ -388,6 +390,7 @@ impl Delivery {
                     DEAD_DELIVERY_COUNT_HEADER,
                     AMQPValue::LongLongInt(self.delivery_count.into()),
                 ),
+                (DEAD_AT_HEADER, AMQPValue::Timestamp(unix_now())),
             ];
             let target = Target {
                 exchange: "",
@@ -444,55 +447,12 @@ impl Delivery {
     /// dead-letter history (`x-death`…): RabbitMQ drops, as a cycle, a message that
     /// expires from `jobs.wait` again while its `x-death` already names `jobs.wait`.
     fn copy_properties(&self, extra: &[(&str, AMQPValue)], for_wait: bool) -> BasicProperties {
-        let original = &self.properties;
-        let mut headers = FieldTable::default();
-        if let Some(old) = original.headers() {
-            for (key, value) in old.inner() {
-                let name = key.as_str();
-                let death = name == "x-death"
-                    || name.starts_with("x-first-death-")
-                    || name.starts_with("x-last-death-");
-                if name != DELIVERY_COUNT && !(for_wait && death) {
-                    headers.insert(key.clone(), value.clone());
-                }
-            }
-        }
-        for (key, value) in extra {
-            headers.insert((*key).into(), value.clone());
-        }
-        let mut copy = BasicProperties::default()
-            .with_delivery_mode(PERSISTENT)
-            .with_headers(headers);
-        if let Some(value) = original.content_type() {
-            copy = copy.with_content_type(value.clone());
-        }
-        if let Some(value) = original.content_encoding() {
-            copy = copy.with_content_encoding(value.clone());
-        }
-        if let Some(value) = original.priority() {
-            copy = copy.with_priority(*value);
-        }
-        if let Some(value) = original.correlation_id() {
-            copy = copy.with_correlation_id(value.clone());
-        }
-        if let Some(value) = original.reply_to() {
-            copy = copy.with_reply_to(value.clone());
-        }
-        if let Some(value) = original.message_id() {
-            copy = copy.with_message_id(value.clone());
-        }
-        if let Some(value) = original.timestamp() {
-            copy = copy.with_timestamp(*value);
-        }
-        if let Some(value) = original.kind() {
-            copy = copy.with_type(value.clone());
-        }
-        if let Some(value) = original.app_id() {
-            copy = copy.with_app_id(value.clone());
-        }
-        // Not copied: `expiration` (a copy gets its own), `user_id` (the broker
-        // checks it against the publishing user), `cluster_id` (deprecated).
-        copy
+        copy_properties(&self.properties, extra, |name| {
+            let death = name == "x-death"
+                || name.starts_with("x-first-death-")
+                || name.starts_with("x-last-death-");
+            name != DELIVERY_COUNT && !(for_wait && death)
+        })
     }
 
     async fn ack(&self) -> Result<(), AmqpError> {
@@ -549,12 +509,72 @@ impl Drop for Delivery {
     }
 }
 
-fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+/// `original`'s properties for a republished copy: persistent, the headers `keep`
+/// accepts, plus `extra`.
+pub(crate) fn copy_properties(
+    original: &BasicProperties,
+    extra: &[(&str, AMQPValue)],
+    keep: impl Fn(&str) -> bool,
+) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    if let Some(old) = original.headers() {
+        for (key, value) in old.inner() {
+            if keep(key.as_str()) {
+                headers.insert(key.clone(), value.clone());
+            }
+        }
+    }
+    for (key, value) in extra {
+        headers.insert((*key).into(), value.clone());
+    }
+    let mut copy = BasicProperties::default()
+        .with_delivery_mode(PERSISTENT)
+        .with_headers(headers);
+    if let Some(value) = original.content_type() {
+        copy = copy.with_content_type(value.clone());
+    }
+    if let Some(value) = original.content_encoding() {
+        copy = copy.with_content_encoding(value.clone());
+    }
+    if let Some(value) = original.priority() {
+        copy = copy.with_priority(*value);
+    }
+    if let Some(value) = original.correlation_id() {
+        copy = copy.with_correlation_id(value.clone());
+    }
+    if let Some(value) = original.reply_to() {
+        copy = copy.with_reply_to(value.clone());
+    }
+    if let Some(value) = original.message_id() {
+        copy = copy.with_message_id(value.clone());
+    }
+    if let Some(value) = original.timestamp() {
+        copy = copy.with_timestamp(*value);
+    }
+    if let Some(value) = original.kind() {
+        copy = copy.with_type(value.clone());
+    }
+    if let Some(value) = original.app_id() {
+        copy = copy.with_app_id(value.clone());
+    }
+    // Not copied: `expiration` (a copy gets its own), `user_id` (the broker
+    // checks it against the publishing user), `cluster_id` (deprecated).
+    copy
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub(crate) fn header<'a>(properties: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
     properties.headers().as_ref()?.inner().get(name)
 }
 
 /// An integer header as a `u32` (0 when missing, negative or not a number).
-fn count_header(properties: &BasicProperties, name: &str) -> u32 {
+pub(crate) fn count_header(properties: &BasicProperties, name: &str) -> u32 {
     let value = match header(properties, name) {
         Some(AMQPValue::ShortShortInt(n)) => i64::from(*n),
         Some(AMQPValue::ShortShortUInt(n)) => i64::from(*n),

@@ -7,12 +7,14 @@
 mod broker;
 mod conn;
 mod consumer;
+mod dead;
 mod names;
 pub mod topology;
 
 pub use broker::Broker;
 pub use conn::{AmqpError, AmqpSettings, connect, delete_namespace, queue_exists};
 pub use consumer::{Consumer, DEAD_REASON_HEADER, Delivery, RETRIES_HEADER};
+pub use dead::{DeadMessage, DeadQueue};
 /// An open broker connection (lapin's), handed out by [`connect`].
 pub use lapin::Connection;
 pub use names::Names;

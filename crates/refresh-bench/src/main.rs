@@ -5,7 +5,7 @@
 //! stdout, and every figure with the machine to `target/bench/results.json`.
 //!
 //! `refresh-bench [SCENARIO…]` runs the named scenarios only (`admission`,
-//! `upstream`, `worker`, `merge`, `e2e`); none named runs them all.
+//! `upstream`, `worker`, `merge`, `scaleout`, `e2e`); none named runs them all.
 
 #![allow(
     clippy::print_stdout,
@@ -24,6 +24,7 @@ mod e2e;
 mod machine;
 mod merge;
 mod report;
+mod scaleout;
 mod stats;
 mod workers;
 
@@ -47,7 +48,14 @@ pub(crate) fn progress(line: &str) {
     eprintln!("bench: {line}");
 }
 
-const SCENARIOS: &[&str] = &["admission", "upstream", "merge", "worker", "e2e"];
+const SCENARIOS: &[&str] = &[
+    "admission",
+    "upstream",
+    "merge",
+    "worker",
+    "scaleout",
+    "e2e",
+];
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -75,6 +83,10 @@ fn main() -> anyhow::Result<()> {
         if wanted("worker") {
             let outcome = workers::run(&mut report).await;
             report.failed_if("worker", outcome);
+        }
+        if wanted("scaleout") {
+            let outcome = scaleout::run(&mut report).await;
+            report.failed_if("scaleout", outcome);
         }
         if wanted("e2e") {
             let outcome = e2e::run(&mut report, Duration::from_secs(12)).await;

@@ -134,6 +134,36 @@ impl Report {
             "worker throughput grows with processes until the CPU is full",
             scaling,
         );
+        let scale_out = match (
+            self.get("scaleout", "refreshes_per_s_1"),
+            self.get("scaleout", "refreshes_per_s_2"),
+            self.get("scaleout", "refreshes_per_s_4"),
+            self.get("scaleout", "stagger_cap_per_s"),
+        ) {
+            (Some(one), Some(two), Some(four), Some(cap)) => Some((
+                format!("{one:.1} → {two:.1} → {four:.1} refreshes/s (cap {cap:.1})"),
+                two > one * 1.3 && (four > two * 1.3 || four >= cap * 0.85),
+            )),
+            _ => None,
+        };
+        self.verdict(
+            "bank-bound refreshes/s grow with worker processes up to the stagger limit",
+            scale_out,
+        );
+        let at_bank = match (
+            self.get("scaleout", "max_bank_starts_per_period"),
+            self.get("scaleout", "stagger_limit"),
+        ) {
+            (Some(most), Some(limit)) => Some((
+                format!("at most {most:.0} starts per period (limit {limit:.0})"),
+                most <= limit,
+            )),
+            _ => None,
+        };
+        self.verdict(
+            "the bank never sees more than stagger.limit starts in any period",
+            at_bank,
+        );
         let merge = self.get("merge", "ratio_1m_10k");
         self.verdict(
             "merge at 1M stored ≤ 2× merge at 10k",

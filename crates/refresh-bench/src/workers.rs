@@ -43,7 +43,12 @@ pub(crate) struct Worker(Child);
 
 impl Worker {
     pub(crate) fn spawn(app: &TestApp) -> Result<Self> {
-        let mut command = refresh_tests::worker_command(&refreshd_binary()?, app, RELAXED);
+        Self::spawn_with(app, RELAXED)
+    }
+
+    /// A worker with the dev settings plus `overrides` (as `("worker.concurrency", "4")`).
+    pub(crate) fn spawn_with(app: &TestApp, overrides: &[(&str, &str)]) -> Result<Self> {
+        let mut command = refresh_tests::worker_command(&refreshd_binary()?, app, overrides);
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -30,13 +30,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use redis::aio::ConnectionManager;
 use redis::{ErrorKind, ScriptInvocation, ServerErrorKind, Value};
 use refresh_core::{
     ConsentId, Problem, ProviderId, QuotaRule, QuotaWindow, RefreshId, RequestedBy,
     StaggerSettings, TenantId,
 };
 
+use crate::ConnectionManager;
 use reply::{AdmitReply, SlotReply, StartReply, UsageReply};
 
 /// What the gate needs from the settings.

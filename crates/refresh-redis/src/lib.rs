@@ -6,10 +6,8 @@
 mod conn;
 mod gate;
 
-pub use conn::{RedisError, RedisSettings, connect, delete_namespace, health};
+pub use conn::{ConnectionManager, RedisError, RedisSettings, connect, delete_namespace, health};
 pub use gate::{
     Gate, GateConfig, GateDecision, GateError, GateRequest, QuotaStatus, START_MARGIN_MS,
     StartDecision, Ticket,
 };
-/// The auto-reconnecting connection [`connect`] hands out.
-pub use redis::aio::ConnectionManager;

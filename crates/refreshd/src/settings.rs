@@ -209,6 +209,14 @@ impl Settings {
             )
         })?;
         self.quota_time_zone()?;
+        self.redis.check().map_err(|problem| {
+            let key = if self.redis.cluster_nodes.is_empty() {
+                "redis.url"
+            } else {
+                "redis.cluster_nodes"
+            };
+            invalid(key, problem)
+        })?;
         if self.quota.rules.is_empty() {
             // Allowed: no rule means every source is exempt. Nothing to check.
         }
