@@ -606,10 +606,10 @@ fn registered_metrics() -> Vec<String> {
                 let text = std::fs::read_to_string(&path).unwrap();
                 for piece in text.split(".register(").skip(1) {
                     let piece = piece.trim_start();
-                    if let Some(rest) = piece.strip_prefix('"') {
-                        if let Some(end) = rest.find('"') {
-                            names.push(rest[..end].to_owned());
-                        }
+                    if let Some(rest) = piece.strip_prefix('"')
+                        && let Some(end) = rest.find('"')
+                    {
+                        names.push(rest[..end].to_owned());
                     }
                 }
             }
@@ -704,9 +704,16 @@ fn healthcheck_against(status: &'static str) -> bool {
     let addr = listener.local_addr().unwrap();
     let server = std::thread::spawn(move || {
         let (mut stream, _) = listener.accept().unwrap();
-        let mut request = [0u8; 512];
-        let n = stream.read(&mut request).unwrap();
-        let request = String::from_utf8_lossy(&request[..n]).into_owned();
+        // The whole request, as a real server reads it: closing with unread bytes would
+        // reset the connection before the client reads the status line.
+        let mut request = Vec::new();
+        let mut buf = [0u8; 512];
+        while !request.ends_with(b"\r\n\r\n") {
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0, "the request ended early");
+            request.extend_from_slice(&buf[..n]);
+        }
+        let request = String::from_utf8_lossy(&request).into_owned();
         write!(stream, "HTTP/1.1 {status}\r\ncontent-length: 0\r\n\r\n").unwrap();
         request
     });
