@@ -683,6 +683,53 @@ fn the_dockerfile_passes_hadolint_and_builds_what_it_should() {
     assert!(uid > 0, "non-root");
     assert!(lines.iter().any(|l| l.starts_with("HEALTHCHECK ")));
     assert!(dockerfile.contains("ENTRYPOINT [\"/usr/local/bin/refreshd\"]"));
+
+    // What the build stage copies exists, so the build context is complete.
+    for line in lines
+        .iter()
+        .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
+    {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        for source in &words[1..words.len() - 1] {
+            assert!(repo_root().join(source).exists(), "{line}: no {source}");
+        }
+    }
+    // The Rust image is at least the workspace's rust-version.
+    let manifest: toml::Table = std::fs::read_to_string(repo_root().join("Cargo.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let wanted = manifest["workspace"]["package"]["rust-version"]
+        .as_str()
+        .unwrap();
+    let image = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("FROM rust:"))
+        .expect("a rust: build stage");
+    let version = |v: &str| -> Vec<u32> {
+        v.split(['.', '-'])
+            .take(2)
+            .map(|p| p.parse().unwrap())
+            .collect()
+    };
+    assert!(version(image) >= version(wanted), "{image} < {wanted}");
+    // `--locked` fails the image build when Cargo.lock is stale: so must this.
+    let (ok, text) = run({
+        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        // The host's dependency graph: what the image builds, from the local cache.
+        c.args([
+            "tree",
+            "--locked",
+            "--offline",
+            "-p",
+            "refreshd",
+            "--depth",
+            "0",
+        ])
+        .current_dir(repo_root());
+        c
+    });
+    assert!(ok, "Cargo.lock is not up to date: {text}");
 }
 
 #[test]
