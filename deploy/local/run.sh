@@ -21,7 +21,7 @@ export REFRESHD__PROVIDERS__SIM__BASE_URL=${REFRESHD__PROVIDERS__SIM__BASE_URL:-
 # A second `make run` would otherwise talk to the first one and then fail to bind.
 for addr in "$api" "$sim"; do
   if port_open "$addr"; then
-    if curl -sf "http://$api/healthz" >/dev/null 2>&1; then
+    if curl -sf --max-time 2 "http://$api/healthz" >/dev/null 2>&1; then
       echo "run: a refreshd is already running on http://$api (another \`make run\`?)." >&2
       echo "run: use that one, or stop it (Ctrl-C in its terminal) and run again." >&2
     else

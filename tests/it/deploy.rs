@@ -802,3 +802,74 @@ fn dev_outside_the_repository_names_the_missing_dev_file() {
          its config folder"
     );
 }
+
+/// `deploy/local/run.sh` with the API on `api`, a free simulator port, and no other
+/// REFRESHD variables; its exit success and output.
+fn run_sh_with_api_on(api: std::net::SocketAddr) -> (bool, String) {
+    let sim = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let sim_addr = sim.local_addr().unwrap();
+    drop(sim);
+    // Bounded: a regression that goes on to build and start must not hang the suite.
+    let mut command = Command::new("timeout");
+    command
+        .arg("120")
+        .arg(repo_root().join("deploy/local/run.sh"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("REFRESHD") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("REFRESHD__HTTP__BIND", api.to_string())
+        .env("REFRESHD__BANK_SIM__BIND", sim_addr.to_string());
+    run(command)
+}
+
+#[test]
+fn make_run_refuses_busy_ports_before_building() {
+    // A port held by some other program.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = other.local_addr().unwrap();
+    let (ok, text) = run_sh_with_api_on(addr);
+    assert!(!ok);
+    assert!(
+        text.contains(&format!("run: {addr} is in use by another program")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("building"),
+        "it stopped before building: {text}"
+    );
+    drop(other);
+
+    // A refreshd already answering there (another `make run`).
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        // The port probe connects and closes; the health probe asks /healthz.
+        for _ in 0..2 {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 512];
+            while !request.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            if request.starts_with(b"GET /healthz ") {
+                let _ = write!(stream, "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                return;
+            }
+        }
+    });
+    let (ok, text) = run_sh_with_api_on(addr);
+    server.join().unwrap();
+    assert!(!ok);
+    assert!(
+        text.contains(&format!(
+            "run: a refreshd is already running on http://{addr}"
+        )),
+        "{text}"
+    );
+}
