@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help run test services build lint bench
+.PHONY: help run test tools services build lint bench
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -10,9 +10,12 @@ help: ## list the targets
 run: services ## start everything locally (refreshd dev) against the local services
 	@deploy/local/run.sh
 
-test: services ## run every test (unit and integration) against the real services
+test: services tools ## run every test (unit and integration) against the real services
 	$(CARGO) build --workspace --bins # the process tests spawn target/debug/refreshd and refreshctl
 	$(CARGO) test --workspace --all-targets --no-fail-fast
+
+tools: ## install the offline checkers of deploy/ (kubernetes-validate, KEDA schemas, promtool, hadolint)
+	@deploy/checks/tools.sh
 
 services: ## make sure Redis, RabbitMQ and PostgreSQL answer (installs them if missing)
 	@deploy/local/services.sh

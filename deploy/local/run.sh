@@ -7,14 +7,37 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export REFRESHD_ENV=${REFRESHD_ENV:-dev}
 export REFRESHD_CONFIG_DIR=${REFRESHD_CONFIG_DIR:-$PWD/config}
-command -v curl >/dev/null || { echo "run: installing curl" >&2; apt-get install -y -qq curl >/dev/null; }
+for tool in curl jq; do
+  command -v "$tool" >/dev/null || { echo "run: installing $tool" >&2; apt-get install -y -qq "$tool" >/dev/null; }
+done
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+port_open() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
 
-say "building"
-cargo build --quiet -p refreshd --bins
-bin=$PWD/target/debug
 api=${REFRESHD__HTTP__BIND:-127.0.0.1:8080}
+sim=${REFRESHD__BANK_SIM__BIND:-127.0.0.1:8090}
+# The demo's bank is the simulator, wherever it listens.
+export REFRESHD__PROVIDERS__SIM__BASE_URL=${REFRESHD__PROVIDERS__SIM__BASE_URL:-http://$sim/open-banking/v3.1/aisp}
+# A second `make run` would otherwise talk to the first one and then fail to bind.
+for addr in "$api" "$sim"; do
+  if port_open "$addr"; then
+    if curl -sf --max-time 2 "http://$api/healthz" >/dev/null 2>&1; then
+      echo "run: a refreshd is already running on http://$api (another \`make run\`?)." >&2
+      echo "run: use that one, or stop it (Ctrl-C in its terminal) and run again." >&2
+    else
+      echo "run: $addr is in use by another program; free it, or set" >&2
+      echo "run: REFRESHD__HTTP__BIND / REFRESHD__BANK_SIM__BIND to free addresses." >&2
+    fi
+    exit 1
+  fi
+done
+
+say "building refreshd (a first build compiles every dependency: several minutes, ~10 on 2 cores)"
+cargo build -p refreshd --bins
+# Where cargo put the binaries (CARGO_TARGET_DIR or build.target-dir may move them).
+target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+bin=$target_dir/debug
+[ -x "$bin/refreshd" ] || { echo "run: no refreshd in $bin after the build" >&2; exit 1; }
 
 say "migrating the dev namespace"
 "$bin/refreshd" migrate
@@ -40,8 +63,8 @@ token=$("$bin/refreshctl" token --tenant demo)
 say "dev token for tenant 'demo' (valid 24 h):"
 echo "$token"
 
-say "status events (refreshctl events):"
-"$bin/refreshctl" events 2>/dev/null > >(sed -u 's/^/  event: /') &
+say "status events (one line each; \`refreshctl events --json\` prints them raw):"
+"$bin/refreshctl" events 2>/dev/null > >(jq -R -r --unbuffered -f deploy/local/events.jq | sed -u 's/^/  event: /') &
 events=$!
 sleep 1
 
@@ -62,6 +85,10 @@ echo
 sleep 3
 
 say "refreshd dev is running. Try:"
+# The portal, where this build has one.
+if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$api/dashboard/login")" = "200" ]; then
+  echo "  dashboard: http://$api/dashboard (sign in with the token above)"
+fi
 cat <<TRY
   export TOKEN=$token
   curl -s http://$api/v1/consents/$consent -H "authorization: Bearer \$TOKEN"

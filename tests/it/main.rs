@@ -8,6 +8,7 @@
 
 mod amqp;
 mod data;
+mod deploy;
 mod gate;
 mod harness;
 mod ingress;

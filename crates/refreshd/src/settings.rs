@@ -162,6 +162,11 @@ pub enum SettingsError {
     Load(#[from] config::ConfigError),
     #[error("{key}: {problem}")]
     Invalid { key: &'static str, problem: String },
+    #[error(
+        "{} not found: the dev environment reads its settings from it; run from the repository's root or set REFRESHD_CONFIG_DIR to its config folder",
+        path.display()
+    )]
+    DevFileMissing { path: PathBuf },
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> SettingsError {
@@ -179,8 +184,13 @@ impl Settings {
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(env) = &options.env {
             let dir = options.config_dir.as_deref().unwrap_or(Path::new("config"));
-            builder =
-                builder.add_source(File::from(dir.join(format!("{env}.toml"))).required(false));
+            let path = dir.join(format!("{env}.toml"));
+            // The dev environment's secrets live in its file: without it, validation would
+            // fail on a missing secret, far from the real cause.
+            if env == "dev" && !path.is_file() {
+                return Err(SettingsError::DevFileMissing { path });
+            }
+            builder = builder.add_source(File::from(path).required(false));
         }
         if let Some(file) = &options.config_file {
             builder = builder.add_source(File::from(file.as_path()).required(true));
@@ -444,5 +454,26 @@ mod tests {
         assert_eq!(s.log.format, LogFormat::Pretty);
         s.validate(Role::Dev).unwrap();
         assert_eq!(s.crypto_key().unwrap().len(), 32);
+    }
+
+    #[test]
+    fn a_missing_dev_file_is_named() {
+        let load_from = |dir: &str, env: &str| {
+            Settings::load(&LoadOptions {
+                env: Some(env.into()),
+                config_dir: Some(PathBuf::from(dir)),
+                ..LoadOptions::default()
+            })
+        };
+        let err = load_from("/nonexistent/config", "dev")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "/nonexistent/config/dev.toml not found: the dev environment reads its settings \
+             from it; run from the repository's root or set REFRESHD_CONFIG_DIR to its config folder"
+        );
+        // Other environments' files stay optional (SPEC §7: "if present").
+        load_from("/nonexistent/config", "production").unwrap();
     }
 }
