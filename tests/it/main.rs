@@ -11,6 +11,7 @@ mod data;
 mod gate;
 mod harness;
 mod ingress;
+mod pending;
 mod processes;
 mod purity;
 mod worker;

@@ -20,4 +20,6 @@ pub use store::{
     ClaimedEvents, ConsentRow, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
     PendingEvent, Store, StoreError, TenantSettingsRow,
 };
-pub use stored::{AccountData, AttemptStart, BalanceData, FetchedData, Finish, ItemData, JobState};
+pub use stored::{
+    AccountData, AttemptStart, BalanceData, DataState, FetchedData, Finish, ItemData, JobState,
+};

@@ -2,7 +2,7 @@
 //! ([`FetchedData`]): bank types become domain types, party data is split off.
 
 use refresh_bank::{BankData, BankItem, TransactionStatus};
-use refresh_core::{Amount, CreditDebit, Transaction, TxStatus};
+use refresh_core::{Amount, CreditDebit, FetchScope, MergeWindow, Transaction, TxStatus};
 use refresh_pg::{AccountData, BalanceData, FetchedData, ItemData};
 use serde_json::Value;
 
@@ -51,17 +51,23 @@ fn items(kind: &'static str, list: &[BankItem], out: &mut Vec<ItemData>) {
     }));
 }
 
-/// Maps a fetch. `initial` keeps party data and the other kinds; a plain refresh
-/// drops them (they are kept from the initial connection).
+/// Maps a fetch of `scope`. An initial load keeps party data and the other kinds; a
+/// plain refresh drops them (they are kept from the initial connection). The merge
+/// window is the fetched accounts' transactions from the scope's first instant on.
 ///
 /// Rejected transactions are not stored: one with an id removes a stored row with
 /// that id (a pending transaction the bank rejected); one without an id is dropped
 /// and counted.
 pub(crate) fn map_fetch(
     data: BankData,
-    initial: bool,
+    scope: &FetchScope,
 ) -> Result<(FetchedData, Dropped), MappingError> {
+    let initial = scope.initial;
     let mut dropped = Dropped::default();
+    let window = MergeWindow {
+        from: scope.from_instant(),
+        accounts: data.accounts.iter().map(|a| a.account_id.clone()).collect(),
+    };
     let accounts = data
         .accounts
         .iter()
@@ -132,6 +138,8 @@ pub(crate) fn map_fetch(
     };
     Ok((
         FetchedData {
+            initial,
+            window,
             accounts,
             balances,
             transactions,

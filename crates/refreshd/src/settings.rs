@@ -90,6 +90,10 @@ pub struct WorkerSettings {
     pub prefetch: u16,
     /// Where a standalone worker serves `/metrics` (empty: nowhere).
     pub metrics_bind: String,
+    /// Days before the last successful refresh that a plain refresh fetches again.
+    pub overlap_days: u32,
+    /// Days back that any fetch reaches (the initial load's window).
+    pub history_days: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,12 +219,13 @@ impl Settings {
         if self.stagger.period_secs == 0 {
             return Err(invalid("stagger.period_secs", "must be at least 1"));
         }
-        let positive: [(&'static str, u64); 9] = [
+        let positive: [(&'static str, u64); 10] = [
             ("lock.lease_secs", self.lock.lease_secs),
             ("shutdown.grace_secs", self.shutdown.grace_secs),
             ("worker.concurrency", self.worker.concurrency.into()),
             ("worker.max_attempts", self.worker.max_attempts.into()),
             ("worker.prefetch", self.worker.prefetch.into()),
+            ("worker.history_days", self.worker.history_days.into()),
             ("history.retention_days", self.history.retention_days.into()),
             ("http.sync_wait_secs", self.http.sync_wait_secs),
             ("redis.command_timeout_ms", self.redis.command_timeout_ms),
@@ -228,6 +233,12 @@ impl Settings {
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(key, "must be at least 1"));
+        }
+        if self.worker.overlap_days > self.worker.history_days {
+            return Err(invalid(
+                "worker.overlap_days",
+                "must be at most worker.history_days",
+            ));
         }
         if self.lock.lease_secs < 5 {
             return Err(invalid("lock.lease_secs", "must be at least 5"));
@@ -334,6 +345,7 @@ mod tests {
             ),
             (16, 5, 32)
         );
+        assert_eq!((s.worker.overlap_days, s.worker.history_days), (7, 90));
         assert_eq!(s.history.retention_days, 7);
         assert_eq!(s.quota.rules.len(), 1);
         assert_eq!(s.quota.rules[0].limit, 4);
@@ -379,6 +391,19 @@ mod tests {
             Role::Migrate,
             "worker.concurrency",
         );
+        check(
+            "worker.history_days",
+            "0",
+            Role::Migrate,
+            "worker.history_days: must be at least 1",
+        );
+        check(
+            "worker.overlap_days",
+            "91",
+            Role::Migrate,
+            "worker.overlap_days: must be at most worker.history_days",
+        );
+        check("worker.overlap_days", "-1", Role::Migrate, "overlap_days");
         check("stagger.scope", "galaxy", Role::Migrate, "scope");
         check(
             "crypto.key",

@@ -45,7 +45,7 @@ pub fn providers(settings: &Settings) -> Result<BTreeMap<String, Provider>, RunE
 /// The worker's configuration from the settings, with the built-in defaults for the rest.
 pub fn config(settings: &Settings) -> WorkerConfig {
     let grace = Duration::from_secs(settings.shutdown.grace_secs);
-    WorkerConfig::new(
+    let mut config = WorkerConfig::new(
         settings.worker.concurrency,
         settings.worker.max_attempts,
         settings.worker.prefetch,
@@ -55,7 +55,12 @@ pub fn config(settings: &Settings) -> WorkerConfig {
         grace
             .saturating_sub(Duration::from_secs(2))
             .max(Duration::from_secs(1)),
-    )
+    );
+    config.window = refresh_core::WindowRules::from_days(
+        settings.worker.overlap_days,
+        settings.worker.history_days,
+    );
+    config
 }
 
 /// Starts the worker on `tracker` with `config`; it stops when `shutdown` is cancelled.
