@@ -17,7 +17,5 @@ pub use connector::{
     InitialData, ProviderKind, UnknownProviderKind, build_connector,
 };
 pub use error::BankError;
-pub use model::{
-    Account, Amount, Balance, BankItem, CreditDebit, InvalidAmount, Transaction, TransactionStatus,
-};
+pub use model::{Account, Amount, Balance, BankItem, CreditDebit, Transaction, TransactionStatus};
 pub use obie::{ObieConnector, SCA_ERROR_CODE};

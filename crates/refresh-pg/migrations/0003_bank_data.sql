@@ -20,3 +20,13 @@ WHERE c.last_refreshed_at IS NOT NULL;
 -- The window's start and the removal of pending rows the bank no longer returns.
 CREATE INDEX transactions_pending
     ON transactions (consent_id, account_id, booking_date_time) WHERE status = 'PENDING';
+
+-- One amount for the whole pipeline: what refresh_core::Amount accepts (up to 18
+-- integer digits; NextGenPSD2 allows more than OBIE's 13). Connectors store amounts
+-- without a sign (it is credit_debit); the optional '-' is the domain pattern's.
+ALTER TABLE transactions DROP CONSTRAINT transactions_amount_check;
+ALTER TABLE transactions ADD CONSTRAINT transactions_amount_check
+    CHECK (amount ~ '^-?[0-9]{1,18}(\.[0-9]{1,5})?$');
+ALTER TABLE balances DROP CONSTRAINT balances_amount_check;
+ALTER TABLE balances ADD CONSTRAINT balances_amount_check
+    CHECK (amount ~ '^-?[0-9]{1,18}(\.[0-9]{1,5})?$');

@@ -58,7 +58,7 @@ pub struct BalanceData {
     pub account_id: String,
     pub balance_type: String,
     pub credit_debit: CreditDebit,
-    pub amount: String,
+    pub amount: Amount,
     pub currency: String,
     pub date_time: DateTime<Utc>,
     pub data: Value,
@@ -406,7 +406,7 @@ async fn write_accounts(
         .bind(*slot)
         .bind(&balance.balance_type)
         .bind(balance.credit_debit.as_str())
-        .bind(&balance.amount)
+        .bind(balance.amount.as_str())
         .bind(&balance.currency)
         .bind(balance.date_time)
         .bind(&balance.data)

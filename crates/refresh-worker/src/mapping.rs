@@ -2,7 +2,7 @@
 //! ([`FetchedData`]): bank types become domain types, party data is split off.
 
 use refresh_bank::{BankData, BankItem, TransactionStatus};
-use refresh_core::{Amount, CreditDebit, FetchScope, MergeWindow, Transaction, TxStatus};
+use refresh_core::{CreditDebit, FetchScope, MergeWindow, Transaction, TxStatus};
 use refresh_pg::{AccountData, BalanceData, FetchedData, ItemData};
 use serde_json::Value;
 
@@ -87,7 +87,7 @@ pub(crate) fn map_fetch(
             account_id: b.account_id.clone(),
             balance_type: b.balance_type.clone(),
             credit_debit: credit_debit(b.credit_debit),
-            amount: b.amount.as_str().to_owned(),
+            amount: b.amount.clone(),
             currency: b.currency.clone(),
             date_time: b.date_time.to_utc(),
             data: b.raw.clone(),
@@ -107,14 +107,13 @@ pub(crate) fn map_fetch(
                 continue;
             }
         };
-        let amount = Amount::parse(tx.amount.as_str()).map_err(|e| MappingError(e.to_string()))?;
         transactions.push(Transaction {
             account_id: tx.account_id,
             transaction_id: tx.transaction_id,
             booking_date: tx.booking_date,
             booking_date_time: tx.booking_date_time.to_utc(),
             status,
-            amount,
+            amount: tx.amount,
             currency: tx.currency,
             credit_debit: credit_debit(tx.credit_debit),
             description: tx.description,

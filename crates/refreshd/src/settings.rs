@@ -116,12 +116,8 @@ pub struct CryptoSettings {
     pub key: Option<SecretString>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    /// UK Open Banking Read/Write API v3.1, Account Information.
-    Obie,
-}
+/// `providers.{id}.kind`: the connectors' own type, so a kind is named once.
+pub use refresh_bank::ProviderKind;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -405,6 +401,7 @@ mod tests {
         );
         check("worker.overlap_days", "-1", Role::Migrate, "overlap_days");
         check("stagger.scope", "galaxy", Role::Migrate, "scope");
+        check("providers.sim.kind", "fints", Role::Migrate, "fints");
         check(
             "crypto.key",
             "c2hvcnQ=",

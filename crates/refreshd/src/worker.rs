@@ -4,13 +4,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use refresh_bank::{ConnectorSettings, ProviderKind};
+use refresh_bank::ConnectorSettings;
 use refresh_worker::{Provider, WorkerConfig, WorkerDeps, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::services::Services;
-use crate::settings::ProviderKind as SettingsKind;
 use crate::{RunError, Settings};
 
 /// One connector per `providers.{id}`; the provider id doubles as the
@@ -18,12 +17,9 @@ use crate::{RunError, Settings};
 pub fn providers(settings: &Settings) -> Result<BTreeMap<String, Provider>, RunError> {
     let mut out = BTreeMap::new();
     for (id, provider) in &settings.providers {
-        let kind = match provider.kind {
-            SettingsKind::Obie => ProviderKind::Obie,
-        };
         let timeout = Duration::from_secs(provider.timeout_secs);
         let connector = refresh_bank::build_connector(
-            kind,
+            provider.kind,
             ConnectorSettings {
                 request_timeout: timeout,
                 ..ConnectorSettings::default()

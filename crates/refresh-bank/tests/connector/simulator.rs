@@ -382,11 +382,11 @@ async fn malformed_payloads_are_refused() {
         ),
         (
             json!({"Amount": {"Amount": "12.505050", "Currency": "GBP"}}),
-            Some("transactions: item 0: Amount: invalid amount \"12.505050\": expected 1-13 digits and at most 5 decimals"),
+            Some("transactions: item 0: Amount: malformed amount \"12.505050\": expected an optional '-', 1 to 18 digits, and optionally '.' with 1 to 5 digits"),
         ),
         (
             json!({"Amount": {"Amount": "-12.50", "Currency": "GBP"}}),
-            Some("transactions: item 0: Amount: invalid amount \"-12.50\": expected 1-13 digits and at most 5 decimals"),
+            Some("transactions: item 0: Amount: negative amount \"-12.50\": the sign belongs in CreditDebitIndicator"),
         ),
         (
             json!({"Amount": {"Amount": "12.50", "Currency": "£"}}),
