@@ -7,6 +7,7 @@
 )]
 
 mod amqp;
+mod berlin_group;
 mod data;
 mod gate;
 mod harness;

@@ -215,6 +215,7 @@ async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<
         base_url: provider.base_url.clone(),
         access_token: token.expose_secret().to_owned(),
         financial_id: provider.financial_id.clone(),
+        bank_consent_id: consent.bank_consent_id.clone(),
     };
     let work = fetch_and_store(
         deps,
@@ -288,6 +289,7 @@ async fn fetch_and_store(
     };
     let failure = fetched.as_ref().err().map(|error| match error {
         BankError::Revoked => "revoked",
+        BankError::Expired => "expired",
         BankError::MfaRequired => "mfa_required",
         BankError::Transient { .. } => "transient",
         BankError::Malformed(_) => "malformed",
@@ -299,6 +301,11 @@ async fn fetch_and_store(
         Err(BankError::Revoked) => {
             let error = RefreshError::consent_revoked();
             return finish_error(deps, job, error, Some(ConsentStatus::Revoked)).await;
+        }
+        Err(BankError::Expired) => {
+            let problem = refresh_core::Problem::consent_expired();
+            let error = RefreshError::new(problem.code, problem.detail);
+            return finish_error(deps, job, error, Some(ConsentStatus::Expired)).await;
         }
         Err(BankError::MfaRequired) => {
             return finish_error(deps, job, RefreshError::mfa_required(), None).await;
