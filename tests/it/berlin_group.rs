@@ -1,7 +1,8 @@
 //! A Berlin Group NextGenPSD2 consent (provider `sim_bg`, the simulator's Berlin
 //! Group dialect) through the whole pipeline: registered, loaded, refreshed to
 //! UPDATED with the merge rules holding (pending booked by id, id-less same-date
-//! replacement, a pending the bank dropped), and revoked at the bank.
+//! replacement, a pending the bank dropped), served in the bank-neutral shape, and
+//! revoked at the bank.
 
 use chrono::{NaiveDate, TimeDelta, Utc};
 use refresh_tests::fixtures::{dataset, day, tx};
@@ -119,7 +120,60 @@ async fn a_berlin_group_consent_is_refreshed_by_the_merge_rules() {
     .unwrap();
     assert_eq!(
         balance,
-        ("interimAvailable".into(), "55.50".into(), "CREDIT".into())
+        ("InterimAvailable".into(), "55.50".into(), "CREDIT".into())
+    );
+
+    // Served in the same bank-neutral shape as an OBIE consent's, the bank's object in `raw`.
+    let accounts = api
+        .get(&format!("/v1/consents/{consent}/accounts"), &token)
+        .await;
+    assert_eq!(accounts.status, 200, "{accounts:?}");
+    let account = &accounts.body["items"][0];
+    assert_eq!(
+        (
+            &account["accountId"],
+            &account["status"],
+            &account["currency"],
+            &account["accountType"],
+            &account["accountSubType"],
+            &account["nickname"]
+        ),
+        (
+            &json!("A1"),
+            &json!("Enabled"),
+            &json!("GBP"),
+            &json!("Personal"),
+            &json!("CurrentAccount"),
+            &json!("main")
+        ),
+        "{account}"
+    );
+    assert_eq!(account["raw"]["resourceId"], "A1", "{account}");
+    assert_eq!(account["raw"]["cashAccountType"], "CACC", "{account}");
+    let balances = api
+        .get(&format!("/v1/consents/{consent}/balances"), &token)
+        .await;
+    let balance = &balances.body["items"][0];
+    assert_eq!(
+        (
+            &balance["type"],
+            &balance["amount"],
+            &balance["creditDebitIndicator"]
+        ),
+        (
+            &json!("InterimAvailable"),
+            &json!("55.50"),
+            &json!("CREDIT")
+        ),
+        "{balance}"
+    );
+    assert_eq!(
+        balance["raw"]["balanceType"], "interimAvailable",
+        "{balance}"
+    );
+    assert_eq!(
+        balance["raw"]["balanceAmount"]["amount"], "55.50",
+        "{balance}"
     );
 
     // Every call went to the Berlin Group dialect; the refresh asked from the pending's date.

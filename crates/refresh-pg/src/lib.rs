@@ -21,5 +21,6 @@ pub use store::{
     PendingEvent, Store, StoreError, TenantSettingsRow,
 };
 pub use stored::{
-    AccountData, AttemptStart, BalanceData, DataState, FetchedData, Finish, ItemData, JobState,
+    AccountData, AccountDetails, AttemptStart, BalanceData, DataState, FetchedData, Finish,
+    ItemData, JobState,
 };

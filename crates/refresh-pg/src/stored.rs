@@ -42,13 +42,32 @@ pub enum AttemptStart {
     Raced,
 }
 
-/// One account's details as stored: `data` without the party data; `parties` (the
-/// OBIE `Account[]` holder identifications) is written only by the initial load.
+/// One account's details as stored: the bank-neutral fields, `data` (the bank's
+/// object without the party data); `parties` (the OBIE `Account[]` holder
+/// identifications) is written only by the initial load.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AccountData {
     pub account_id: String,
+    pub details: AccountDetails,
     pub data: Value,
     pub parties: Option<Value>,
+}
+
+/// The bank-neutral fields of an account, in the OBIE code lists' terms (each
+/// connector maps its bank's values to them).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AccountDetails {
+    /// e.g. `Enabled`, `Disabled`, `Deleted`.
+    pub status: Option<String>,
+    /// ISO 4217.
+    pub currency: Option<String>,
+    /// `Personal` or `Business`.
+    pub account_type: Option<String>,
+    /// e.g. `CurrentAccount`, `Savings`, `CreditCard`.
+    pub account_sub_type: Option<String>,
+    pub nickname: Option<String>,
+    pub description: Option<String>,
+    pub opening_date: Option<DateTime<Utc>>,
 }
 
 /// One balance as stored (amount unsigned, as the bank wrote it; the sign is
@@ -357,15 +376,28 @@ async fn write_accounts(
     at: DateTime<Utc>,
 ) -> Result<(u64, u64), StoreError> {
     for account in &data.accounts {
+        let d = &account.details;
         sqlx::query(
-            "INSERT INTO accounts (consent_id, account_id, data, updated_at) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO accounts (consent_id, account_id, data, updated_at, status, currency, \
+             account_type, account_sub_type, nickname, description, opening_date) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (consent_id, account_id) DO UPDATE SET data = EXCLUDED.data, \
-             updated_at = EXCLUDED.updated_at",
+             updated_at = EXCLUDED.updated_at, status = EXCLUDED.status, \
+             currency = EXCLUDED.currency, account_type = EXCLUDED.account_type, \
+             account_sub_type = EXCLUDED.account_sub_type, nickname = EXCLUDED.nickname, \
+             description = EXCLUDED.description, opening_date = EXCLUDED.opening_date",
         )
         .bind(consent)
         .bind(&account.account_id)
         .bind(&account.data)
         .bind(at)
+        .bind(&d.status)
+        .bind(&d.currency)
+        .bind(&d.account_type)
+        .bind(&d.account_sub_type)
+        .bind(&d.nickname)
+        .bind(&d.description)
+        .bind(d.opening_date)
         .execute(&mut **tx)
         .await?;
         if let Some(parties) = &account.parties {

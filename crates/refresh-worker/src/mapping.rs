@@ -3,7 +3,7 @@
 
 use refresh_bank::{BankData, BankItem, TransactionStatus};
 use refresh_core::{CreditDebit, FetchScope, MergeWindow, Transaction, TxStatus};
-use refresh_pg::{AccountData, BalanceData, FetchedData, ItemData};
+use refresh_pg::{AccountData, AccountDetails, BalanceData, FetchedData, ItemData};
 use serde_json::Value;
 
 /// The key of an OBIE account's party data: `Account[]`, the holders' scheme
@@ -75,6 +75,15 @@ pub(crate) fn map_fetch(
             let (stripped, parties) = split_parties(&account.raw);
             AccountData {
                 account_id: account.account_id.clone(),
+                details: AccountDetails {
+                    status: account.status.clone(),
+                    currency: account.currency.clone(),
+                    account_type: account.account_type.clone(),
+                    account_sub_type: account.account_sub_type.clone(),
+                    nickname: account.nickname.clone(),
+                    description: account.description.clone(),
+                    opening_date: account.opening_date.map(|t| t.to_utc()),
+                },
                 data: stripped,
                 parties: if initial { parties } else { None },
             }

@@ -119,6 +119,48 @@ fn midnight(d: NaiveDate) -> DateTime<FixedOffset> {
     d.and_time(NaiveTime::MIN).and_utc().fixed_offset()
 }
 
+/// The bank-neutral fields use the OBIE code lists: `enabled` → `Enabled`,
+/// `blocked` → `Disabled`, `deleted` → `Deleted`; others as given.
+fn account_status(s: &str) -> String {
+    match s {
+        "enabled" => "Enabled".into(),
+        "blocked" => "Disabled".into(),
+        "deleted" => "Deleted".into(),
+        other => other.into(),
+    }
+}
+
+/// `PRIV` → `Personal`, `ORGA` → `Business`.
+fn account_usage(s: &str) -> String {
+    match s {
+        "PRIV" => "Personal".into(),
+        "ORGA" => "Business".into(),
+        other => other.into(),
+    }
+}
+
+/// ISO 20022 cash account types as OBIE sub-types where one matches.
+fn cash_account_type(s: &str) -> String {
+    match s {
+        "CACC" | "TRAN" => "CurrentAccount".into(),
+        "SVGS" | "MOMA" => "Savings".into(),
+        "CARD" => "CreditCard".into(),
+        "LOAN" => "Loan".into(),
+        "MGLD" => "Mortgage".into(),
+        other => other.into(),
+    }
+}
+
+/// A NextGenPSD2 `balanceType` in the OBIE spelling the stored shape uses
+/// (`interimAvailable` → `InterimAvailable`).
+fn balance_type(s: &str) -> String {
+    let mut chars = s.chars();
+    match chars.next() {
+        Some(first) => first.to_uppercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
 /// `GET /v1/accounts`: `{"accounts": [...]}`.
 pub(crate) fn accounts(body: &[u8], dev: &mut Deviations) -> Result<Vec<Account>, BankError> {
     let map = object(body, "accounts")?;
@@ -130,10 +172,10 @@ pub(crate) fn accounts(body: &[u8], dev: &mut Deviations) -> Result<Vec<Account>
                 .ok_or_else(|| malformed("accounts", format_args!("item {i}: no resourceId")))?;
             Ok(Account {
                 account_id,
-                status: text(a, "status"),
+                status: text(a, "status").map(|s| account_status(&s)),
                 currency: text(a, "currency"),
-                account_type: text(a, "usage"),
-                account_sub_type: text(a, "cashAccountType"),
+                account_type: text(a, "usage").map(|u| account_usage(&u)),
+                account_sub_type: text(a, "cashAccountType").map(|c| cash_account_type(&c)),
                 nickname: text(a, "name"),
                 description: text(a, "product"),
                 opening_date: None,
@@ -157,8 +199,9 @@ pub(crate) fn balances(
         .enumerate()
         .map(|(i, b)| {
             let what = format!("balances: item {i}");
-            let balance_type =
-                text(b, "balanceType").ok_or_else(|| malformed(&what, "no balanceType"))?;
+            let balance_type = text(b, "balanceType")
+                .map(|t| balance_type(&t))
+                .ok_or_else(|| malformed(&what, "no balanceType"))?;
             let (amount, credit_debit, currency) = money(b.get("balanceAmount"), &what)?;
             let date_time = match b.get("lastChangeDateTime").and_then(Value::as_str) {
                 Some(s) => match DateTime::parse_from_rfc3339(s) {
@@ -472,19 +515,19 @@ mod tests {
             got,
             [
                 (
-                    "closingBooked".into(),
+                    "ClosingBooked".into(),
                     "500.00".into(),
                     CreditDebit::Credit,
                     "2026-12-01T00:00:00+00:00".into()
                 ),
                 (
-                    "interimAvailable".into(),
+                    "InterimAvailable".into(),
                     "20.5".into(),
                     CreditDebit::Debit,
                     "2026-12-02T00:00:00+00:00".into()
                 ),
                 (
-                    "expected".into(),
+                    "Expected".into(),
                     "480.00".into(),
                     CreditDebit::Credit,
                     "2026-12-02T03:00:00+00:00".into()

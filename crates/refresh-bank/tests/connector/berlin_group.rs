@@ -260,10 +260,10 @@ async fn published_shapes_are_read_with_both_lists_and_each_link_form() {
         assert_eq!(
             balances,
             [
-                ("closingBooked".into(), "500.00".into(), CreditDebit::Credit),
-                ("expected".into(), "900.00".into(), CreditDebit::Credit),
+                ("ClosingBooked".into(), "500.00".into(), CreditDebit::Credit),
+                ("Expected".into(), "900.00".into(), CreditDebit::Credit),
                 (
-                    "interimAvailable".into(),
+                    "InterimAvailable".into(),
                     "12.50".into(),
                     CreditDebit::Debit
                 ),
