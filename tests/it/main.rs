@@ -7,11 +7,13 @@
 )]
 
 mod amqp;
+mod berlin_group;
 mod data;
 mod deploy;
 mod gate;
 mod harness;
 mod ingress;
+mod pending;
 mod processes;
 mod purity;
 mod refreshctl;

@@ -14,8 +14,8 @@ pub struct Bank {
     client: reqwest::Client,
 }
 
-/// A [`TestApp`] whose provider `sim` is a simulator started for it, its ingress,
-/// and the simulator. Start the worker with [`start_worker`].
+/// A [`TestApp`] whose providers `sim` (OBIE) and `sim_bg` (Berlin Group) are a
+/// simulator started for it, its ingress, and the simulator. Start the worker with [`start_worker`].
 pub async fn app_with_bank(overrides: &[(&str, &str)]) -> (TestApp, Api, Bank) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -23,7 +23,11 @@ pub async fn app_with_bank(overrides: &[(&str, &str)]) -> (TestApp, Api, Bank) {
     let addr = listener.local_addr().expect("harness: simulator address");
     let base = format!("http://{addr}");
     let api_root = format!("{base}{}", refresh_banksim::API_PREFIX);
-    let mut all = vec![("providers.sim.base_url", api_root.as_str())];
+    let bg_root = format!("{base}{}", refresh_banksim::BERLIN_GROUP_PREFIX);
+    let mut all = vec![
+        ("providers.sim.base_url", api_root.as_str()),
+        ("providers.sim_bg.base_url", bg_root.as_str()),
+    ];
     all.extend_from_slice(overrides);
     let app = spawn_app_with(&all).await;
     let sim_settings = app.settings.bank_sim.clone();

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::berlin_group::BerlinGroupConnector;
 use crate::error::BankError;
 use crate::model::{Account, Balance, BankItem, Transaction};
 use crate::obie::ObieConnector;
@@ -18,8 +19,8 @@ use crate::obie::ObieConnector;
 /// What a fetch returns; boxed so that `Arc<dyn Connector>` works.
 pub type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<BankData, BankError>> + Send + 'a>>;
 
-/// A bank API. One implementation per API family (UK OBIE today; e.g. Berlin
-/// Group NextGenPSD2 later), chosen by [`ProviderKind`].
+/// A bank API. One implementation per API family (UK OBIE, Berlin Group
+/// NextGenPSD2), chosen by [`ProviderKind`].
 pub trait Connector: Send + Sync {
     /// Which API family this connector speaks.
     fn provider_kind(&self) -> ProviderKind;
@@ -50,6 +51,8 @@ pub struct ConsentAccess {
     /// The bank's access token for this consent. A secret: never logged (the
     /// `Debug` output redacts it).
     pub access_token: String,
+    /// The bank's id of the consent (NextGenPSD2 `Consent-ID`).
+    pub bank_consent_id: String,
     /// The bank's `x-fapi-financial-id`.
     pub financial_id: String,
 }
@@ -59,6 +62,7 @@ impl fmt::Debug for ConsentAccess {
         f.debug_struct("ConsentAccess")
             .field("base_url", &self.base_url)
             .field("access_token", &"[redacted]")
+            .field("bank_consent_id", &self.bank_consent_id)
             .field("financial_id", &self.financial_id)
             .finish()
     }
@@ -92,6 +96,8 @@ impl Default for ConnectorSettings {
 pub enum ProviderKind {
     /// UK Open Banking Read/Write API v3.1, Account Information.
     Obie,
+    /// Berlin Group NextGenPSD2 1.3, Account Information Service.
+    BerlinGroup,
 }
 
 impl ProviderKind {
@@ -99,6 +105,7 @@ impl ProviderKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Obie => "obie",
+            Self::BerlinGroup => "berlin_group",
         }
     }
 }
@@ -111,7 +118,7 @@ impl fmt::Display for ProviderKind {
 
 /// A provider kind this build does not know.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown provider kind {0:?} (known: obie)")]
+#[error("unknown provider kind {0:?} (known: obie, berlin_group)")]
 pub struct UnknownProviderKind(pub String);
 
 impl FromStr for ProviderKind {
@@ -120,6 +127,7 @@ impl FromStr for ProviderKind {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "obie" => Ok(Self::Obie),
+            "berlin_group" => Ok(Self::BerlinGroup),
             other => Err(UnknownProviderKind(other.to_owned())),
         }
     }
@@ -137,6 +145,7 @@ pub fn build_connector(
 ) -> Result<Arc<dyn Connector>, ConnectorBuildError> {
     match kind {
         ProviderKind::Obie => Ok(Arc::new(ObieConnector::new(settings)?)),
+        ProviderKind::BerlinGroup => Ok(Arc::new(BerlinGroupConnector::new(settings)?)),
     }
 }
 
@@ -182,6 +191,7 @@ mod tests {
         let access = ConsentAccess {
             base_url: "http://bank".into(),
             access_token: "s3cr3t-token".into(),
+            bank_consent_id: "c-1".into(),
             financial_id: "0015800001041RHAAY".into(),
         };
         let shown = format!("{access:?}");
@@ -194,8 +204,15 @@ mod tests {
     fn provider_kinds() {
         assert_eq!("obie".parse::<ProviderKind>(), Ok(ProviderKind::Obie));
         assert_eq!(ProviderKind::Obie.to_string(), "obie");
-        assert!("berlin_group".parse::<ProviderKind>().is_err());
-        let built = build_connector(ProviderKind::Obie, ConnectorSettings::default()).unwrap();
-        assert_eq!(built.provider_kind(), ProviderKind::Obie);
+        assert_eq!(
+            "berlin_group".parse::<ProviderKind>(),
+            Ok(ProviderKind::BerlinGroup)
+        );
+        assert_eq!(ProviderKind::BerlinGroup.to_string(), "berlin_group");
+        assert!("fints".parse::<ProviderKind>().is_err());
+        for kind in [ProviderKind::Obie, ProviderKind::BerlinGroup] {
+            let built = build_connector(kind, ConnectorSettings::default()).unwrap();
+            assert_eq!(built.provider_kind(), kind);
+        }
     }
 }

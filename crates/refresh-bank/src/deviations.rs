@@ -49,3 +49,8 @@ pub(crate) const TRANSACTION_ID_EMPTY: &str = "transaction_id_empty";
 pub(crate) const DUPLICATE_TRANSACTION_ID: &str = "duplicate_transaction_id";
 /// An optional initial-load endpoint answered 403/404/405/501; skipped.
 pub(crate) const OPTIONAL_RESOURCE_UNAVAILABLE: &str = "optional_resource_unavailable";
+/// A link was a bare string where the schema wants `{"href": ...}` (NextGenPSD2).
+pub(crate) const LINK_NOT_OBJECT: &str = "link_not_object";
+/// A booked transaction had no `bookingDate`; its value or transaction date was used
+/// (NextGenPSD2).
+pub(crate) const BOOKING_DATE_MISSING: &str = "booking_date_missing";

@@ -7,6 +7,7 @@ use std::time::Duration;
 /// | variant | refresh outcome |
 /// | --- | --- |
 /// | `Revoked` | `ERROR consent_revoked`, consent becomes `REVOKED` |
+/// | `Expired` | `ERROR consent_expired`, consent becomes `EXPIRED` |
 /// | `MfaRequired` | `ERROR mfa_required`, no retry |
 /// | `Transient` | retried with backoff (at least `retry_after`), then `bank_unavailable` |
 /// | `Malformed` | `ERROR bank_error`, nothing stored |
@@ -15,6 +16,9 @@ pub enum BankError {
     /// The bank refused the token (401, or 403 without an SCA error code).
     #[error("consent revoked or access removed at the bank")]
     Revoked,
+    /// The bank says the consent has expired (NextGenPSD2 `CONSENT_EXPIRED`).
+    #[error("consent expired at the bank")]
+    Expired,
     /// The bank requires the customer to authenticate again (strong customer
     /// authentication). See [`crate::ObieConnector`] for the convention.
     #[error("the bank requires strong customer authentication")]

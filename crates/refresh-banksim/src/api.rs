@@ -152,6 +152,7 @@ async fn call(sim: Arc<Sim>, endpoint: Endpoint, req: Request) -> Response {
         bank_consent_id: token.map(str::to_owned),
         method: "GET".to_owned(),
         path: req.uri.path().to_owned(),
+        query: req.uri.query().map(str::to_owned),
         status: match &prepared {
             Prepared::Ready(r) => Some(r.status().as_u16()),
             Prepared::Hang => None,

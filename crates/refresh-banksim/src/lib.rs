@@ -9,16 +9,19 @@
 //! beneficiaries, direct debits, standing orders, scheduled payments,
 //! statements and products) from a PRNG seeded by the key, and keeps it in
 //! memory. The OBIE endpoints are served both at the root and under
-//! [`API_PREFIX`]; the control API is under `/sim`:
+//! [`API_PREFIX`]; the same datasets in the Berlin Group NextGenPSD2 1.3 dialect
+//! under [`BERLIN_GROUP_PREFIX`] (the consent named by `Consent-ID`); the control
+//! API is under `/sim`:
 //!
 //! | call | what |
 //! | --- | --- |
 //! | `GET /sim/consents/{bankConsentId}` | the dataset: `{accounts, balances, transactions, parties, beneficiaries, directDebits, standingOrders, scheduledPayments, statements, products}`, items in OBIE shapes each with its `AccountId` |
 //! | `PUT /sim/consents/{bankConsentId}` | replace the dataset (same shape); 204 |
 //! | `GET`/`PATCH /sim/consents/{bankConsentId}/scenario` | `{revoked, mfaRequired, latencyMs, failNext: {count, status}, hangNext}`; a patch's fields replace, the others stay |
-//! | `GET /sim/calls?since=RFC3339&bankConsentId=` | data calls, in arrival order: `[{at, bankConsentId, method, path, status}]` (`status` is `null` for a held call) |
+//! | `GET /sim/calls?since=RFC3339&bankConsentId=` | data calls, in arrival order: `[{at, bankConsentId, method, path, query, status}]` (`status` is `null` for a held call) |
 
 mod api;
+mod berlin_group;
 mod control;
 mod dataset;
 mod generate;
@@ -40,6 +43,11 @@ use state::{Sim, Today};
 /// Where a real bank serves the API (the OBIE `servers` URL); the simulator
 /// also serves it at the root.
 pub const API_PREFIX: &str = "/open-banking/v3.1/aisp";
+
+/// Where the simulator serves the Berlin Group NextGenPSD2 1.3 dialect of the same
+/// datasets (a provider of kind `berlin_group` has this as its base URL; the
+/// connector adds `/v1/...`).
+pub const BERLIN_GROUP_PREFIX: &str = "/berlin-group";
 
 /// The simulator's routes, for tests (`tower::ServiceExt::oneshot`) or to be
 /// served by the caller.
@@ -72,6 +80,7 @@ pub(crate) fn build(settings: SimSettings, shutdown: CancellationToken, today: T
     Router::new()
         .nest(API_PREFIX, api.clone())
         .merge(api)
+        .nest(BERLIN_GROUP_PREFIX, berlin_group::routes())
         .merge(control::routes())
         .with_state(sim)
 }

@@ -99,6 +99,8 @@ pub(crate) struct CallRecord {
     pub(crate) bank_consent_id: Option<String>,
     pub(crate) method: String,
     pub(crate) path: String,
+    /// The query string as sent (e.g. `fromBookingDateTime=…`); `null` when none.
+    pub(crate) query: Option<String>,
     /// The status answered; `null` for a call held by `hangNext`.
     pub(crate) status: Option<u16>,
 }

@@ -6,7 +6,7 @@
 //! passed in; answers come back as values (an [`Admission`], a [`Problem`], a
 //! [`MergePlan`], a [`CloudEvent`]) that the adapter crates carry out. So the
 //! rules of the product (admission refusals and their exact texts, quota
-//! windows, the stagger spacing, the refresh lifecycle, the transaction merge)
+//! windows, the stagger spacing, the refresh lifecycle, the fetch window, the transaction merge)
 //! are decided in one place, identically in every process, and tested in
 //! milliseconds.
 //!
@@ -27,6 +27,7 @@ pub mod record;
 pub mod requested_by;
 pub mod stagger;
 pub mod status;
+pub mod window;
 
 pub use admission::*;
 pub use autosync::*;
@@ -43,6 +44,7 @@ pub use record::*;
 pub use requested_by::*;
 pub use stagger::*;
 pub use status::*;
+pub use window::*;
 
 /// The crate's purity is an absence, so it is tested: no I/O crate in the
 /// manifest, no clock or randomness call in the sources.
@@ -67,6 +69,7 @@ mod purity {
         ("requested_by.rs", include_str!("requested_by.rs")),
         ("stagger.rs", include_str!("stagger.rs")),
         ("status.rs", include_str!("status.rs")),
+        ("window.rs", include_str!("window.rs")),
     ];
 
     #[test]

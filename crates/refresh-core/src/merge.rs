@@ -319,6 +319,91 @@ pub fn plan_transaction_merge<'a>(
     plan
 }
 
+/// The part of the stored transactions a fetch covered: the transactions of the
+/// fetched accounts booked from `from` on (the instant the bank was asked from).
+/// The default covers nothing (a batch merged on its own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MergeWindow {
+    /// The window's first instant (00:00 UTC of its first booking date).
+    pub from: DateTime<Utc>,
+    /// The accounts whose transactions were fetched.
+    pub accounts: BTreeSet<String>,
+}
+
+impl MergeWindow {
+    /// Whether the bank was asked for `tx`: its account was fetched and both its
+    /// booking instant and its booking date lie inside the window (a bank may
+    /// filter on either).
+    pub fn covers(&self, tx: &Transaction) -> bool {
+        self.accounts.contains(&tx.account_id)
+            && tx.booking_date_time >= self.from
+            && tx.booking_date >= self.from.date_naive()
+    }
+}
+
+/// Plans a refresh's merge: [`plan_transaction_merge`] for the batch, plus
+///
+/// - a stored row whose (account, transaction id) the bank reports as rejected
+///   (`rejected`) is deleted;
+/// - a stored `PENDING` row inside `window` that the batch no longer has is
+///   deleted (it was booked under another id, or dropped): with an id, when no
+///   fetched transaction has its key; without one, when the batch has no id-less
+///   transaction of its (account, booking date) (else the same-date rule
+///   decides). A `BOOKED` row is never deleted by this rule.
+///
+/// Each deletion counts once in `removed`. Contract on `stored`: what
+/// [`plan_transaction_merge`] needs, the rows with a `rejected` key, and every
+/// stored `PENDING` row `window` covers; each row at most once.
+pub fn plan_refresh_merge<'a>(
+    stored: &[StoredTransaction],
+    fetched: &'a [Transaction],
+    rejected: &[(String, String)],
+    window: &MergeWindow,
+) -> MergePlan<'a> {
+    let mut plan = plan_transaction_merge(stored, fetched);
+    let rejected: BTreeSet<(&str, &str)> = rejected
+        .iter()
+        .map(|(a, i)| (a.as_str(), i.as_str()))
+        .collect();
+    let fetched_ids: BTreeSet<(&str, &str)> = fetched
+        .iter()
+        .filter_map(|t| Some((t.account_id.as_str(), t.transaction_id.as_deref()?)))
+        .collect();
+    let fetched_idless_dates: BTreeSet<(&str, NaiveDate)> = fetched
+        .iter()
+        .filter(|t| t.transaction_id.is_none())
+        .map(|t| (t.account_id.as_str(), t.booking_date))
+        .collect();
+    let mut touched: BTreeSet<i64> = plan
+        .deletes
+        .iter()
+        .copied()
+        .chain(plan.updates.iter().map(|(row, _)| *row))
+        .collect();
+    for row in stored {
+        let tx = &row.tx;
+        let account = tx.account_id.as_str();
+        let gone = match tx.transaction_id.as_deref() {
+            Some(id) => {
+                rejected.contains(&(account, id))
+                    || (tx.status == TxStatus::Pending
+                        && window.covers(tx)
+                        && !fetched_ids.contains(&(account, id)))
+            }
+            None => {
+                tx.status == TxStatus::Pending
+                    && window.covers(tx)
+                    && !fetched_idless_dates.contains(&(account, tx.booking_date))
+            }
+        };
+        if gone && touched.insert(row.row_id) {
+            plan.deletes.push(row.row_id);
+            plan.summary.removed += 1;
+        }
+    }
+    plan
+}
+
 /// Whether the stored and fetched transactions of one date are equal as
 /// multisets. Quadratic, but per (account, day) and only over id-less ones.
 fn same_multiset(stored: &[&StoredTransaction], fetched: &[&Transaction]) -> bool {
@@ -712,6 +797,161 @@ mod tests {
                 updates: &[(1, "1")],
                 deletes: &[4],
                 summary: (4, 1, 1),
+            },
+        );
+    }
+
+    /// [`plan_refresh_merge`] with the window from 2024-05-03 over account `a`.
+    fn check_refresh(
+        stored: &[(i64, Transaction)],
+        fetched: &[Transaction],
+        rejected: &[(&str, &str)],
+        want: Want<'_>,
+    ) {
+        let window = MergeWindow {
+            from: NaiveDate::from_ymd_opt(2024, 5, 3)
+                .unwrap()
+                .and_hms_opt(0, 0, 0)
+                .unwrap()
+                .and_utc(),
+            accounts: BTreeSet::from(["a".to_owned()]),
+        };
+        let rejected: Vec<(String, String)> = rejected
+            .iter()
+            .map(|(a, i)| ((*a).to_owned(), (*i).to_owned()))
+            .collect();
+        let plan = plan_refresh_merge(&rows(stored), fetched, &rejected, &window);
+        let inserts: Vec<&str> = plan.inserts.iter().map(|t| t.amount.as_str()).collect();
+        let updates: Vec<(i64, &str)> = plan
+            .updates
+            .iter()
+            .map(|(r, t)| (*r, t.amount.as_str()))
+            .collect();
+        assert_eq!(inserts, want.inserts, "inserts");
+        assert_eq!(updates, want.updates, "updates");
+        assert_eq!(plan.deletes, want.deletes, "deletes");
+        let s = plan.summary;
+        assert_eq!((s.added, s.updated, s.removed), want.summary, "summary");
+    }
+
+    const NOTHING: Want<'static> = Want {
+        inserts: &[],
+        updates: &[],
+        deletes: &[],
+        summary: (0, 0, 0),
+    };
+
+    #[test]
+    fn pending_rows_the_bank_no_longer_returns_go() {
+        const REMOVED: Want<'static> = Want {
+            inserts: &[],
+            updates: &[],
+            deletes: &[1],
+            summary: (0, 0, 1),
+        };
+        // Inside the window, with or without an id.
+        check_refresh(&[(1, pending("a", "t1", 4, "1"))], &[], &[], REMOVED);
+        check_refresh(&[(1, pending("a", "", 4, "1"))], &[], &[], REMOVED);
+        // On the window's first day.
+        check_refresh(&[(1, pending("a", "t1", 3, "1"))], &[], &[], REMOVED);
+        // Booked ones stay; so do pending ones before the window or of another account.
+        check_refresh(&[(1, booked("a", "t1", 4, "1"))], &[], &[], NOTHING);
+        check_refresh(&[(1, booked("a", "", 4, "1"))], &[], &[], NOTHING);
+        check_refresh(&[(1, pending("a", "t1", 2, "1"))], &[], &[], NOTHING);
+        check_refresh(&[(1, pending("b", "t1", 4, "1"))], &[], &[], NOTHING);
+        // Still pending at the bank.
+        check_refresh(
+            &[(1, pending("a", "t1", 4, "1"))],
+            &[pending("a", "t1", 4, "1")],
+            &[],
+            NOTHING,
+        );
+        check_refresh(
+            &[(1, pending("a", "", 4, "1"))],
+            &[pending("a", "", 4, "1")],
+            &[],
+            NOTHING,
+        );
+        // The same id at another account does not keep it.
+        check_refresh(
+            &[(1, pending("a", "t1", 4, "1"))],
+            &[pending("b", "t1", 4, "1")],
+            &[],
+            Want {
+                inserts: &["1"],
+                updates: &[],
+                deletes: &[1],
+                summary: (1, 0, 1),
+            },
+        );
+    }
+
+    #[test]
+    fn pending_rows_that_book() {
+        // By id, on another date and with a new amount: updated, not removed.
+        check_refresh(
+            &[(1, pending("a", "t1", 4, "1"))],
+            &[booked("a", "t1", 6, "1.5")],
+            &[],
+            Want {
+                inserts: &[],
+                updates: &[(1, "1.5")],
+                deletes: &[],
+                summary: (0, 1, 0),
+            },
+        );
+        // Id-less, booked under an id on another date: one transaction is left.
+        check_refresh(
+            &[(1, pending("a", "", 5, "1"))],
+            &[booked("a", "x1", 4, "1")],
+            &[],
+            Want {
+                inserts: &["1"],
+                updates: &[],
+                deletes: &[1],
+                summary: (1, 0, 1),
+            },
+        );
+        // Id-less on the same date: the same-date rule replaces it, counted once.
+        check_refresh(
+            &[(1, pending("a", "", 5, "1")), (2, booked("a", "", 6, "2"))],
+            &[booked("a", "", 5, "1")],
+            &[],
+            Want {
+                inserts: &["1"],
+                updates: &[],
+                deletes: &[1],
+                summary: (1, 0, 1),
+            },
+        );
+    }
+
+    #[test]
+    fn rejected_rows_go_once() {
+        // Before the window too, and counted once when also pending inside it.
+        check_refresh(
+            &[(1, pending("a", "t9", 1, "9"))],
+            &[],
+            &[("a", "t9")],
+            Want {
+                inserts: &[],
+                updates: &[],
+                deletes: &[1],
+                summary: (0, 0, 1),
+            },
+        );
+        check_refresh(
+            &[
+                (1, pending("a", "t9", 4, "9")),
+                (2, pending("a", "t8", 4, "8")),
+            ],
+            &[pending("a", "t8", 4, "8")],
+            &[("a", "t9"), ("b", "t8")],
+            Want {
+                inserts: &[],
+                updates: &[],
+                deletes: &[1],
+                summary: (0, 0, 1),
             },
         );
     }

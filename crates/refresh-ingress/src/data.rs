@@ -174,8 +174,8 @@ pub(crate) struct TransactionPage {
     next_cursor: Option<String>,
 }
 
-/// `{items, nextCursor}`: accounts or balances, the bank's objects (all of them, so
-/// `nextCursor` is always null).
+/// `{items, nextCursor}`: accounts or balances in the bank-neutral camelCase shape,
+/// each with `raw`, the bank's own object (all of them, so `nextCursor` is always null).
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct StoredList {
@@ -200,10 +200,10 @@ fn ok(body: &impl Serialize) -> Response {
     get,
     path = "/v1/consents/{consentId}/accounts",
     tag = "stored data",
-    summary = "The consent's accounts, each with its holder block (`Account[]`) from the initial connection",
+    summary = "The consent's accounts, bank-neutral: `accountId, status, currency, accountType, accountSubType, nickname, description, openingDate`, and `raw` (the bank's object, with its holder block from the initial connection)",
     params(("consentId" = String, Path, description = "The consent (UUID)")),
     responses(
-        (status = 200, description = "`{items, nextCursor: null}`, the bank's account objects", body = StoredList),
+        (status = 200, description = "`{items, nextCursor: null}`, the accounts in the bank-neutral shape", body = StoredList),
         (status = 404, description = "Unknown or another tenant's consent (`consent_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
         (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
@@ -233,7 +233,7 @@ pub(crate) async fn accounts(
         ("accountId" = Option<String>, Query, description = "Only this account's balances")
     ),
     responses(
-        (status = 200, description = "`{items, nextCursor: null}`, the bank's balance objects", body = StoredList),
+        (status = 200, description = "`{items, nextCursor: null}`, each `{accountId, type, amount, currency, creditDebitIndicator, dateTime, raw}` (`raw`: the bank's object)", body = StoredList),
         (status = 400, description = "Bad query parameter (`bad_request`)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "Unknown or another tenant's consent (`consent_not_found`)", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),

@@ -22,4 +22,7 @@ pub use store::{
     ClaimedEvents, ConsentRow, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
     PendingEvent, Store, StoreError, TenantSettingsRow,
 };
-pub use stored::{AccountData, AttemptStart, BalanceData, FetchedData, Finish, ItemData, JobState};
+pub use stored::{
+    AccountData, AccountDetails, AttemptStart, BalanceData, DataState, FetchedData, Finish,
+    ItemData, JobState,
+};

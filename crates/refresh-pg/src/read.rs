@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 use refresh_core::{ConsentId, CreditDebit, TxStatus};
-use serde_json::Value;
+use serde_json::{Value, json};
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, QueryBuilder, Row};
 
@@ -105,6 +105,11 @@ fn tx_row(row: &PgRow) -> Result<TxRow, StoreError> {
     })
 }
 
+/// RFC 3339 UTC with milliseconds, as the API writes instants.
+fn instant(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// The account object with its holder block put back (`Account[]` from the initial
 /// connection); an account without stored party data is returned as it is.
 fn with_parties(data: Value, parties: Option<Value>) -> Value {
@@ -118,10 +123,15 @@ fn with_parties(data: Value, parties: Option<Value>) -> Value {
 }
 
 impl Store {
-    /// A consent's accounts (the bank's objects with their holder block), by account id.
+    /// A consent's accounts in the bank-neutral shape, by account id: `accountId,
+    /// status, currency, accountType, accountSubType, nickname, description,
+    /// openingDate`, and `raw`, the bank's object with its holder block (`Account[]`
+    /// from the initial connection, for OBIE).
     pub async fn stored_accounts(&self, consent: ConsentId) -> Result<Vec<Value>, StoreError> {
         let rows = sqlx::query(
-            "SELECT a.data, p.data AS parties FROM accounts a LEFT JOIN account_parties p \
+            "SELECT a.account_id, a.status, a.currency, a.account_type, a.account_sub_type, \
+             a.nickname, a.description, a.opening_date, a.data, p.data AS parties \
+             FROM accounts a LEFT JOIN account_parties p \
              ON p.consent_id = a.consent_id AND p.account_id = a.account_id \
              WHERE a.consent_id = $1 ORDER BY a.account_id",
         )
@@ -129,26 +139,53 @@ impl Store {
         .fetch_all(self.pool())
         .await?;
         rows.iter()
-            .map(|row| Ok(with_parties(row.try_get("data")?, row.try_get("parties")?)))
+            .map(|row| {
+                let opening: Option<DateTime<Utc>> = row.try_get("opening_date")?;
+                Ok(json!({
+                    "accountId": row.try_get::<String, _>("account_id")?,
+                    "status": row.try_get::<Option<String>, _>("status")?,
+                    "currency": row.try_get::<Option<String>, _>("currency")?,
+                    "accountType": row.try_get::<Option<String>, _>("account_type")?,
+                    "accountSubType": row.try_get::<Option<String>, _>("account_sub_type")?,
+                    "nickname": row.try_get::<Option<String>, _>("nickname")?,
+                    "description": row.try_get::<Option<String>, _>("description")?,
+                    "openingDate": opening.map(instant),
+                    "raw": with_parties(row.try_get("data")?, row.try_get("parties")?),
+                }))
+            })
             .collect()
     }
 
-    /// A consent's balances (the bank's objects), by account then as the bank listed
-    /// them; only `account_id`'s when given.
+    /// A consent's balances in the bank-neutral shape (`accountId, type, amount,
+    /// currency, creditDebitIndicator, dateTime`, and `raw`, the bank's object), by
+    /// account then as the bank listed them; only `account_id`'s when given.
     pub async fn stored_balances(
         &self,
         consent: ConsentId,
         account_id: Option<&str>,
     ) -> Result<Vec<Value>, StoreError> {
         let rows = sqlx::query(
-            "SELECT data FROM balances WHERE consent_id = $1 \
+            "SELECT account_id, balance_type, amount, currency, credit_debit, date_time, data \
+             FROM balances WHERE consent_id = $1 \
              AND ($2::text IS NULL OR account_id = $2) ORDER BY account_id, position",
         )
         .bind(consent.as_uuid())
         .bind(account_id)
         .fetch_all(self.pool())
         .await?;
-        rows.iter().map(|row| Ok(row.try_get("data")?)).collect()
+        rows.iter()
+            .map(|row| {
+                Ok(json!({
+                    "accountId": row.try_get::<String, _>("account_id")?,
+                    "type": row.try_get::<String, _>("balance_type")?,
+                    "amount": row.try_get::<String, _>("amount")?,
+                    "currency": row.try_get::<String, _>("currency")?,
+                    "creditDebitIndicator": row.try_get::<String, _>("credit_debit")?,
+                    "dateTime": instant(row.try_get("date_time")?),
+                    "raw": row.try_get::<Value, _>("data")?,
+                }))
+            })
+            .collect()
     }
 
     /// Up to `limit` transactions after `after`, newest first (booking time, then

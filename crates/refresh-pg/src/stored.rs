@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use refresh_core::{
-    Amount, CloudEvent, ConsentStatus, CreditDebit, EventId, RefreshError, RefreshId,
-    RefreshRecord, RefreshStatus, RefreshSummary, StoredTransaction, Transaction, TxStatus,
-    TxSummary, plan_transaction_merge, relevant_keys,
+    Amount, CloudEvent, ConsentId, ConsentStatus, CreditDebit, EventId, MergeWindow, RefreshError,
+    RefreshId, RefreshRecord, RefreshStatus, RefreshSummary, StoredTransaction, Transaction,
+    TxStatus, TxSummary, plan_refresh_merge, relevant_keys,
 };
 use serde_json::Value;
 use sqlx::postgres::PgRow;
@@ -42,13 +42,32 @@ pub enum AttemptStart {
     Raced,
 }
 
-/// One account's details as stored: `data` without the party data; `parties` (the
-/// OBIE `Account[]` holder identifications) is written only by the initial load.
+/// One account's details as stored: the bank-neutral fields, `data` (the bank's
+/// object without the party data); `parties` (the OBIE `Account[]` holder
+/// identifications) is written only by the initial load.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AccountData {
     pub account_id: String,
+    pub details: AccountDetails,
     pub data: Value,
     pub parties: Option<Value>,
+}
+
+/// The bank-neutral fields of an account, in the OBIE code lists' terms (each
+/// connector maps its bank's values to them).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AccountDetails {
+    /// e.g. `Enabled`, `Disabled`, `Deleted`.
+    pub status: Option<String>,
+    /// ISO 4217.
+    pub currency: Option<String>,
+    /// `Personal` or `Business`.
+    pub account_type: Option<String>,
+    /// e.g. `CurrentAccount`, `Savings`, `CreditCard`.
+    pub account_sub_type: Option<String>,
+    pub nickname: Option<String>,
+    pub description: Option<String>,
+    pub opening_date: Option<DateTime<Utc>>,
 }
 
 /// One balance as stored (amount unsigned, as the bank wrote it; the sign is
@@ -58,7 +77,7 @@ pub struct BalanceData {
     pub account_id: String,
     pub balance_type: String,
     pub credit_debit: CreditDebit,
-    pub amount: String,
+    pub amount: Amount,
     pub currency: String,
     pub date_time: DateTime<Utc>,
     pub data: Value,
@@ -74,9 +93,24 @@ pub struct ItemData {
     pub data: Value,
 }
 
+/// What the stored data of a consent says about its next fetch (SPEC §5).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DataState {
+    /// An initial load has succeeded.
+    pub initial_loaded: bool,
+    /// The earliest booking date of a transaction stored as `PENDING`: the earlier
+    /// of the bank's date and the UTC date of its booking instant.
+    pub oldest_pending: Option<NaiveDate>,
+}
+
 /// Everything a successful fetch stores.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FetchedData {
+    /// An initial load: the consent counts as loaded once it is stored.
+    pub initial: bool,
+    /// What the fetch covered: stored `PENDING` rows inside it that the bank no
+    /// longer returns are removed. The default covers nothing.
+    pub window: MergeWindow,
     pub accounts: Vec<AccountData>,
     pub balances: Vec<BalanceData>,
     /// Booked and pending transactions, merged by the refresh rules.
@@ -197,6 +231,27 @@ async fn write_terminal(
 }
 
 impl Store {
+    /// Whether the consent's initial load has succeeded, and its oldest pending
+    /// transaction; `None` when the consent is gone.
+    pub async fn data_state(&self, consent_id: ConsentId) -> Result<Option<DataState>, StoreError> {
+        let row = sqlx::query(
+            "SELECT c.initial_loaded_at IS NOT NULL AS loaded, \
+             (SELECT LEAST(min(t.booking_date), min((t.booking_date_time AT TIME ZONE 'UTC')::date)) \
+              FROM transactions t WHERE t.consent_id = c.consent_id AND t.status = 'PENDING') AS oldest \
+             FROM consents c WHERE c.consent_id = $1",
+        )
+        .bind(consent_id.as_uuid())
+        .fetch_optional(self.pool())
+        .await?;
+        row.map(|row| {
+            Ok(DataState {
+                initial_loaded: row.try_get("loaded")?,
+                oldest_pending: row.try_get("oldest")?,
+            })
+        })
+        .transpose()
+    }
+
     /// The refresh with its `initial` flag and attempt count.
     pub async fn job_state(&self, refresh_id: RefreshId) -> Result<Option<JobState>, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -282,6 +337,18 @@ impl Store {
             .finish_updated(RefreshSummary::new(accounts, balances, transactions), at)
             .map_err(corrupt)?;
         write_terminal(&mut tx, &record, None, event_id, at).await?;
+        if data.initial {
+            // Also a refresh requested as a plain one, when no initial load had succeeded.
+            sqlx::query("UPDATE refreshes SET initial = true WHERE refresh_id = $1")
+                .bind(refresh_id.as_uuid())
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("UPDATE consents SET initial_loaded_at = $2 WHERE consent_id = $1")
+                .bind(consent)
+                .bind(at)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(Finish::Done(record))
     }
@@ -304,15 +371,28 @@ async fn write_accounts(
     at: DateTime<Utc>,
 ) -> Result<(u64, u64), StoreError> {
     for account in &data.accounts {
+        let d = &account.details;
         sqlx::query(
-            "INSERT INTO accounts (consent_id, account_id, data, updated_at) VALUES ($1, $2, $3, $4) \
+            "INSERT INTO accounts (consent_id, account_id, data, updated_at, status, currency, \
+             account_type, account_sub_type, nickname, description, opening_date) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (consent_id, account_id) DO UPDATE SET data = EXCLUDED.data, \
-             updated_at = EXCLUDED.updated_at",
+             updated_at = EXCLUDED.updated_at, status = EXCLUDED.status, \
+             currency = EXCLUDED.currency, account_type = EXCLUDED.account_type, \
+             account_sub_type = EXCLUDED.account_sub_type, nickname = EXCLUDED.nickname, \
+             description = EXCLUDED.description, opening_date = EXCLUDED.opening_date",
         )
         .bind(consent)
         .bind(&account.account_id)
         .bind(&account.data)
         .bind(at)
+        .bind(&d.status)
+        .bind(&d.currency)
+        .bind(&d.account_type)
+        .bind(&d.account_sub_type)
+        .bind(&d.nickname)
+        .bind(&d.description)
+        .bind(d.opening_date)
         .execute(&mut **tx)
         .await?;
         if let Some(parties) = &account.parties {
@@ -353,7 +433,7 @@ async fn write_accounts(
         .bind(*slot)
         .bind(&balance.balance_type)
         .bind(balance.credit_debit.as_str())
-        .bind(&balance.amount)
+        .bind(balance.amount.as_str())
         .bind(&balance.currency)
         .bind(balance.date_time)
         .bind(&balance.data)
@@ -415,21 +495,29 @@ async fn merge_transactions(
             stored.push(stored_transaction(row)?);
         }
     }
-    let mut plan = plan_transaction_merge(&stored, &data.transactions);
-    // Rejected at the bank: the stored (pending) row of that key goes.
-    let rejected: BTreeSet<(&str, &str)> = data
-        .rejected
-        .iter()
-        .map(|(a, i)| (a.as_str(), i.as_str()))
-        .collect();
-    for row in &stored {
-        if let Some(id) = row.tx.transaction_id.as_deref()
-            && rejected.contains(&(row.tx.account_id.as_str(), id))
-        {
-            plan.deletes.push(row.row_id);
-            plan.summary.removed += 1;
+    let window = &data.window;
+    if !window.accounts.is_empty() {
+        let accounts: Vec<&str> = window.accounts.iter().map(String::as_str).collect();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TX_COLUMNS} FROM transactions WHERE consent_id = $1 AND status = 'PENDING' \
+             AND account_id = ANY($2) AND booking_date_time >= $3 AND booking_date >= $4"
+        )))
+        .bind(consent)
+        .bind(&accounts)
+        .bind(window.from)
+        .bind(window.from.date_naive())
+        .fetch_all(&mut **tx)
+        .await?;
+        // A row may also be one the batch matches by key: pass each once.
+        let loaded: BTreeSet<i64> = stored.iter().map(|row| row.row_id).collect();
+        for row in &rows {
+            let row = stored_transaction(row)?;
+            if !loaded.contains(&row.row_id) {
+                stored.push(row);
+            }
         }
     }
+    let plan = plan_refresh_merge(&stored, &data.transactions, &data.rejected, window);
     if !plan.deletes.is_empty() {
         sqlx::query("DELETE FROM transactions WHERE consent_id = $1 AND id = ANY($2)")
             .bind(consent)

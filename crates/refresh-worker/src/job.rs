@@ -8,7 +8,8 @@ use rand::Rng as _;
 use refresh_amqp::Delivery;
 use refresh_bank::{BankError, ConsentAccess};
 use refresh_core::{
-    ConsentStatus, EventId, Job, Outcome, RefreshError, RefreshId, RefreshStatus, error_chain,
+    ConsentStatus, EventId, FetchBasis, Job, Outcome, RefreshError, RefreshId, RefreshStatus,
+    error_chain, fetch_scope,
 };
 use refresh_pg::{AttemptStart, Finish, JobState, Store, StoreError};
 use refresh_redis::{Gate, GateError, StartDecision};
@@ -218,6 +219,7 @@ async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<
         base_url: provider.base_url.clone(),
         access_token: token.expose_secret().to_owned(),
         financial_id: provider.financial_id.clone(),
+        bank_consent_id: consent.bank_consent_id.clone(),
     };
     let work = fetch_and_store(
         deps,
@@ -270,18 +272,28 @@ async fn fetch_and_store(
     last_refreshed_at: Option<DateTime<Utc>>,
 ) -> Result<Step, Failure> {
     let refresh_id = job.refresh_id;
-    let initial = state.initial || job.initial;
-    let start = now();
-    let oldest = start - config.history_window;
+    let Some(stored) = deps.store.data_state(job.consent_id).await? else {
+        // Deleted with its refreshes meanwhile: nothing left to write.
+        return Ok(Step::Settle(Outcome::Ack));
+    };
+    let basis = FetchBasis {
+        requested_initial: state.initial || job.initial,
+        initial_loaded: stored.initial_loaded,
+        last_refreshed_at,
+        oldest_pending: stored.oldest_pending,
+    };
+    let scope = fetch_scope(&basis, config.window, now());
+    debug!(%refresh_id, initial = scope.initial, from = %scope.from, "fetching from the bank");
+    let from = scope.from_instant();
     let fetch_started = std::time::Instant::now();
-    let fetched = if initial {
-        provider.connector.fetch_initial(access, oldest).await
+    let fetched = if scope.initial {
+        provider.connector.fetch_initial(access, from).await
     } else {
-        let from = last_refreshed_at.map_or(oldest, |t| (t - config.overlap).max(oldest));
         provider.connector.fetch_refresh(access, from).await
     };
     let failure = fetched.as_ref().err().map(|error| match error {
         BankError::Revoked => "revoked",
+        BankError::Expired => "expired",
         BankError::MfaRequired => "mfa_required",
         BankError::Transient { .. } => "transient",
         BankError::Malformed(_) => "malformed",
@@ -293,6 +305,11 @@ async fn fetch_and_store(
         Err(BankError::Revoked) => {
             let error = RefreshError::consent_revoked();
             return finish_error(deps, job, error, Some(ConsentStatus::Revoked)).await;
+        }
+        Err(BankError::Expired) => {
+            let problem = refresh_core::Problem::consent_expired();
+            let error = RefreshError::new(problem.code, problem.detail);
+            return finish_error(deps, job, error, Some(ConsentStatus::Expired)).await;
         }
         Err(BankError::MfaRequired) => {
             return finish_error(deps, job, RefreshError::mfa_required(), None).await;
@@ -315,7 +332,7 @@ async fn fetch_and_store(
         }
     }
     let requests = data.requests;
-    let (stored, dropped) = match map_fetch(data, initial) {
+    let (stored, dropped) = match map_fetch(data, &scope) {
         Ok(mapped) => mapped,
         Err(error) => {
             warn!(%refresh_id, error = %error, "the bank's data cannot be stored; nothing stored");

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use refresh_amqp::Broker;
 use refresh_bank::Connector;
-use refresh_core::StaggerScope;
+use refresh_core::{StaggerScope, WindowRules};
 use refresh_pg::Store;
 use refresh_redis::Gate;
 use tokio::sync::Semaphore;
@@ -77,10 +77,8 @@ pub struct WorkerConfig {
     pub admission_grace: Duration,
     /// The wait before retrying a job when PostgreSQL, Redis or RabbitMQ failed.
     pub dependency_retry: Duration,
-    /// How far back the initial load (and a refresh with no earlier success) fetches.
-    pub history_window: chrono::TimeDelta,
-    /// How far before the last successful refresh a plain refresh fetches again.
-    pub overlap: chrono::TimeDelta,
+    /// `worker.overlap_days` and `worker.history_days`: where a fetch's window starts.
+    pub window: WindowRules,
 }
 
 impl WorkerConfig {
@@ -105,8 +103,7 @@ impl WorkerConfig {
             max_wait_hop: Duration::from_secs(30),
             admission_grace: Duration::from_secs(60),
             dependency_retry: Duration::from_secs(5),
-            history_window: chrono::TimeDelta::days(90),
-            overlap: chrono::TimeDelta::days(7),
+            window: WindowRules::from_days(7, 90),
         }
     }
 }

@@ -2,8 +2,8 @@
 //! ([`FetchedData`]): bank types become domain types, party data is split off.
 
 use refresh_bank::{BankData, BankItem, TransactionStatus};
-use refresh_core::{Amount, CreditDebit, Transaction, TxStatus};
-use refresh_pg::{AccountData, BalanceData, FetchedData, ItemData};
+use refresh_core::{CreditDebit, FetchScope, MergeWindow, Transaction, TxStatus};
+use refresh_pg::{AccountData, AccountDetails, BalanceData, FetchedData, ItemData};
 use serde_json::Value;
 
 /// The key of an OBIE account's party data: `Account[]`, the holders' scheme
@@ -51,17 +51,23 @@ fn items(kind: &'static str, list: &[BankItem], out: &mut Vec<ItemData>) {
     }));
 }
 
-/// Maps a fetch. `initial` keeps party data and the other kinds; a plain refresh
-/// drops them (they are kept from the initial connection).
+/// Maps a fetch of `scope`. An initial load keeps party data and the other kinds; a
+/// plain refresh drops them (they are kept from the initial connection). The merge
+/// window is the fetched accounts' transactions from the scope's first instant on.
 ///
 /// Rejected transactions are not stored: one with an id removes a stored row with
 /// that id (a pending transaction the bank rejected); one without an id is dropped
 /// and counted.
 pub(crate) fn map_fetch(
     data: BankData,
-    initial: bool,
+    scope: &FetchScope,
 ) -> Result<(FetchedData, Dropped), MappingError> {
+    let initial = scope.initial;
     let mut dropped = Dropped::default();
+    let window = MergeWindow {
+        from: scope.from_instant(),
+        accounts: data.accounts.iter().map(|a| a.account_id.clone()).collect(),
+    };
     let accounts = data
         .accounts
         .iter()
@@ -69,6 +75,15 @@ pub(crate) fn map_fetch(
             let (stripped, parties) = split_parties(&account.raw);
             AccountData {
                 account_id: account.account_id.clone(),
+                details: AccountDetails {
+                    status: account.status.clone(),
+                    currency: account.currency.clone(),
+                    account_type: account.account_type.clone(),
+                    account_sub_type: account.account_sub_type.clone(),
+                    nickname: account.nickname.clone(),
+                    description: account.description.clone(),
+                    opening_date: account.opening_date.map(|t| t.to_utc()),
+                },
                 data: stripped,
                 parties: if initial { parties } else { None },
             }
@@ -81,7 +96,7 @@ pub(crate) fn map_fetch(
             account_id: b.account_id.clone(),
             balance_type: b.balance_type.clone(),
             credit_debit: credit_debit(b.credit_debit),
-            amount: b.amount.as_str().to_owned(),
+            amount: b.amount.clone(),
             currency: b.currency.clone(),
             date_time: b.date_time.to_utc(),
             data: b.raw.clone(),
@@ -101,14 +116,13 @@ pub(crate) fn map_fetch(
                 continue;
             }
         };
-        let amount = Amount::parse(tx.amount.as_str()).map_err(|e| MappingError(e.to_string()))?;
         transactions.push(Transaction {
             account_id: tx.account_id,
             transaction_id: tx.transaction_id,
             booking_date: tx.booking_date,
             booking_date_time: tx.booking_date_time.to_utc(),
             status,
-            amount,
+            amount: tx.amount,
             currency: tx.currency,
             credit_debit: credit_debit(tx.credit_debit),
             description: tx.description,
@@ -132,6 +146,8 @@ pub(crate) fn map_fetch(
     };
     Ok((
         FetchedData {
+            initial,
+            window,
             accounts,
             balances,
             transactions,

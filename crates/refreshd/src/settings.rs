@@ -91,6 +91,10 @@ pub struct WorkerSettings {
     pub prefetch: u16,
     /// Where a standalone worker serves `/healthz`, `/readyz`, `/metrics` (empty: nowhere).
     pub metrics_bind: String,
+    /// Days before the last successful refresh that a plain refresh fetches again.
+    pub overlap_days: u32,
+    /// Days back that any fetch reaches (the initial load's window).
+    pub history_days: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,12 +130,8 @@ pub struct CryptoSettings {
     pub key: Option<SecretString>,
 }
 
-#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderKind {
-    /// UK Open Banking Read/Write API v3.1, Account Information.
-    Obie,
-}
+/// `providers.{id}.kind`: the connectors' own type, so a kind is named once.
+pub use refresh_bank::ProviderKind;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -253,12 +253,13 @@ impl Settings {
                 "must be more than 0 and at most 1",
             ));
         }
-        let positive: [(&'static str, u64); 12] = [
+        let positive: [(&'static str, u64); 13] = [
             ("lock.lease_secs", self.lock.lease_secs),
             ("shutdown.grace_secs", self.shutdown.grace_secs),
             ("worker.concurrency", self.worker.concurrency.into()),
             ("worker.max_attempts", self.worker.max_attempts.into()),
             ("worker.prefetch", self.worker.prefetch.into()),
+            ("worker.history_days", self.worker.history_days.into()),
             ("history.retention_days", self.history.retention_days.into()),
             ("http.sync_wait_secs", self.http.sync_wait_secs),
             ("redis.command_timeout_ms", self.redis.command_timeout_ms),
@@ -272,6 +273,12 @@ impl Settings {
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(invalid(key, "must be at least 1"));
+        }
+        if self.worker.overlap_days > self.worker.history_days {
+            return Err(invalid(
+                "worker.overlap_days",
+                "must be at most worker.history_days",
+            ));
         }
         if self.lock.lease_secs < 5 {
             return Err(invalid("lock.lease_secs", "must be at least 5"));
@@ -378,6 +385,7 @@ mod tests {
             ),
             (16, 5, 32)
         );
+        assert_eq!((s.worker.overlap_days, s.worker.history_days), (7, 90));
         assert_eq!(s.history.retention_days, 7);
         assert_eq!(s.quota.rules.len(), 1);
         assert_eq!(s.quota.rules[0].limit, 4);
@@ -423,7 +431,21 @@ mod tests {
             Role::Migrate,
             "worker.concurrency",
         );
+        check(
+            "worker.history_days",
+            "0",
+            Role::Migrate,
+            "worker.history_days: must be at least 1",
+        );
+        check(
+            "worker.overlap_days",
+            "91",
+            Role::Migrate,
+            "worker.overlap_days: must be at most worker.history_days",
+        );
+        check("worker.overlap_days", "-1", Role::Migrate, "overlap_days");
         check("stagger.scope", "galaxy", Role::Migrate, "scope");
+        check("providers.sim.kind", "fints", Role::Migrate, "fints");
         check(
             "crypto.key",
             "c2hvcnQ=",

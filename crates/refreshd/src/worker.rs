@@ -4,14 +4,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use refresh_bank::{ConnectorSettings, ProviderKind};
+use refresh_bank::ConnectorSettings;
 use refresh_ops::Registry;
 use refresh_worker::{Provider, WorkerConfig, WorkerDeps, WorkerMetrics};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::services::Services;
-use crate::settings::ProviderKind as SettingsKind;
 use crate::{RunError, Settings};
 
 /// One connector per `providers.{id}`; the provider id doubles as the
@@ -19,12 +18,9 @@ use crate::{RunError, Settings};
 pub fn providers(settings: &Settings) -> Result<BTreeMap<String, Provider>, RunError> {
     let mut out = BTreeMap::new();
     for (id, provider) in &settings.providers {
-        let kind = match provider.kind {
-            SettingsKind::Obie => ProviderKind::Obie,
-        };
         let timeout = Duration::from_secs(provider.timeout_secs);
         let connector = refresh_bank::build_connector(
-            kind,
+            provider.kind,
             ConnectorSettings {
                 request_timeout: timeout,
                 ..ConnectorSettings::default()
@@ -46,7 +42,7 @@ pub fn providers(settings: &Settings) -> Result<BTreeMap<String, Provider>, RunE
 /// The worker's configuration from the settings, with the built-in defaults for the rest.
 pub fn config(settings: &Settings) -> WorkerConfig {
     let grace = Duration::from_secs(settings.shutdown.grace_secs);
-    WorkerConfig::new(
+    let mut config = WorkerConfig::new(
         settings.worker.concurrency,
         settings.worker.max_attempts,
         settings.worker.prefetch,
@@ -56,7 +52,12 @@ pub fn config(settings: &Settings) -> WorkerConfig {
         grace
             .saturating_sub(Duration::from_secs(2))
             .max(Duration::from_secs(1)),
-    )
+    );
+    config.window = refresh_core::WindowRules::from_days(
+        settings.worker.overlap_days,
+        settings.worker.history_days,
+    );
+    config
 }
 
 /// Starts the worker on `tracker` with `config`; it stops when `shutdown` is cancelled.

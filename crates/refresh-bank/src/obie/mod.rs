@@ -1,6 +1,6 @@
 //! The UK Open Banking (OBIE) Read/Write API v3.1 Account Information connector.
 
-mod outcome;
+pub(crate) mod outcome;
 mod read;
 mod wire;
 
@@ -123,7 +123,7 @@ impl Connector for ObieConnector {
     }
 }
 
-fn human(d: Duration) -> String {
+pub(crate) fn human(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
 
@@ -395,7 +395,7 @@ impl<'a> Session<'a> {
 }
 
 /// An error and its sources, `: `-separated.
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -407,7 +407,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Within one account, one transaction per `TransactionId`: the last one read.
-fn dedupe_transactions(items: Vec<Transaction>, dev: &mut Deviations) -> Vec<Transaction> {
+pub(crate) fn dedupe_transactions(
+    items: Vec<Transaction>,
+    dev: &mut Deviations,
+) -> Vec<Transaction> {
     let mut out: Vec<Transaction> = Vec::with_capacity(items.len());
     let mut at: HashMap<String, usize> = HashMap::new();
     for t in items {

@@ -134,6 +134,7 @@ mod tests {
         let got = match classify(status, retry_after, body, optional, now()) {
             Ok(()) => "skip".to_owned(),
             Err(BankError::Revoked) => "revoked".to_owned(),
+            Err(BankError::Expired) => "expired".to_owned(),
             Err(BankError::MfaRequired) => "mfa".to_owned(),
             Err(BankError::Transient {
                 retry_after: Some(d),

@@ -123,6 +123,13 @@ fn typed<T: DeserializeOwned>(raw: &Value, resource: Resource, i: usize) -> Resu
 /// Checks an amount and its currency; `what` names the field for the message.
 fn money(m: &OBActiveOrHistoricCurrencyAndAmount, what: &str) -> Result<(Amount, String), String> {
     let amount = Amount::parse(&m.Amount).map_err(|e| format!("{what}: {e}"))?;
+    if amount.is_negative() {
+        // OBIE carries the sign in CreditDebitIndicator: a signed amount has two signs.
+        return Err(format!(
+            "{what}: negative amount {:?}: the sign belongs in CreditDebitIndicator",
+            m.Amount
+        ));
+    }
     let c = m.Currency.as_bytes();
     if c.len() != 3 || !c.iter().all(u8::is_ascii_uppercase) {
         return Err(format!(
@@ -547,6 +554,13 @@ mod tests {
         check_tx("/Amount/Amount", Some(json!(10.5)), "malformed");
         check_tx("/Amount/Amount", Some(json!(10)), "malformed");
         check_tx("/Amount/Amount", Some(json!("10.123456")), "malformed");
+        // Wider than the OBIE pattern but what the domain stores (NextGenPSD2 sizes).
+        check_tx("/Amount/Amount", Some(json!("12345678901234.50")), "ok");
+        check_tx(
+            "/Amount/Amount",
+            Some(json!("1234567890123456789")),
+            "malformed",
+        );
         check_tx("/Amount/Amount", Some(json!("-10.00")), "malformed");
         check_tx("/Amount/Amount", Some(json!("1e3")), "malformed");
         check_tx("/Amount/Amount", None, "malformed");

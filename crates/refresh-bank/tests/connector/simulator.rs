@@ -333,6 +333,7 @@ async fn no_bank_listening_is_transient() {
         base_url: format!("http://{addr}/open-banking/v3.1/aisp"),
         access_token: "never-shown-token".into(),
         financial_id: "x".into(),
+        bank_consent_id: "x".into(),
     };
     let err = connector(quick())
         .fetch_refresh(&access, long_ago())
@@ -382,11 +383,11 @@ async fn malformed_payloads_are_refused() {
         ),
         (
             json!({"Amount": {"Amount": "12.505050", "Currency": "GBP"}}),
-            Some("transactions: item 0: Amount: invalid amount \"12.505050\": expected 1-13 digits and at most 5 decimals"),
+            Some("transactions: item 0: Amount: malformed amount \"12.505050\": expected an optional '-', 1 to 18 digits, and optionally '.' with 1 to 5 digits"),
         ),
         (
             json!({"Amount": {"Amount": "-12.50", "Currency": "GBP"}}),
-            Some("transactions: item 0: Amount: invalid amount \"-12.50\": expected 1-13 digits and at most 5 decimals"),
+            Some("transactions: item 0: Amount: negative amount \"-12.50\": the sign belongs in CreditDebitIndicator"),
         ),
         (
             json!({"Amount": {"Amount": "12.50", "Currency": "£"}}),
