@@ -8,9 +8,11 @@
 
 mod amqp;
 mod data;
+mod events;
 mod gate;
 mod harness;
 mod ingress;
 mod processes;
 mod purity;
+mod shape;
 mod worker;

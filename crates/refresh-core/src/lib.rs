@@ -24,8 +24,10 @@ pub mod problem;
 pub mod quota;
 pub mod record;
 pub mod requested_by;
+pub mod settings;
 pub mod stagger;
 pub mod status;
+pub mod time;
 
 pub use admission::*;
 pub use error_chain::error_chain;
@@ -39,6 +41,7 @@ pub use problem::*;
 pub use quota::*;
 pub use record::*;
 pub use requested_by::*;
+pub use settings::settings_warnings;
 pub use stagger::*;
 pub use status::*;
 
@@ -62,8 +65,10 @@ mod purity {
         ("quota.rs", include_str!("quota.rs")),
         ("record.rs", include_str!("record.rs")),
         ("requested_by.rs", include_str!("requested_by.rs")),
+        ("settings.rs", include_str!("settings.rs")),
         ("stagger.rs", include_str!("stagger.rs")),
         ("status.rs", include_str!("status.rs")),
+        ("time.rs", include_str!("time.rs")),
     ];
 
     #[test]

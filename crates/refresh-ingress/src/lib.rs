@@ -3,10 +3,9 @@
 
 mod admission;
 mod auth;
-mod data;
 mod error;
+pub mod events;
 pub mod metrics;
-mod openapi;
 pub mod relay;
 mod routes;
 mod state;
@@ -32,6 +31,8 @@ pub struct HttpConfig {
     pub providers: BTreeSet<String>,
     pub retention_days: u32,
     pub sync_wait: Duration,
+    /// The live event fan-out the SSE streams follow (fed by [`events::run`]).
+    pub events: events::EventHub,
 }
 
 /// The HTTP API as a router (tests and `serve`).
@@ -60,6 +61,7 @@ pub fn router(
         providers: Arc::new(config.providers),
         retention_days: config.retention_days,
         sync_wait: config.sync_wait,
+        events: config.events,
     })
 }
 

@@ -25,4 +25,5 @@ pub(crate) struct AppState {
     pub(crate) providers: Arc<BTreeSet<String>>,
     pub(crate) retention_days: u32,
     pub(crate) sync_wait: Duration,
+    pub(crate) events: crate::events::EventHub,
 }

@@ -6,18 +6,20 @@
 //! to it, so the migrations and queries never name a schema.
 
 mod crypto;
+mod list;
 mod pool;
 mod read;
 mod store;
 mod stored;
 
 pub use crypto::{CryptoError, TokenCipher};
+pub use list::{ConsentCursor, ConsentFilter, ReplayedEvent};
 pub use pool::{
     DatabaseSettings, PgError, Schema, check_migrated, connect, drop_schema, health, migrate,
 };
 pub use read::{ItemKind, TxFilter, TxKey, TxPage, TxRow};
 pub use store::{
     ClaimedEvents, ConsentRow, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
-    PendingEvent, Store, StoreError, TenantSettingsRow,
+    PendingEvent, Registration, Store, StoreError, TenantSettingsRow,
 };
 pub use stored::{AccountData, AttemptStart, BalanceData, FetchedData, Finish, ItemData, JobState};
