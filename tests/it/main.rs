@@ -12,6 +12,7 @@ mod events;
 mod gate;
 mod harness;
 mod ingress;
+mod portal;
 mod processes;
 mod purity;
 mod shape;

@@ -6,6 +6,7 @@ mod auth;
 mod error;
 pub mod events;
 pub mod metrics;
+mod portal;
 pub mod relay;
 mod routes;
 mod state;
@@ -33,6 +34,10 @@ pub struct HttpConfig {
     pub sync_wait: Duration,
     /// The live event fan-out the SSE streams follow (fed by [`events::run`]).
     pub events: events::EventHub,
+    /// Prefix of the portal's Redis keys (the namespace).
+    pub namespace: String,
+    /// `Secure` on the portal's cookies; off only in `dev`, which serves plain HTTP.
+    pub secure_cookies: bool,
 }
 
 /// The HTTP API as a router (tests and `serve`).
@@ -50,7 +55,8 @@ pub fn router(
     metrics: Arc<Metrics>,
     config: HttpConfig,
 ) -> axum::Router {
-    routes::router(state::AppState {
+    let sessions = refresh_redis::Sessions::new(redis.clone(), config.namespace);
+    let state = state::AppState {
         admitter,
         store,
         gate,
@@ -62,7 +68,11 @@ pub fn router(
         retention_days: config.retention_days,
         sync_wait: config.sync_wait,
         events: config.events,
-    })
+        sessions,
+        secure_cookies: config.secure_cookies,
+    };
+    // The portal has its own pages and headers; the API keeps the fallback.
+    portal::router(state.clone()).merge(routes::router(state))
 }
 
 /// Only `/metrics`, for processes without the API (a standalone worker).

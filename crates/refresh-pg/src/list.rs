@@ -138,3 +138,19 @@ impl Store {
             .collect()
     }
 }
+
+impl Store {
+    /// The tenants that have consents, in name order (the portal's tenant picker).
+    pub async fn tenants(&self, limit: u32) -> Result<Vec<TenantId>, StoreError> {
+        let names: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT tenant_id FROM consents ORDER BY tenant_id LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await?;
+        names
+            .iter()
+            .map(|n| TenantId::parse(n).map_err(crate::store::corrupt))
+            .collect()
+    }
+}

@@ -5,6 +5,7 @@
 
 mod conn;
 mod gate;
+mod session;
 
 pub use conn::{RedisError, RedisSettings, connect, delete_namespace, health};
 pub use gate::{
@@ -13,3 +14,4 @@ pub use gate::{
 };
 /// The auto-reconnecting connection [`connect`] hands out.
 pub use redis::aio::ConnectionManager;
+pub use session::Sessions;

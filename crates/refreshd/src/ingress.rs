@@ -55,6 +55,8 @@ pub async fn start(
             retention_days: settings.history.retention_days,
             sync_wait: Duration::from_secs(settings.http.sync_wait_secs),
             events,
+            namespace: settings.namespace.clone(),
+            secure_cookies: settings.http.secure_cookies,
         },
     );
     let addr = listener.local_addr().map_err(|source| RunError::Bind {

@@ -1,16 +1,16 @@
 //! The HTTP API of SPEC §3, one module per resource; `extract` holds what they share
 //! and `crate::error` the problem mapping.
 
-mod compat;
-mod consents;
-mod data;
-mod events;
-mod extract;
-mod openapi;
-mod operations;
-mod refreshes;
-mod settings;
-mod views;
+pub(crate) mod compat;
+pub(crate) mod consents;
+pub(crate) mod data;
+pub(crate) mod events;
+pub(crate) mod extract;
+pub(crate) mod openapi;
+pub(crate) mod operations;
+pub(crate) mod refreshes;
+pub(crate) mod settings;
+pub(crate) mod views;
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};

@@ -33,10 +33,10 @@ pub(crate) struct AppSettings {
     /// Hours between auto-syncs (6 to 720), or `null` for no auto-sync.
     #[serde(deserialize_with = "required_nullable")]
     #[schema(required = true, minimum = 6, maximum = 720)]
-    autosync_interval_hours: Option<i32>,
+    pub(crate) autosync_interval_hours: Option<i32>,
     /// Days without a successful refresh before a consent becomes inactive (1 to 3650).
     #[schema(minimum = 1, maximum = 3650)]
-    inactivation_days: i32,
+    pub(crate) inactivation_days: i32,
 }
 
 /// A field that must be present and may be `null` (serde treats a missing `Option`
@@ -45,7 +45,7 @@ fn required_nullable<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i3
     Option::<i32>::deserialize(d)
 }
 
-fn settings_warnings(settings: &AppSettings) -> Vec<String> {
+pub(crate) fn settings_warnings(settings: &AppSettings) -> Vec<String> {
     // Both are range-checked before they are saved; a stored value outside the
     // ranges would be a bug, shown as the strictest reading.
     refresh_core::settings_warnings(
@@ -91,12 +91,46 @@ pub(crate) async fn get_settings(
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     let tenant = settings_tenant(&principal, &raw)?;
-    let stored = state.store.tenant_settings(&tenant).await?;
-    let settings = AppSettings {
+    Ok(settings_response(load(&state, &tenant).await?))
+}
+
+/// The tenant's settings, or the defaults when it never saved any.
+pub(crate) async fn load(state: &AppState, tenant: &TenantId) -> Result<AppSettings, ApiError> {
+    let stored = state.store.tenant_settings(tenant).await?;
+    Ok(AppSettings {
         autosync_interval_hours: stored.and_then(|s| s.autosync_interval_hours),
         inactivation_days: stored.map_or(DEFAULT_INACTIVATION_DAYS, |s| s.inactivation_days),
+    })
+}
+
+/// Checks the ranges of SPEC §3 and saves.
+pub(crate) async fn save(
+    state: &AppState,
+    tenant: &TenantId,
+    settings: &AppSettings,
+) -> Result<(), ApiError> {
+    if settings
+        .autosync_interval_hours
+        .is_some_and(|h| !(6..=720).contains(&h))
+    {
+        return Err(ApiError::from(Problem::bad_request(
+            "autosyncIntervalHours must be null or 6 to 720",
+        )));
+    }
+    if !(1..=3650).contains(&settings.inactivation_days) {
+        return Err(ApiError::from(Problem::bad_request(
+            "inactivationDays must be 1 to 3650",
+        )));
+    }
+    let row = refresh_pg::TenantSettingsRow {
+        autosync_interval_hours: settings.autosync_interval_hours,
+        inactivation_days: settings.inactivation_days,
     };
-    Ok(settings_response(settings))
+    state
+        .store
+        .put_tenant_settings(tenant, row, Utc::now())
+        .await?;
+    Ok(())
 }
 
 #[utoipa::path(
@@ -121,26 +155,6 @@ pub(crate) async fn put_settings(
     ApiJson(settings): ApiJson<AppSettings>,
 ) -> Result<Response, ApiError> {
     let tenant = settings_tenant(&principal, &raw)?;
-    if settings
-        .autosync_interval_hours
-        .is_some_and(|h| !(6..=720).contains(&h))
-    {
-        return Err(ApiError::from(Problem::bad_request(
-            "autosyncIntervalHours must be null or 6 to 720",
-        )));
-    }
-    if !(1..=3650).contains(&settings.inactivation_days) {
-        return Err(ApiError::from(Problem::bad_request(
-            "inactivationDays must be 1 to 3650",
-        )));
-    }
-    let row = refresh_pg::TenantSettingsRow {
-        autosync_interval_hours: settings.autosync_interval_hours,
-        inactivation_days: settings.inactivation_days,
-    };
-    state
-        .store
-        .put_tenant_settings(&tenant, row, Utc::now())
-        .await?;
+    save(&state, &tenant, &settings).await?;
     Ok(settings_response(settings))
 }

@@ -12,31 +12,31 @@ use crate::state::AppState;
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct QuotaView {
-    limit: u32,
-    used: u32,
-    window: String,
+    pub(crate) limit: u32,
+    pub(crate) used: u32,
+    pub(crate) window: String,
     #[serde(serialize_with = "refresh_core::time::millis_opt")]
-    next_refresh_possible_at: Option<DateTime<Utc>>,
+    pub(crate) next_refresh_possible_at: Option<DateTime<Utc>>,
 }
 
 /// A consent as the API shows it (never the bank token).
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct ConsentView {
-    consent_id: ConsentId,
-    tenant_id: TenantId,
-    provider_id: ProviderId,
-    bank_consent_id: String,
-    status: ConsentStatus,
+    pub(crate) consent_id: ConsentId,
+    pub(crate) tenant_id: TenantId,
+    pub(crate) provider_id: ProviderId,
+    pub(crate) bank_consent_id: String,
+    pub(crate) status: ConsentStatus,
     #[serde(serialize_with = "refresh_core::time::millis")]
-    expires_at: DateTime<Utc>,
+    pub(crate) expires_at: DateTime<Utc>,
     #[serde(serialize_with = "refresh_core::time::millis")]
-    created_at: DateTime<Utc>,
+    pub(crate) created_at: DateTime<Utc>,
     #[serde(serialize_with = "refresh_core::time::millis_opt")]
-    last_refreshed_at: Option<DateTime<Utc>>,
-    refreshing: bool,
-    refresh_id: Option<RefreshId>,
-    quota: Option<QuotaView>,
+    pub(crate) last_refreshed_at: Option<DateTime<Utc>>,
+    pub(crate) refreshing: bool,
+    pub(crate) refresh_id: Option<RefreshId>,
+    pub(crate) quota: Option<QuotaView>,
 }
 
 pub(crate) async fn consent_view(
