@@ -265,3 +265,68 @@ async fn consents_are_listed_newest_first_in_keyset_pages_per_tenant() {
     let everyone = api.get("/v1/consents", &admin).await;
     assert_eq!(everyone.body["items"].as_array().unwrap().len(), 7);
 }
+
+/// What an external API tester does with `/openapi.json`: every operation, called
+/// without a token, with a token of the wrong scope, with malformed and unknown ids,
+/// with a malformed query and an empty body, answers only statuses it declares.
+#[tokio::test]
+async fn every_operation_answers_only_statuses_the_document_declares() {
+    let app = spawn_app().await;
+    let api = app.start_ingress().await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let no_scope = dev_token(&app, Some("acme"), "openid");
+    let doc = api.get("/openapi.json", &token).await.body;
+    let mut checked = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, operation) in item.as_object().unwrap() {
+            let declared: Vec<&String> =
+                operation["responses"].as_object().unwrap().keys().collect();
+            let method = Method::from_bytes(method.to_uppercase().as_bytes()).unwrap();
+            let with = |id: &str| {
+                path.replace("{consentId}", id)
+                    .replace("{refreshId}", id)
+                    .replace(
+                        "{tenantId}",
+                        if id == "not-a-uuid" {
+                            "bad tenant"
+                        } else {
+                            "acme"
+                        },
+                    )
+            };
+            let unknown = uuid::Uuid::now_v7().to_string();
+            let body = operation.get("requestBody").map(|_| json!({}));
+            let mut cases: Vec<(String, Option<&str>, Option<Value>)> = vec![
+                (with(&unknown), None, None),
+                (with(&unknown), Some(no_scope.as_str()), None),
+                (with("not-a-uuid"), Some(token.as_str()), body.clone()),
+                (with(&unknown), Some(token.as_str()), body.clone()),
+            ];
+            if operation["parameters"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["in"] == "query"))
+            {
+                cases.push((
+                    format!("{}?limit=x&zz=1", with(&unknown)),
+                    Some(token.as_str()),
+                    None,
+                ));
+            }
+            for (target, auth, body) in cases {
+                if path == "/v1/events" && auth == Some(token.as_str()) && !target.contains('?') {
+                    continue; // a valid request streams until closed
+                }
+                let answer = api
+                    .call(method.clone(), &target, auth, body.as_ref(), &[])
+                    .await;
+                let status = answer.status.to_string();
+                assert!(
+                    declared.contains(&&status),
+                    "{method} {target} answered {status}, the document declares {declared:?}: {answer:?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 100, "{checked}");
+}

@@ -139,6 +139,7 @@ pub(crate) async fn save(
     tag = "settings",
     summary = "Change a tenant's settings",
     params(("tenantId" = String, Path, description = "The tenant")),
+    request_body(content = AppSettings, content_type = "application/json"),
     responses(
         (status = 200, description = "The saved settings with `warnings`", body = SettingsView),
         (status = 400, description = "Out of range (`bad_request`)", body = Problem, content_type = "application/problem+json"),
