@@ -2,7 +2,8 @@
 # `make run`: builds refreshd, migrates the dev namespace, starts every role in one
 # process (`refreshd dev`: bank simulator, ingress, worker), then shows it working: a
 # dev token, a demo consent registered against the simulator, a refresh requested, and
-# the status events arriving. It keeps running for you to try the API; Ctrl-C stops it.
+# the status events arriving, and where to open the dashboard and how to sign in. It
+# keeps running for you to try the API and the portal; Ctrl-C stops it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export REFRESHD_ENV=${REFRESHD_ENV:-dev}
@@ -84,6 +85,13 @@ curl -sS -X POST "http://$api/v1/consents/$consent/refresh" -H "authorization: B
 echo
 sleep 3
 
+say "the dashboard: http://$api/dashboard"
+cat <<PORTAL
+  Open it in a browser and sign in with the dev token above (paste it into the
+  "API token" field). For an operator's view of every tenant, sign in with
+  $bin/refreshctl token --admin
+PORTAL
+
 say "refreshd dev is running. Try:"
 # The portal, where this build has one.
 if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$api/dashboard/login")" = "200" ]; then
@@ -95,6 +103,8 @@ cat <<TRY
   curl -s -X POST http://$api/v1/consents/$consent/refresh -H "authorization: Bearer \$TOKEN"
   curl -s http://$api/v1/consents/$consent/refreshes -H "authorization: Bearer \$TOKEN"
   curl -s http://$api/openapi.json
+  curl -sN http://$api/v1/events -H "authorization: Bearer \$TOKEN"
+  dashboard: http://$api/dashboard (sign in with \$TOKEN)
 Ctrl-C stops it.
 TRY
 wait "$dev"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure Redis (6379), RabbitMQ (5672) and PostgreSQL (5432) answer on 127.0.0.1,
-# and that the `refreshd` database exists. Uses running services; starts installed ones;
+# that the `refreshd` database exists, and that chromium + chromedriver (for the
+# portal's browser tests) are installed. Uses running services; starts installed ones;
 # on a Debian-like machine without them, installs them with apt-get (as root).
 # Idempotent, and quick when everything is up.
 set -euo pipefail
@@ -85,7 +86,15 @@ ensure_rabbitmq() {
   wait_for "rabbitmq node" as_root rabbitmq-diagnostics -q check_running
 }
 
+# The portal's browser tests drive a headless Chromium over WebDriver (chromedriver).
+ensure_browser() {
+  command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+    && [ -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && return 0
+  install_pkgs --no-install-recommends chromium chromium-driver fonts-dejavu-core
+}
+
 ensure_redis
 ensure_postgres
 ensure_rabbitmq
-log "redis, rabbitmq and postgresql are up"
+ensure_browser
+log "redis, rabbitmq, postgresql and chromium are ready"

@@ -433,9 +433,25 @@ async fn registering_a_consent_starts_its_initial_load_outside_the_quota() {
         .await
         .unwrap();
     assert!(!stored.windows(9).any(|w| w == b"sim-key-1"));
-    // Same id again → refused.
+    // Same id again, or the same bank consent again: 409 naming the consent.
+    let detail = format!("This consent is registered already as {consent}");
     let again = api.post("/v1/consents", &token, Some(&json!({ "consentId": consent, "providerId": "sim", "bankConsentId": "b", "accessToken": "t", "expiresAt": "2099-01-01T00:00:00Z" }))).await;
-    assert_eq!(again.status, 400);
+    assert_problem(&again, 409, "consent_exists", &detail);
+    assert_eq!(again.body["consentId"], consent.as_str());
+    let same_bank = api.post("/v1/consents", &token, Some(&body)).await;
+    assert_problem(&same_bank, 409, "consent_exists", &detail);
+    assert_eq!(same_bank.body["consentId"], consent.as_str());
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM consents")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(count, 1, "no second copy");
+    // Another tenant may register the same bank consent for itself.
+    let other = dev_token(&app, Some("other"), STORED);
+    assert_eq!(
+        api.post("/v1/consents", &other, Some(&body)).await.status,
+        201
+    );
 }
 
 #[tokio::test]
@@ -899,7 +915,9 @@ async fn tenant_settings_round_trip_with_warnings() {
     assert_eq!(defaults.status, 200);
     assert_eq!(
         defaults.body,
-        json!({ "autosyncIntervalHours": null, "inactivationDays": 90, "warnings": [] })
+        json!({ "autosyncIntervalHours": null, "inactivationDays": 90, "warnings": [
+            "Auto-sync is off: a consent that nobody refreshes for 90 days becomes inactive and its stored data is removed."
+        ] })
     );
     let risky = json!({ "autosyncIntervalHours": 48, "inactivationDays": 4 });
     let saved = api
@@ -914,8 +932,10 @@ async fn tenant_settings_round_trip_with_warnings() {
     assert_eq!(saved.status, 200);
     assert_eq!(saved.body["autosyncIntervalHours"], 48);
     assert_eq!(
-        saved.body["warnings"].as_array().unwrap().len(),
-        1,
+        saved.body["warnings"],
+        json!([
+            "With auto-sync every 48 h, a consent gets fewer than two refreshes in the 4 days before it becomes inactive and its stored data is removed."
+        ]),
         "{saved:?}"
     );
     let read = api.get("/v1/apps/acme/settings", &token).await;

@@ -265,8 +265,24 @@ impl Broker {
         self.declare_exclusive(Some(binding)).await
     }
 
+    /// Declares an exclusive, server-named queue bound to the `events` exchange with
+    /// every key of `bindings`: an ingress's feed of live events for its SSE clients.
+    /// Like [`Broker::declare_probe_queue`] it ends with the current connection; after
+    /// a reconnect ([`Broker::is_connected`] went false) the caller declares a new one.
+    pub async fn declare_event_queue(&self, bindings: &[&str]) -> Result<String, AmqpError> {
+        let keys = bindings
+            .iter()
+            .map(|key| short("binding", key))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.declare_bound(keys).await
+    }
+
     async fn declare_exclusive(&self, binding: Option<&str>) -> Result<String, AmqpError> {
-        let binding = binding.map(|key| short("binding", key)).transpose()?;
+        let keys = binding.map(|key| short("binding", key)).transpose()?;
+        self.declare_bound(keys.into_iter().collect()).await
+    }
+
+    async fn declare_bound(&self, bindings: Vec<ShortString>) -> Result<String, AmqpError> {
         let work = async {
             let link = self.wait_for_link().await?;
             let channel = link
@@ -282,7 +298,7 @@ impl Broker {
                 .queue_declare(ShortString::default(), options, FieldTable::default())
                 .await
                 .map_err(AmqpError::from_lapin)?;
-            if let Some(key) = binding {
+            for key in bindings {
                 channel
                     .queue_bind(
                         queue.name().clone(),

@@ -38,6 +38,7 @@ pub struct CloudEvent<T> {
     /// The consent id.
     pub subject: String,
     /// When the change happened.
+    #[serde(serialize_with = "crate::time::millis")]
     pub time: DateTime<Utc>,
     /// Always `"application/json"`.
     pub datacontenttype: String,
@@ -242,7 +243,7 @@ mod tests {
                 "source": "refreshd",
                 "type": "io.refreshd.refresh.initialized",
                 "subject": "7d4c4b2a-1111-4222-8333-444455556666",
-                "time": "2024-05-01T10:00:06Z",
+                "time": "2024-05-01T10:00:06.000Z",
                 "datacontenttype": "application/json",
             })
         );

@@ -25,8 +25,10 @@ pub mod problem;
 pub mod quota;
 pub mod record;
 pub mod requested_by;
+pub mod settings;
 pub mod stagger;
 pub mod status;
+pub mod time;
 pub mod window;
 
 pub use admission::*;
@@ -42,6 +44,7 @@ pub use problem::*;
 pub use quota::*;
 pub use record::*;
 pub use requested_by::*;
+pub use settings::settings_warnings;
 pub use stagger::*;
 pub use status::*;
 pub use window::*;
@@ -67,9 +70,11 @@ mod purity {
         ("quota.rs", include_str!("quota.rs")),
         ("record.rs", include_str!("record.rs")),
         ("requested_by.rs", include_str!("requested_by.rs")),
+        ("settings.rs", include_str!("settings.rs")),
         ("stagger.rs", include_str!("stagger.rs")),
         ("status.rs", include_str!("status.rs")),
         ("window.rs", include_str!("window.rs")),
+        ("time.rs", include_str!("time.rs")),
     ];
 
     #[test]

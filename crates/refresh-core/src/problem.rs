@@ -5,7 +5,7 @@ use std::fmt;
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::RefreshId;
+use crate::ids::{ConsentId, RefreshId};
 use crate::parse::string_enum;
 use crate::quota::{QuotaWindow, daily_limit_detail, format_retry_after, retry_after_seconds};
 
@@ -23,6 +23,8 @@ string_enum! {
         ConsentInactive => "consent_inactive",
         /// 409: a refresh of this consent is queued or running.
         RefreshInProgress => "refresh_in_progress",
+        /// 409: the consent (same id, or same provider and bank consent) is registered.
+        ConsentExists => "consent_exists",
         /// 429: the per-consent quota is used up.
         DailyLimitReached => "daily_limit_reached",
         /// 429: no start slot within `stagger.max_delay_secs`.
@@ -35,6 +37,8 @@ string_enum! {
         InsufficientScope => "insufficient_scope",
         /// 400: malformed id or body.
         BadRequest => "bad_request",
+        /// 405: the route exists, the method does not (`Allow` lists the ones it takes).
+        MethodNotAllowed => "method_not_allowed",
         /// 413: body over 64 KiB.
         PayloadTooLarge => "payload_too_large",
         /// 404: unknown refresh id or route.
@@ -64,7 +68,8 @@ impl ProblemCode {
             | Self::InsufficientScope
             | Self::MfaRequired => 403,
             Self::ConsentNotFound | Self::NotFound => 404,
-            Self::RefreshInProgress => 409,
+            Self::RefreshInProgress | Self::ConsentExists => 409,
+            Self::MethodNotAllowed => 405,
             Self::PayloadTooLarge => 413,
             Self::DailyLimitReached | Self::BacklogFull => 429,
             Self::Internal | Self::InternalError => 500,
@@ -80,6 +85,7 @@ impl ProblemCode {
             401 => "Unauthorized",
             403 => "Forbidden",
             404 => "Not Found",
+            405 => "Method Not Allowed",
             409 => "Conflict",
             413 => "Content Too Large",
             429 => "Too Many Requests",
@@ -96,6 +102,7 @@ impl ProblemCode {
             401 => "https://tools.ietf.org/html/rfc9110#section-15.5.2",
             403 => "https://tools.ietf.org/html/rfc9110#section-15.5.4",
             404 => "https://tools.ietf.org/html/rfc9110#section-15.5.5",
+            405 => "https://tools.ietf.org/html/rfc9110#section-15.5.6",
             409 => "https://tools.ietf.org/html/rfc9110#section-15.5.10",
             413 => "https://tools.ietf.org/html/rfc9110#section-15.5.14",
             429 => "https://tools.ietf.org/html/rfc6585#section-4",
@@ -126,6 +133,9 @@ pub struct Problem {
     /// Seconds to wait before asking again; also sent as `Retry-After`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_seconds: Option<u64>,
+    /// The consent registered before (`consent_exists`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent_id: Option<ConsentId>,
     /// The refresh in flight (`refresh_in_progress`) or the one that failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refresh_id: Option<RefreshId>,
@@ -139,7 +149,11 @@ pub struct Problem {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window: Option<QuotaWindow>,
     /// When the quota next admits a refresh.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "crate::time::millis_opt"
+    )]
     pub next_refresh_possible_at: Option<DateTime<Utc>>,
 }
 
@@ -153,6 +167,7 @@ impl Problem {
             detail: detail.into(),
             code,
             retry_after_seconds: None,
+            consent_id: None,
             refresh_id: None,
             limit: None,
             used: None,
@@ -164,6 +179,17 @@ impl Problem {
     /// 404 `consent_not_found` (also for another tenant's consent, so its existence does not leak).
     pub fn consent_not_found() -> Self {
         Self::new(ProblemCode::ConsentNotFound, "Consent not found")
+    }
+
+    /// 409 `consent_exists`, naming the consent registered before.
+    pub fn consent_exists(existing: ConsentId) -> Self {
+        Self {
+            consent_id: Some(existing),
+            ..Self::new(
+                ProblemCode::ConsentExists,
+                format!("This consent is registered already as {existing}"),
+            )
+        }
     }
 
     /// 403 `consent_revoked`.
@@ -319,6 +345,20 @@ mod tests {
     fn codes() {
         use ProblemCode::*;
         check_code(
+            MethodNotAllowed,
+            "method_not_allowed",
+            405,
+            "Method Not Allowed",
+            "rfc9110#section-15.5.6",
+        );
+        check_code(
+            ConsentExists,
+            "consent_exists",
+            409,
+            "Conflict",
+            "rfc9110#section-15.5.10",
+        );
+        check_code(
             ConsentNotFound,
             "consent_not_found",
             404,
@@ -444,7 +484,7 @@ mod tests {
             "Internal Server Error",
             "rfc9110#section-15.6.1",
         );
-        assert_eq!(ProblemCode::ALL.len(), 18);
+        assert_eq!(ProblemCode::ALL.len(), 20);
         assert!("Consent_Not_Found".parse::<ProblemCode>().is_err());
     }
 
@@ -550,7 +590,7 @@ mod tests {
                 "limit": 6,
                 "used": 6,
                 "window": "rolling_24h",
-                "nextRefreshPossibleAt": "2024-05-02T08:06:01Z",
+                "nextRefreshPossibleAt": "2024-05-02T08:06:01.000Z",
             }),
         );
         check(

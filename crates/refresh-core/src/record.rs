@@ -25,12 +25,16 @@ pub struct RefreshRecord {
     /// Where the refresh is.
     pub status: RefreshStatus,
     /// When it was admitted.
+    #[serde(serialize_with = "crate::time::millis")]
     pub date_requested: DateTime<Utc>,
     /// Its start slot: no worker starts it earlier.
+    #[serde(serialize_with = "crate::time::millis")]
     pub not_before: DateTime<Utc>,
     /// When a worker began fetching from the bank.
+    #[serde(serialize_with = "crate::time::millis_opt")]
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a terminal status.
+    #[serde(serialize_with = "crate::time::millis_opt")]
     pub finished_at: Option<DateTime<Utc>>,
     /// Why it failed (`ERROR` only); `null` otherwise.
     pub error: Option<RefreshError>,
@@ -241,8 +245,8 @@ pub(crate) mod tests {
                 "tenantId": "acme",
                 "requestedBy": "API",
                 "status": "INITIALIZED",
-                "dateRequested": "2024-05-01T10:00:00Z",
-                "notBefore": "2024-05-01T10:00:02Z",
+                "dateRequested": "2024-05-01T10:00:00.000Z",
+                "notBefore": "2024-05-01T10:00:02.000Z",
                 "startedAt": null,
                 "finishedAt": null,
                 "error": null,
@@ -269,9 +273,9 @@ pub(crate) mod tests {
                 "tenantId": "acme",
                 "requestedBy": "API",
                 "status": "UPDATED",
-                "dateRequested": "2024-05-01T10:00:00Z",
-                "notBefore": "2024-05-01T10:00:02Z",
-                "startedAt": "2024-05-01T10:00:03Z",
+                "dateRequested": "2024-05-01T10:00:00.000Z",
+                "notBefore": "2024-05-01T10:00:02.000Z",
+                "startedAt": "2024-05-01T10:00:03.000Z",
                 "finishedAt": "2024-05-01T10:00:05.250Z",
                 "error": null,
                 "summary": {

@@ -120,6 +120,12 @@ impl Verifier {
                     "The Authorization header must be 'Bearer <token>'",
                 ))
             })?;
+        self.verify_token(token).map(|(principal, _)| principal)
+    }
+
+    /// The principal of a bare token and when the token expires (the portal's
+    /// session lives exactly as long).
+    pub fn verify_token(&self, token: &str) -> Result<(Principal, DateTime<Utc>), Box<Problem>> {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|error| {
                 Box::new(match error.kind() {
@@ -149,7 +155,9 @@ impl Verifier {
                 )));
             }
         };
-        Ok(Principal { tenant, admin })
+        let expires_at =
+            DateTime::from_timestamp(claims.exp, 0).unwrap_or(DateTime::<Utc>::MIN_UTC);
+        Ok((Principal { tenant, admin }, expires_at))
     }
 }
 

@@ -2,9 +2,9 @@
 //! deciding through the admission of `refresh-admission`.
 
 mod auth;
-mod data;
 mod error;
-mod openapi;
+pub mod events;
+mod portal;
 mod routes;
 mod state;
 pub mod upstream;
@@ -28,6 +28,12 @@ pub struct HttpConfig {
     pub providers: BTreeSet<String>,
     pub retention_days: u32,
     pub sync_wait: Duration,
+    /// The live event fan-out the SSE streams follow (fed by [`events::run`]).
+    pub events: events::EventHub,
+    /// Prefix of the portal's Redis keys (the namespace).
+    pub namespace: String,
+    /// `Secure` on the portal's cookies; off only in `dev`, which serves plain HTTP.
+    pub secure_cookies: bool,
 }
 
 /// The HTTP API as a router (tests and `serve`).
@@ -45,7 +51,8 @@ pub fn router(
     metrics: Arc<Registry>,
     config: HttpConfig,
 ) -> axum::Router {
-    routes::router(state::AppState {
+    let sessions = refresh_redis::Sessions::new(redis.clone(), config.namespace);
+    let state = state::AppState {
         admitter,
         store,
         gate,
@@ -56,5 +63,10 @@ pub fn router(
         providers: Arc::new(config.providers),
         retention_days: config.retention_days,
         sync_wait: config.sync_wait,
-    })
+        events: config.events,
+        sessions,
+        secure_cookies: config.secure_cookies,
+    };
+    // The portal has its own pages and headers; the API keeps the fallback.
+    portal::router(state.clone()).merge(routes::router(state))
 }

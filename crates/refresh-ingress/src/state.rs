@@ -25,4 +25,9 @@ pub(crate) struct AppState {
     pub(crate) providers: Arc<BTreeSet<String>>,
     pub(crate) retention_days: u32,
     pub(crate) sync_wait: Duration,
+    pub(crate) events: crate::events::EventHub,
+    /// Portal sessions (Redis).
+    pub(crate) sessions: refresh_redis::Sessions,
+    /// `Secure` on the portal's cookies (off only in `dev`, over plain HTTP).
+    pub(crate) secure_cookies: bool,
 }

@@ -7,6 +7,7 @@
 
 mod crypto;
 mod lifecycle;
+mod list;
 mod pool;
 mod read;
 mod store;
@@ -14,13 +15,14 @@ mod stored;
 
 pub use crypto::{CryptoError, TokenCipher};
 pub use lifecycle::{AutosyncClaim, RemovedData, Retained, StalledCandidate};
+pub use list::{ConsentCursor, ConsentFilter, ReplayedEvent};
 pub use pool::{
     DatabaseSettings, PgError, Schema, check_migrated, connect, drop_schema, health, migrate,
 };
 pub use read::{ItemKind, TxFilter, TxKey, TxPage, TxRow};
 pub use store::{
     ClaimedEvents, ConsentRow, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
-    PendingEvent, Store, StoreError, TenantSettingsRow,
+    PendingEvent, Registration, Store, StoreError, TenantSettingsRow,
 };
 pub use stored::{
     AccountData, AccountDetails, AttemptStart, BalanceData, DataState, FetchedData, Finish,

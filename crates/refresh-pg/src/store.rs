@@ -77,6 +77,15 @@ pub struct NewConsent {
     pub created_at: DateTime<Utc>,
 }
 
+/// What registering a consent did.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Registration {
+    /// Registered now.
+    New(ConsentRow),
+    /// Registered before: this id, or the tenant's same provider and bank consent.
+    Exists(ConsentId),
+}
+
 /// An event to publish through the outbox.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutboxEvent {
@@ -120,7 +129,7 @@ pub struct Store {
     cipher: TokenCipher,
 }
 
-const CONSENT_COLUMNS: &str = "consent_id, tenant_id, provider_id, bank_consent_id, expires_at, \
+pub(crate) const CONSENT_COLUMNS: &str = "consent_id, tenant_id, provider_id, bank_consent_id, expires_at, \
      status, created_at, last_refreshed_at";
 
 pub(crate) const REFRESH_COLUMNS: &str = "refresh_id, consent_id, tenant_id, requested_by, status, \
@@ -261,6 +270,59 @@ impl Store {
         .fetch_one(&self.pool)
         .await?;
         consent_row(&row)
+    }
+
+    /// Registers a consent unless its id is taken or the tenant has the same
+    /// `provider_id` + `bank_consent_id` already (answers the existing id then). An advisory
+    /// lock on the bank-side key makes two concurrent registrations of one bank consent
+    /// meet here rather than both insert.
+    pub async fn register_consent(&self, consent: &NewConsent) -> Result<Registration, StoreError> {
+        let sealed = self.cipher.encrypt(
+            &consent.access_token,
+            consent.consent_id.as_uuid().as_bytes(),
+        )?;
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || '/' || $2 || '/' || $3, 0))",
+        )
+        .bind(consent.tenant_id.as_str())
+        .bind(consent.provider_id.as_str())
+        .bind(&consent.bank_consent_id)
+        .execute(&mut *tx)
+        .await?;
+        let existing: Option<uuid::Uuid> = sqlx::query_scalar(
+            "SELECT consent_id FROM consents \
+             WHERE consent_id = $1 \
+                OR (tenant_id = $2 AND provider_id = $3 AND bank_consent_id = $4) \
+             ORDER BY (consent_id = $1) DESC LIMIT 1",
+        )
+        .bind(consent.consent_id.as_uuid())
+        .bind(consent.tenant_id.as_str())
+        .bind(consent.provider_id.as_str())
+        .bind(&consent.bank_consent_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(id) = existing {
+            tx.rollback().await?;
+            return Ok(Registration::Exists(ConsentId::from_uuid(id)));
+        }
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO consents (consent_id, tenant_id, provider_id, bank_consent_id, \
+             access_token_enc, expires_at, status, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'ACTIVE', $7, $7) RETURNING {CONSENT_COLUMNS}"
+        )))
+        .bind(consent.consent_id.as_uuid())
+        .bind(consent.tenant_id.as_str())
+        .bind(consent.provider_id.as_str())
+        .bind(&consent.bank_consent_id)
+        .bind(sealed)
+        .bind(consent.expires_at)
+        .bind(consent.created_at)
+        .fetch_one(&mut *tx)
+        .await?;
+        let row = consent_row(&row)?;
+        tx.commit().await?;
+        Ok(Registration::New(row))
     }
 
     pub async fn consent(&self, consent_id: ConsentId) -> Result<Option<ConsentRow>, StoreError> {

@@ -5,9 +5,11 @@
 
 mod conn;
 mod gate;
+mod session;
 
 pub use conn::{ConnectionManager, RedisError, RedisSettings, connect, delete_namespace, health};
 pub use gate::{
     Gate, GateConfig, GateDecision, GateError, GateRequest, QuotaStatus, START_MARGIN_MS,
     StartDecision, Ticket,
 };
+pub use session::Sessions;

@@ -40,6 +40,13 @@ pub async fn start(
         admission_metrics,
         nudge.clone(),
     );
+    // Streams end with the HTTP server's shutdown, so they never hold up the drain.
+    let events = refresh_ingress::events::EventHub::new(shutdown.child_token());
+    tracker.spawn(refresh_ingress::events::run(
+        services.broker.clone(),
+        events.clone(),
+        shutdown.child_token(),
+    ));
     let router = refresh_ingress::router(
         admitter.clone(),
         services.store.clone(),
@@ -52,6 +59,9 @@ pub async fn start(
             providers: settings.providers.keys().cloned().collect(),
             retention_days: settings.history.retention_days,
             sync_wait: Duration::from_secs(settings.http.sync_wait_secs),
+            events,
+            namespace: settings.namespace.clone(),
+            secure_cookies: settings.http.secure_cookies,
         },
     );
     let addr = listener.local_addr().map_err(|source| RunError::Bind {

@@ -62,6 +62,8 @@ pub struct LogSettings {
 pub struct HttpSettings {
     pub bind: String,
     pub sync_wait_secs: u64,
+    /// `Secure` on the portal's cookies (off in `dev`, which serves plain HTTP).
+    pub secure_cookies: bool,
 }
 
 #[derive(Debug, Deserialize)]

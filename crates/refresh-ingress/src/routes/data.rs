@@ -2,7 +2,7 @@
 //! of transactions, and the kinds kept from the initial connection.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -12,9 +12,9 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use super::extract::{param, query_pairs};
 use crate::auth::Principal;
 use crate::error::ApiError;
-use crate::routes;
 use crate::state::AppState;
 
 /// Page size of `GET …/transactions` when `limit` is not given.
@@ -32,38 +32,10 @@ async fn readable_consent(
     principal: &Principal,
     raw: &str,
 ) -> Result<ConsentId, ApiError> {
-    let id = routes::consent_id(raw)?;
-    Ok(routes::visible_consent(state, principal, id)
+    let id = super::extract::consent_id(raw)?;
+    Ok(super::extract::visible_consent(state, principal, id)
         .await?
         .consent_id)
-}
-
-/// The query string as (name, value) pairs; each name at most once and one of
-/// `allowed`.
-fn query_pairs(uri: &Uri, allowed: &[&str]) -> Result<Vec<(String, String)>, ApiError> {
-    let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
-        .map_err(|_| bad_request("the query string is not valid URL encoding"))?;
-    for (i, (name, _)) in pairs.iter().enumerate() {
-        if !allowed.contains(&name.as_str()) {
-            return Err(bad_request(format!(
-                "unknown query parameter {name:?}; expected one of {}",
-                allowed.join(", ")
-            )));
-        }
-        if pairs[..i].iter().any(|(n, _)| n == name) {
-            return Err(bad_request(format!(
-                "query parameter {name:?} is given more than once"
-            )));
-        }
-    }
-    Ok(pairs)
-}
-
-fn param<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    pairs
-        .iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_str())
 }
 
 fn account_param(pairs: &[(String, String)]) -> Result<Option<String>, ApiError> {
@@ -126,6 +98,7 @@ pub(crate) struct TransactionItem {
     transaction_id: Option<String>,
     #[schema(value_type = String, format = Date)]
     booking_date: NaiveDate,
+    #[serde(serialize_with = "refresh_core::time::millis")]
     booking_date_time: DateTime<Utc>,
     /// `BOOKED` or `PENDING`.
     #[schema(example = "BOOKED")]
@@ -138,6 +111,7 @@ pub(crate) struct TransactionItem {
     #[schema(example = "DEBIT")]
     credit_debit_indicator: String,
     description: Option<String>,
+    #[serde(serialize_with = "refresh_core::time::millis_opt")]
     value_date_time: Option<DateTime<Utc>>,
     /// The bank's `TransactionReference`.
     reference: Option<String>,

@@ -1,0 +1,288 @@
+//! Refresh routes: request one (idempotency keys, `Prefer: wait`), read one, a
+//! consent's history.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{TimeDelta, Utc};
+use refresh_core::{
+    ConsentId, Problem, ProblemCode, RefreshId, RefreshRecord, RequestedBy, TenantId,
+};
+use refresh_pg::KeyReservation;
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::BODY_LIMIT;
+use super::extract::{
+    consent_id, json_response, refresh_id, refresh_location, source, visible_consent,
+};
+use crate::auth::Principal;
+use crate::error::{ApiError, problem_response};
+use crate::state::AppState;
+use refresh_admission::{Decision, RefreshRequest};
+
+/// Longest `Prefer: wait=N`.
+const MAX_WAIT_SECS: u64 = 60;
+/// How long a repeated Idempotency-Key waits for the first request's answer.
+const KEY_WAIT: Duration = Duration::from_secs(10);
+
+/// `{items}`: a consent's refresh history.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct History {
+    items: Vec<RefreshRecord>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/consents/{consentId}/refreshes",
+    tag = "refreshes",
+    summary = "The consent's refresh requests of the retention window, newest first",
+    params(("consentId" = String, Path, description = "The consent (UUID)")),
+    responses(
+        (status = 200, description = "`{items: [RefreshRecord]}`", body = History),
+        (status = 404, description = "Unknown consent (`consent_not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn history(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let consent = visible_consent(&state, &principal, consent_id(&raw)?).await?;
+    let since = Utc::now() - TimeDelta::days(state.retention_days.into());
+    let items = state.store.history(consent.consent_id, since).await?;
+    Ok(json_response(StatusCode::OK, &History { items }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/refreshes/{refreshId}",
+    tag = "refreshes",
+    summary = "A refresh record",
+    params(("refreshId" = String, Path, description = "The refresh (UUID v7)")),
+    responses(
+        (status = 200, description = "The record", body = RefreshRecord),
+        (status = 404, description = "Unknown refresh (`not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn get_refresh(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = refresh_id(&raw)?;
+    match state.store.refresh(id).await? {
+        Some(record)
+            if principal
+                .scope_tenant()
+                .is_none_or(|t| *t == record.tenant_id) =>
+        {
+            Ok(json_response(StatusCode::OK, &record))
+        }
+        _ => Err(ApiError::from(Problem::not_found("Refresh not found"))),
+    }
+}
+
+/// `Prefer: wait=N` (N ≤ 60), if present.
+pub(crate) fn prefer_wait(headers: &HeaderMap) -> Option<Duration> {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|part| {
+            let seconds: u64 = part.trim().strip_prefix("wait=")?.trim().parse().ok()?;
+            Some(Duration::from_secs(seconds.min(MAX_WAIT_SECS)))
+        })
+}
+
+/// Polls the record until it is terminal or `wait` has passed.
+pub(crate) async fn wait_terminal(
+    state: &AppState,
+    record: RefreshRecord,
+    wait: Duration,
+) -> Result<RefreshRecord, ApiError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut record = record;
+    while !record.status.is_terminal() {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            break;
+        }
+        tokio::time::sleep((deadline - now).min(Duration::from_millis(100))).await;
+        if let Some(latest) = state.store.refresh(record.refresh_id).await? {
+            record = latest;
+        }
+    }
+    Ok(record)
+}
+
+/// The answer to an admitted refresh: 202 (or, after a wait, 200 / the problem).
+pub(crate) fn admitted_response(record: &RefreshRecord) -> Response {
+    let mut response = if let Some(problem) = record.problem() {
+        problem_response(&problem)
+    } else if record.status.is_terminal() {
+        json_response(StatusCode::OK, record)
+    } else {
+        json_response(StatusCode::ACCEPTED, record)
+    };
+    response
+        .headers_mut()
+        .insert(header::LOCATION, refresh_location(record.refresh_id));
+    response
+}
+
+/// Runs one refresh request to its HTTP answer.
+pub(crate) async fn refresh_answer(
+    state: &AppState,
+    principal: &Principal,
+    id: ConsentId,
+    wait: Option<Duration>,
+) -> Result<Response, ApiError> {
+    let request = RefreshRequest {
+        consent_id: id,
+        tenant: principal.scope_tenant().cloned(),
+        requested_by: source(principal, RequestedBy::Api),
+        initial: false,
+    };
+    match state.admitter.request(&request).await? {
+        Decision::Refused(problem) => Ok(problem_response(&problem)),
+        Decision::Admitted(record) => {
+            let record = match wait {
+                Some(wait) => wait_terminal(state, record, wait).await?,
+                None => record,
+            };
+            Ok(admitted_response(&record))
+        }
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/consents/{consentId}/refresh",
+    tag = "refreshes",
+    summary = "Request a refresh",
+    params(("consentId" = String, Path, description = "The consent (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the first answer"), ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 60): hold the answer until the refresh is terminal")),
+    responses(
+        (status = 202, description = "Admitted (or still running after a wait); `Location` names the record", body = RefreshRecord),
+        (status = 200, description = "UPDATED within the wait", body = RefreshRecord),
+        (status = 403, description = "Consent revoked, expired or inactive; or the refresh ended in a 403 error", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown consent", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "A refresh is in flight (`refresh_in_progress`, with `refreshId`)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "`daily_limit_reached` or `backlog_full`, with `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "A dependency is down; nothing was admitted (`unavailable`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn request_refresh(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(raw): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = consent_id(&raw)?;
+    let wait = prefer_wait(&headers);
+    let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(key)) if !key.is_empty() && key.len() <= 255 => Some(key.to_owned()),
+        Some(_) => {
+            return Err(ApiError::from(Problem::bad_request(
+                "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            )));
+        }
+    };
+    let Some(key) = key else {
+        return refresh_answer(&state, &principal, id, wait).await;
+    };
+    // Keys are per tenant (operators share one space) and per consent.
+    let key_tenant = match principal.scope_tenant() {
+        Some(tenant) => tenant.clone(),
+        None => TenantId::parse("_admin").map_err(|_| ApiError::from(Problem::internal()))?,
+    };
+    let key = format!("POST /v1/consents/{id}/refresh {key}");
+    let deadline = tokio::time::Instant::now() + KEY_WAIT;
+    loop {
+        let now = Utc::now();
+        match state
+            .store
+            .reserve_key(&key_tenant, &key, now, now - TimeDelta::hours(24))
+            .await?
+        {
+            KeyReservation::Done {
+                http_status,
+                response,
+            } => return Ok(replay(http_status, response)),
+            KeyReservation::Pending if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            KeyReservation::Pending => {
+                return Err(ApiError::from(Problem::new(
+                    ProblemCode::RefreshInProgress,
+                    "A request with this Idempotency-Key is still being processed",
+                )));
+            }
+            KeyReservation::Reserved => break,
+        }
+    }
+    let answer = refresh_answer(&state, &principal, id, wait).await;
+    match answer {
+        Ok(response) if response.status() != StatusCode::SERVICE_UNAVAILABLE => {
+            let status = response.status();
+            let (parts, body) = response.into_parts();
+            let bytes = axum::body::to_bytes(body, BODY_LIMIT * 16)
+                .await
+                .unwrap_or_default();
+            let stored: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            state
+                .store
+                .complete_key(&key_tenant, &key, status.as_u16(), &stored)
+                .await?;
+            Ok(Response::from_parts(parts, axum::body::Body::from(bytes)))
+        }
+        other => {
+            // 503 or an error: nothing was admitted; a retry with this key starts afresh.
+            if let Err(error) = state.store.release_key(&key_tenant, &key).await {
+                tracing::warn!(error = %error, "cannot release an idempotency key");
+            }
+            other
+        }
+    }
+}
+
+/// The stored first answer of an idempotent request.
+pub(crate) fn replay(http_status: u16, body: Value) -> Response {
+    let status = StatusCode::from_u16(http_status).unwrap_or(StatusCode::OK);
+    let mut response = (status, Json(&body)).into_response();
+    let headers = response.headers_mut();
+    if body.get("code").is_some() && body.get("status").is_some() {
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(crate::error::PROBLEM_JSON),
+        );
+        if let Some(seconds) = body.get("retryAfterSeconds").and_then(Value::as_u64) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+    }
+    if let Some(id) = body
+        .get("refreshId")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse::<RefreshId>().ok())
+        && status.is_success()
+    {
+        headers.insert(header::LOCATION, refresh_location(id));
+    }
+    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+    response
+}
