@@ -85,7 +85,7 @@ fn canonical(value: &Value) -> String {
     fn sort(value: &Value) -> Value {
         match value {
             Value::Object(map) => {
-                let sorted: std::collections::BTreeMap<&String, Value> =
+                let sorted: BTreeMap<&String, Value> =
                     map.iter().map(|(k, v)| (k, sort(v))).collect();
                 serde_json::to_value(sorted).unwrap_or_default()
             }
