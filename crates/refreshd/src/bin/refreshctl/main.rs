@@ -64,7 +64,7 @@ enum Command {
         #[arg(long, default_value_t = 24, value_parser = clap::value_parser!(i64).range(1..=8760))]
         hours: i64,
     },
-    /// Register consents.
+    /// Register, import and list consents.
     Consents {
         #[command(subcommand)]
         command: ConsentsCommand,
