@@ -80,6 +80,10 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/v1/refreshes/{refresh_id}", get(get_refresh))
         .route(
+            "/v1/refreshes/{refresh_id}/changes",
+            get(crate::data::changes),
+        )
+        .route(
             "/v1/apps/{tenant_id}/settings",
             get(get_settings).put(put_settings),
         )
@@ -141,7 +145,7 @@ pub(crate) fn consent_id(raw: &str) -> Result<ConsentId, ApiError> {
     })
 }
 
-fn refresh_id(raw: &str) -> Result<RefreshId, ApiError> {
+pub(crate) fn refresh_id(raw: &str) -> Result<RefreshId, ApiError> {
     raw.parse().map_err(|_| {
         ApiError::from(Problem::bad_request(format!(
             "refreshId {raw:?} is not a UUID"
