@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
+use refresh_tests::json::sorted;
 use refresh_tests::{
     Api, Bank, TestApp, app_with_bank, dev_token, fast_worker_config, start_worker,
 };
@@ -71,29 +72,6 @@ fn instant(v: &Value) -> DateTime<Utc> {
 
 fn list<'a>(v: &'a Value, key: &str) -> &'a [Value] {
     v[key].as_array().map(Vec::as_slice).unwrap_or_default()
-}
-
-/// Order-free comparison of two lists of JSON objects.
-fn sorted(items: &[Value]) -> Vec<String> {
-    let mut out: Vec<String> = items.iter().map(canonical).collect();
-    out.sort();
-    out
-}
-
-/// `value` as JSON with every object's keys in order, whatever order it was built in.
-fn canonical(value: &Value) -> String {
-    fn sort(value: &Value) -> Value {
-        match value {
-            Value::Object(map) => {
-                let sorted: BTreeMap<&String, Value> =
-                    map.iter().map(|(k, v)| (k, sort(v))).collect();
-                serde_json::to_value(sorted).unwrap_or_default()
-            }
-            Value::Array(items) => Value::Array(items.iter().map(sort).collect()),
-            other => other.clone(),
-        }
-    }
-    sort(value).to_string()
 }
 
 /// A bank transaction as the API lists it (timestamps as instants, for comparing).

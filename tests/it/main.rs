@@ -8,6 +8,7 @@
 
 mod amqp;
 mod berlin_group;
+mod changes;
 mod data;
 mod deploy;
 mod events;

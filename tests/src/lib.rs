@@ -22,6 +22,7 @@ pub mod browser;
 mod cluster;
 pub mod fixtures;
 mod ingress;
+pub mod json;
 mod process;
 mod proxy;
 mod worker;

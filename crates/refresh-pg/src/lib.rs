@@ -19,7 +19,7 @@ pub use list::{ConsentCursor, ConsentFilter, ReplayedEvent};
 pub use pool::{
     DatabaseSettings, PgError, Schema, check_migrated, connect, drop_schema, health, migrate,
 };
-pub use read::{ItemKind, TxFilter, TxKey, TxPage, TxRow};
+pub use read::{ChangePage, ItemKind, TxFilter, TxKey, TxPage, TxRow};
 pub use store::{
     ClaimedEvents, ConsentRow, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
     PendingEvent, Registration, Store, StoreError, TenantSettingsRow,

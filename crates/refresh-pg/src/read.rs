@@ -53,6 +53,17 @@ pub struct TxPage {
     pub next: Option<TxKey>,
 }
 
+/// A page of a refresh's change set, in the order it was written (added, updated,
+/// removed, balances); `next` is the last position read when more follow.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ChangePage {
+    pub added: Vec<Value>,
+    pub updated: Vec<Value>,
+    pub removed: Vec<Value>,
+    pub balances: Vec<Value>,
+    pub next: Option<u32>,
+}
+
 /// The kinds of `stored_items` the API serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ItemKind {
@@ -186,6 +197,40 @@ impl Store {
                 }))
             })
             .collect()
+    }
+
+    /// Up to `limit` entries of refresh `refresh`'s change set after position `after`.
+    pub async fn refresh_changes(
+        &self,
+        refresh: refresh_core::RefreshId,
+        after: Option<u32>,
+        limit: u32,
+    ) -> Result<ChangePage, StoreError> {
+        let rows = sqlx::query(
+            "SELECT seq, kind, item FROM refresh_changes WHERE refresh_id = $1 AND seq > $2 \
+             ORDER BY seq LIMIT $3",
+        )
+        .bind(refresh.as_uuid())
+        .bind(i32::try_from(after.unwrap_or(0)).map_err(corrupt)?)
+        .bind(i64::from(limit) + 1)
+        .fetch_all(self.pool())
+        .await?;
+        let mut page = ChangePage::default();
+        let more = rows.len() > limit as usize;
+        for row in rows.iter().take(limit as usize) {
+            let item: Value = row.try_get("item")?;
+            match row.try_get::<&str, _>("kind")? {
+                "added" => page.added.push(item),
+                "updated" => page.updated.push(item),
+                "removed" => page.removed.push(item),
+                "balance" => page.balances.push(item),
+                other => return Err(corrupt(format!("unknown change kind {other:?}"))),
+            }
+            if more {
+                page.next = Some(u32::try_from(row.try_get::<i32, _>("seq")?).map_err(corrupt)?);
+            }
+        }
+        Ok(page)
     }
 
     /// Up to `limit` transactions after `after`, newest first (booking time, then

@@ -329,7 +329,10 @@ impl Store {
         };
         let consent = *record.consent_id.as_uuid();
         let (accounts, balances) = write_accounts(&mut tx, consent, data, at).await?;
-        let transactions = merge_transactions(&mut tx, consent, refresh_id, data).await?;
+        let (transactions, mut changes) =
+            merge_transactions(&mut tx, consent, refresh_id, data).await?;
+        changes.extend(data.balances.iter().map(|b| ("balance", balance_item(b))));
+        write_changes(&mut tx, refresh_id, &changes).await?;
         if let Some(items) = &data.items {
             write_items(&mut tx, consent, items, at).await?;
         }
@@ -444,13 +447,14 @@ async fn write_accounts(
     Ok((data.accounts.len() as u64, data.balances.len() as u64))
 }
 
-/// Loads the stored rows relevant to the batch (by key), plans the merge and applies it.
+/// Loads the stored rows relevant to the batch (by key), plans the merge and applies
+/// it; returns the counts and the change set (kind, item), which always agree.
 async fn merge_transactions(
     tx: &mut PgTx,
     consent: uuid::Uuid,
     refresh_id: RefreshId,
     data: &FetchedData,
-) -> Result<TxSummary, StoreError> {
+) -> Result<(TxSummary, Vec<(&'static str, Value)>), StoreError> {
     let keys = relevant_keys(&data.transactions);
     let (mut id_accounts, mut ids): (Vec<&str>, Vec<&str>) = keys
         .ids
@@ -518,6 +522,20 @@ async fn merge_transactions(
         }
     }
     let plan = plan_refresh_merge(&stored, &data.transactions, &data.rejected, window);
+    let by_row: BTreeMap<i64, &Transaction> = stored.iter().map(|r| (r.row_id, &r.tx)).collect();
+    let mut changes: Vec<(&'static str, Value)> = Vec::new();
+    changes.extend(plan.inserts.iter().map(|t| ("added", change_item(t))));
+    changes.extend(
+        plan.updates
+            .iter()
+            .map(|(_, t)| ("updated", change_item(t))),
+    );
+    for row in &plan.deletes {
+        let removed = by_row
+            .get(row)
+            .ok_or_else(|| corrupt("a planned deletion of a row that was not loaded"))?;
+        changes.push(("removed", change_item(removed)));
+    }
     if !plan.deletes.is_empty() {
         sqlx::query("DELETE FROM transactions WHERE consent_id = $1 AND id = ANY($2)")
             .bind(consent)
@@ -577,7 +595,67 @@ async fn merge_transactions(
         .execute(&mut **tx)
         .await?;
     }
-    Ok(plan.summary)
+    Ok((plan.summary, changes))
+}
+
+/// A transaction as `GET …/transactions` lists it (the same fields and spelling).
+fn change_item(t: &Transaction) -> Value {
+    let value_date_time = t
+        .raw
+        .get("ValueDateTime")
+        .and_then(Value::as_str)
+        .and_then(|raw| DateTime::parse_from_rfc3339(raw).ok())
+        .map(|v| v.to_utc());
+    serde_json::json!({
+        "accountId": t.account_id,
+        "transactionId": t.transaction_id,
+        "bookingDate": t.booking_date,
+        "bookingDateTime": refresh_core::time::format_millis(&t.booking_date_time),
+        "status": t.status.as_str(),
+        "amount": t.amount.as_str(),
+        "currency": t.currency,
+        "creditDebitIndicator": t.credit_debit.as_str(),
+        "description": t.description,
+        "valueDateTime": value_date_time.as_ref().map(refresh_core::time::format_millis),
+        "reference": t.raw.get("TransactionReference").and_then(Value::as_str),
+    })
+}
+
+/// A balance as `GET …/balances` lists it.
+fn balance_item(b: &BalanceData) -> Value {
+    serde_json::json!({
+        "accountId": b.account_id,
+        "type": b.balance_type,
+        "amount": b.amount.as_str(),
+        "currency": b.currency,
+        "creditDebitIndicator": b.credit_debit.as_str(),
+        "dateTime": refresh_core::time::format_millis(&b.date_time),
+        "raw": b.data,
+    })
+}
+
+/// Writes a refresh's change set, in order.
+async fn write_changes(
+    tx: &mut PgTx,
+    refresh_id: RefreshId,
+    changes: &[(&'static str, Value)],
+) -> Result<(), StoreError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let kinds: Vec<&str> = changes.iter().map(|(k, _)| *k).collect();
+    let items: Vec<Json<&Value>> = changes.iter().map(|(_, v)| Json(v)).collect();
+    sqlx::query(
+        "INSERT INTO refresh_changes (refresh_id, seq, kind, item) \
+         SELECT $1, c.seq, c.kind, c.item FROM UNNEST($2::text[], $3::jsonb[]) \
+         WITH ORDINALITY AS c(kind, item, seq)",
+    )
+    .bind(refresh_id.as_uuid())
+    .bind(&kinds)
+    .bind(&items)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 /// Replaces the initial load's other kinds.

@@ -272,15 +272,15 @@ async fn fetch_and_store(
     last_refreshed_at: Option<DateTime<Utc>>,
 ) -> Result<Step, Failure> {
     let refresh_id = job.refresh_id;
-    let Some(stored) = deps.store.data_state(job.consent_id).await? else {
+    let Some(data_state) = deps.store.data_state(job.consent_id).await? else {
         // Deleted with its refreshes meanwhile: nothing left to write.
         return Ok(Step::Settle(Outcome::Ack));
     };
     let basis = FetchBasis {
         requested_initial: state.initial || job.initial,
-        initial_loaded: stored.initial_loaded,
+        initial_loaded: data_state.initial_loaded,
         last_refreshed_at,
-        oldest_pending: stored.oldest_pending,
+        oldest_pending: data_state.oldest_pending,
     };
     let scope = fetch_scope(&basis, config.window, now());
     debug!(%refresh_id, initial = scope.initial, from = %scope.from, "fetching from the bank");

@@ -473,6 +473,37 @@ async fn the_simulators_berlin_group_dialect_serves_the_same_dataset() {
     );
     assert!(bg_calls.iter().all(|c| c["status"] == 200));
 
+    // Each answer of the dialect is valid NextGenPSD2 1.3.6.
+    let openapi = openapi();
+    let http = reqwest::Client::new();
+    let get = |path: String| {
+        let request = http
+            .get(format!("{}{BERLIN_GROUP_PREFIX}{path}", sim.origin))
+            .header("Consent-ID", key)
+            .header("X-Request-ID", uuid::Uuid::new_v4().to_string());
+        async move {
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    assert_valid(&openapi, "accountList", &get("/v1/accounts".into()).await);
+    for account in &from_bg.accounts {
+        let id = &account.account_id;
+        let balances = get(format!("/v1/accounts/{id}/balances")).await;
+        assert_valid(&openapi, "readAccountBalanceResponse-200", &balances);
+        let mut path =
+            format!("/v1/accounts/{id}/transactions?bookingStatus=both&dateFrom=2000-01-01");
+        loop {
+            let page = get(path.clone()).await;
+            assert_valid(&openapi, "transactionsResponse-200_json", &page);
+            match page["transactions"]["_links"]["next"]["href"].as_str() {
+                Some(next) => path = next.trim_start_matches(BERLIN_GROUP_PREFIX).to_owned(),
+                None => break,
+            }
+        }
+    }
+
     // The scenario applies to the dialect too.
     sim.scenario(key, json!({"revoked": true})).await;
     assert_eq!(

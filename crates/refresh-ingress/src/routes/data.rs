@@ -1,5 +1,6 @@
 //! The stored-data read API of SPEC §3: a consent's accounts, balances, keyset pages
-//! of transactions, and the kinds kept from the initial connection.
+//! of transactions, the kinds kept from the initial connection, and each refresh's
+//! change set.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -285,6 +286,82 @@ pub(crate) async fn transactions(
     Ok(ok(&TransactionPage {
         items: page.items.into_iter().map(TransactionItem::from).collect(),
         next_cursor: page.next.map(encode_cursor),
+    }))
+}
+
+/// `{added, updated, removed, balances, nextCursor}`: one page of what a refresh
+/// changed, in the order it was applied.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ChangeSet {
+    /// Transactions the refresh stored for the first time.
+    #[schema(value_type = Vec<TransactionItem>)]
+    added: Vec<Value>,
+    /// Stored transactions it changed, as they are now (e.g. pending → booked).
+    #[schema(value_type = Vec<TransactionItem>)]
+    updated: Vec<Value>,
+    /// Stored transactions it removed, as they were: the id-less ones a same-date
+    /// merge replaced, pending ones the bank no longer returned, rejected ones.
+    #[schema(value_type = Vec<TransactionItem>)]
+    removed: Vec<Value>,
+    /// The balances it set, as `…/balances` lists them.
+    #[schema(value_type = Vec<Object>)]
+    balances: Vec<Value>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    next_cursor: Option<String>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/refreshes/{refreshId}/changes",
+    tag = "stored data",
+    summary = "What a refresh changed, so a client can apply it instead of re-reading everything; kept as long as the history row",
+    params(
+        ("refreshId" = String, Path, description = "The refresh (UUID)"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 500, description = "Entries per page over the four lists, 1 to 500 (default 100)")
+    ),
+    responses(
+        (status = 200, description = "A page; empty lists for a refresh that did not reach UPDATED", body = ChangeSet),
+        (status = 400, description = "Bad query parameter or cursor (`bad_request`)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "Unknown or another tenant's refresh (`not_found`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing, invalid or expired token (`unauthorized`)", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Scope lacks api:stored_data (`insufficient_scope`)", body = Problem, content_type = "application/problem+json")
+    ),
+    security(("bearer" = []))
+)]
+pub(crate) async fn changes(
+    State(state): State<AppState>,
+    principal: Principal,
+    Path(raw): Path<String>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let pairs = query_pairs(&uri, &["cursor", "limit"])?;
+    let after = param(&pairs, "cursor")
+        .map(|raw| {
+            raw.parse::<u32>()
+                .ok()
+                .filter(|n| *n >= 1 && raw.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| bad_request("cursor is malformed"))
+        })
+        .transpose()?;
+    let limit = limit_param(&pairs)?;
+    let id = super::extract::refresh_id(&raw)?;
+    let visible = state.store.refresh(id).await?.is_some_and(|record| {
+        principal
+            .scope_tenant()
+            .is_none_or(|t| *t == record.tenant_id)
+    });
+    if !visible {
+        return Err(ApiError::from(Problem::not_found("Refresh not found")));
+    }
+    let page = state.store.refresh_changes(id, after, limit).await?;
+    Ok(ok(&ChangeSet {
+        added: page.added,
+        updated: page.updated,
+        removed: page.removed,
+        balances: page.balances,
+        next_cursor: page.next.map(|n| n.to_string()),
     }))
 }
 

@@ -68,6 +68,7 @@ pub(crate) fn router(state: AppState) -> Router {
         )
         .route("/v1/consents/{consent_id}/products", get(data::products))
         .route("/v1/refreshes/{refresh_id}", get(refreshes::get_refresh))
+        .route("/v1/refreshes/{refresh_id}/changes", get(data::changes))
         .route(
             "/v1/apps/{tenant_id}/settings",
             get(settings::get_settings).put(settings::put_settings),
