@@ -75,9 +75,29 @@ fn list<'a>(v: &'a Value, key: &str) -> &'a [Value] {
 
 /// Order-free comparison of two lists of JSON objects.
 fn sorted(items: &[Value]) -> Vec<String> {
-    let mut out: Vec<String> = items.iter().map(Value::to_string).collect();
+    let mut out: Vec<String> = items.iter().map(|v| canonical(v).to_string()).collect();
     out.sort();
     out
+}
+
+/// `value` with every object's keys in name order: key order is not part of JSON's
+/// meaning (PostgreSQL's jsonb reorders them; serde_json keeps them as read when a
+/// dependency turns on its `preserve_order`).
+fn canonical(value: &Value) -> Value {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            Value::Object(
+                entries
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), canonical(v)))
+                    .collect(),
+            )
+        }
+        Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
 }
 
 /// A bank transaction as the API lists it (timestamps as instants, for comparing).
