@@ -174,6 +174,52 @@ async fn a_tenant_sees_its_own_events_in_order_and_resumes_without_loss_or_dupli
     assert_eq!(only, None, "events after acme's first are all acme's");
 }
 
+/// Consent lifecycle events (`consent.{status}.{tenantId}`) reach the tenant's streams
+/// like refresh events, whoever writes them to the outbox.
+#[tokio::test]
+async fn consent_events_are_streamed_to_their_tenant_only() {
+    let app = spawn_app().await;
+    let api = app.start_ingress().await;
+    let acme = dev_token(&app, Some("acme"), STORED);
+    let other = dev_token(&app, Some("other"), STORED);
+    let consent = api.seed_consent("acme", None, None).await;
+    let mut mine = Stream::open(&api, &acme, "", None).await;
+    let mut theirs = Stream::open(&api, &other, "", None).await;
+    let view = api
+        .get(&format!("/v1/consents/{consent}"), &acme)
+        .await
+        .body;
+    let id = uuid::Uuid::now_v7();
+    let payload = serde_json::json!({
+        "specversion": "1.0", "id": id, "source": "refreshd",
+        "type": "io.refreshd.consent.revoked", "subject": consent.to_string(),
+        "time": "2026-12-01T10:00:00.000Z", "datacontenttype": "application/json",
+        "data": view,
+    });
+    api.services
+        .store
+        .insert_event(
+            &refresh_pg::OutboxEvent {
+                event_id: EventId::from_uuid(id),
+                routing_key: "consent.revoked.acme".to_owned(),
+                payload: payload.clone(),
+            },
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    let got = mine.next(WAIT).await.expect("the consent event");
+    assert_eq!(
+        (got.id.as_str(), got.event.as_str(), &got.data),
+        (
+            id.to_string().as_str(),
+            "io.refreshd.consent.revoked",
+            &payload
+        )
+    );
+    assert_eq!(theirs.next(Duration::from_secs(1)).await, None);
+}
+
 #[tokio::test]
 async fn events_refuse_a_malformed_resume_point_and_another_tenants_consent() {
     let app = spawn_app().await;
