@@ -239,12 +239,14 @@ async fn the_dashboard_in_a_real_browser() {
         .click()
         .await
         .unwrap();
-    let warning = browser
-        .until("the settings warning", LIVE, || async {
-            let el = driver.find(By::Css("p.warning")).await.ok()?;
-            el.text().await.ok()
+    // The answer page (a new load: the notice) first, then its warning.
+    browser
+        .until("the saved settings page", LIVE, || async {
+            let el = driver.find(By::Css("p.notice")).await.ok()?;
+            (el.text().await.ok()? == "Settings saved.").then_some(())
         })
         .await;
+    let warning = text_of(&browser, "p.warning").await;
     assert_eq!(
         warning,
         "With auto-sync every 48 h, a consent gets fewer than two refreshes in the 4 days before it becomes inactive and its stored data is removed."
@@ -439,4 +441,98 @@ async fn sessions_cookies_and_csrf_over_http() {
         .await
         .unwrap();
     assert_eq!(events.status(), 401);
+}
+
+/// Signs in over HTTP; the session cookie (`name=value`) and the page's CSRF token.
+async fn sign_in(client: &reqwest::Client, base: &str, token: &str) -> (String, String) {
+    let login = client
+        .get(format!("{base}/dashboard/login"))
+        .send()
+        .await
+        .unwrap();
+    let cookie = login.headers()["set-cookie"].to_str().unwrap().to_owned();
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let value = pair.trim_start_matches("refreshd_login=").to_owned();
+    let signed = client
+        .post(format!("{base}/dashboard/login"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("cookie", &pair)
+        .body(form(&[("token", token), ("csrf", &value)]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 303);
+    let session = signed
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .find(|c| c.starts_with("refreshd_session="))
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let html = client
+        .get(format!("{base}/dashboard"))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = html
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    (session, csrf)
+}
+
+#[tokio::test]
+async fn an_operator_picks_the_tenant_and_a_tenant_sees_only_its_own() {
+    let app = spawn_app().await;
+    let api = app.start_ingress().await;
+    let mine = api.seed_consent("acme", None, None).await.to_string();
+    let theirs = api.seed_consent("other", None, None).await.to_string();
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let page = |session: String, query: &'static str| {
+        let client = client.clone();
+        let base = api.base.clone();
+        async move {
+            client
+                .get(format!("{base}/dashboard{query}"))
+                .header("cookie", session)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    let (tenant, _) = sign_in(&client, &api.base, &dev_token(&app, Some("acme"), STORED)).await;
+    let own = page(tenant.clone(), "?tenant=other").await;
+    assert!(
+        own.contains(&mine) && !own.contains(&theirs),
+        "a tenant cannot pick another"
+    );
+    assert!(!own.contains("<select id=\"tenant\""));
+
+    let (operator, _) = sign_in(&client, &api.base, &dev_token(&app, None, "api:admin")).await;
+    let first = page(operator.clone(), "").await;
+    assert!(
+        first.contains("<select id=\"tenant\" name=\"tenant\">"),
+        "the picker"
+    );
+    assert!(first.contains("<option value=\"acme\" selected>acme</option>"));
+    assert!(first.contains("<option value=\"other\">other</option>"));
+    assert!(first.contains(&mine) && !first.contains(&theirs));
+    let picked = page(operator, "?tenant=other").await;
+    assert!(picked.contains(&theirs) && !picked.contains(&mine));
 }

@@ -277,6 +277,41 @@ mod tests {
     }
 
     #[test]
+    fn status_texts() {
+        let now: DateTime<Utc> = "2026-12-01T10:00:00Z".parse().unwrap();
+        let view = |status: ConsentStatus, refreshing: bool| ConsentView {
+            consent_id: refresh_core::ConsentId::from_uuid(uuid::Uuid::nil()),
+            tenant_id: TenantId::parse("acme").unwrap(),
+            provider_id: refresh_core::ProviderId::parse("sim").unwrap(),
+            bank_consent_id: "b".to_owned(),
+            status,
+            expires_at: now + TimeDelta::days(12),
+            created_at: now,
+            last_refreshed_at: None,
+            refreshing,
+            refresh_id: None,
+            quota: None,
+        };
+        let check = |status, refreshing, expected: &str| {
+            assert_eq!(status_text(&view(status, refreshing), now), expected);
+        };
+        check(ConsentStatus::Active, false, "Expires in 12 days");
+        check(ConsentStatus::Active, true, "Refreshing consent…");
+        check(ConsentStatus::Expired, false, "Expired");
+        check(ConsentStatus::Revoked, false, "Revoked");
+        check(ConsentStatus::Inactive, false, "Inactive");
+        assert_eq!(quota_text(None), "No refresh limit");
+        assert_eq!(
+            quota_text(Some((4, 1, "rolling_24h"))),
+            "3 of 4 refreshes left in 24 h"
+        );
+        assert_eq!(
+            quota_text(Some((6, 6, "calendar_day"))),
+            "0 of 6 refreshes left today"
+        );
+    }
+
+    #[test]
     fn settings_form_fields() {
         let check = |a: &str, i: &str, expected: Result<(Option<i32>, i32), &str>| {
             let got = parse_settings(a, i)

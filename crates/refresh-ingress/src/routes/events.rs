@@ -195,16 +195,15 @@ impl StreamState {
                 }
             }
             if let Some(from) = self.replay.next_row.take() {
-                let rows = self
-                    .state
-                    .store
-                    .events_after_row(
-                        from,
-                        self.filter.tenant.as_ref(),
-                        self.filter.consent,
-                        REPLAY_PAGE,
-                    )
-                    .await;
+                // Boxed: an idle stream waits in this state machine for as long as it
+                // lives, and should not carry the (large) query future inline.
+                let rows = Box::pin(self.state.store.events_after_row(
+                    from,
+                    self.filter.tenant.as_ref(),
+                    self.filter.consent,
+                    REPLAY_PAGE,
+                ))
+                .await;
                 match rows {
                     Ok(rows) => {
                         self.replay.fill(rows);
