@@ -104,7 +104,6 @@ cat <<TRY
   curl -s http://$api/v1/consents/$consent/refreshes -H "authorization: Bearer \$TOKEN"
   curl -s http://$api/openapi.json
   curl -sN http://$api/v1/events -H "authorization: Bearer \$TOKEN"
-  dashboard: http://$api/dashboard (sign in with \$TOKEN)
 Ctrl-C stops it.
 TRY
 wait "$dev"
