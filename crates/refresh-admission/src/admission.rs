@@ -12,8 +12,8 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use refresh_amqp::Broker;
 use refresh_core::{
-    Caller, CloudEvent, ConsentId, ConsentStatus, EventId, Job, Problem, ProblemCode, RefreshId,
-    RefreshRecord, RejectedRequest, RequestedBy, TenantId, consent_refusal,
+    Caller, CloudEvent, ConsentId, EventId, Job, Problem, ProblemCode, RefreshId, RefreshRecord,
+    RejectedRequest, RequestedBy, TenantId, consent_refusal,
 };
 use refresh_pg::{ConsentRow, OutboxEvent, Store, StoreError};
 use refresh_redis::{Gate, GateDecision, GateError, GateRequest, Ticket};
@@ -316,14 +316,7 @@ pub(crate) fn refuse_consent(
         Some(tenant) => Caller::Tenant(tenant),
         None => Caller::Admin,
     };
-    let status = consent.map(|c| {
-        let status = if c.status == ConsentStatus::Active && c.expires_at <= now {
-            ConsentStatus::Expired
-        } else {
-            c.status
-        };
-        (&c.tenant_id, status)
-    });
+    let status = consent.map(|c| (&c.tenant_id, c.status.at(c.expires_at, now)));
     consent_refusal(status, caller)
 }
 

@@ -1,24 +1,8 @@
-//! The gate's answer as data, and the consent checks of admission rules 1 and 2.
+//! The consent checks of admission rules 1 and 2.
 
-use chrono::{DateTime, Utc};
-
-use crate::ids::{RefreshId, TenantId};
+use crate::ids::TenantId;
 use crate::problem::Problem;
 use crate::status::ConsentStatus;
-
-/// What the gate decided for one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Admission {
-    /// Admitted: the refresh exists and starts no earlier than `not_before`.
-    Admit {
-        /// The new refresh.
-        refresh_id: RefreshId,
-        /// Its start slot.
-        not_before: DateTime<Utc>,
-    },
-    /// Refused, with the problem the requester receives.
-    Refuse(Problem),
-}
 
 /// On whose behalf a request is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

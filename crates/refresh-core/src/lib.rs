@@ -3,7 +3,7 @@
 //! Everything in this crate is a pure function of its arguments: no network,
 //! no files, no clock, no randomness, no async runtime. The current time
 //! (`now`) and fresh ids (refresh and event UUIDs) are made by the adapters and
-//! passed in; answers come back as values (an [`Admission`], a [`Problem`], a
+//! passed in; answers come back as values (a consent refusal, a [`Problem`], a
 //! [`MergePlan`], a [`CloudEvent`]) that the adapter crates carry out. So the
 //! rules of the product (admission refusals and their exact texts, quota
 //! windows, the stagger spacing, the refresh lifecycle, the fetch window, the transaction merge)

@@ -1,5 +1,6 @@
 //! Refresh and consent statuses, and the one legal path of a refresh through its statuses.
 
+use chrono::{DateTime, Utc};
 use thiserror::Error;
 
 use crate::parse::string_enum;
@@ -87,6 +88,17 @@ string_enum! {
 }
 
 impl ConsentStatus {
+    /// The status as it holds at `now` (SPEC §6 expiry): a consent stored `ACTIVE` whose
+    /// `expiresAt` has passed is `EXPIRED` from that instant, whether or not the
+    /// scheduler has marked it yet.
+    pub fn at(self, expires_at: DateTime<Utc>, now: DateTime<Utc>) -> Self {
+        if self == Self::Active && expires_at <= now {
+            Self::Expired
+        } else {
+            self
+        }
+    }
+
     /// The refusal of admission rule 2 for this status; `None` when the consent is usable.
     pub fn refusal(self) -> Option<Problem> {
         match self {
@@ -107,6 +119,22 @@ mod tests {
     fn check(from: Option<RefreshStatus>, to: RefreshStatus, expected: Result<(), &str>) {
         let got = RefreshStatus::check_transition(from, to).map_err(|e| e.to_string());
         assert_eq!(got, expected.map_err(str::to_owned), "{from:?} -> {to:?}");
+    }
+
+    #[test]
+    fn a_consent_past_its_expiry_is_expired() {
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let expires = at("2026-12-01T10:00:00Z");
+        let check = |status: ConsentStatus, now: &str, expected: ConsentStatus| {
+            assert_eq!(status.at(expires, at(now)), expected, "{status:?} at {now}");
+        };
+        use ConsentStatus::*;
+        check(Active, "2026-12-01T09:59:59.999Z", Active);
+        check(Active, "2026-12-01T10:00:00Z", Expired);
+        check(Active, "2027-01-01T00:00:00Z", Expired);
+        check(Revoked, "2027-01-01T00:00:00Z", Revoked);
+        check(Inactive, "2027-01-01T00:00:00Z", Inactive);
+        check(Expired, "2026-01-01T00:00:00Z", Expired);
     }
 
     #[test]

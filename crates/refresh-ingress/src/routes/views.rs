@@ -56,11 +56,7 @@ pub(crate) async fn consent_view(
             next_refresh_possible_at: q.next_refresh_possible_at,
         });
     let now = Utc::now();
-    let status = if consent.status == ConsentStatus::Active && consent.expires_at <= now {
-        ConsentStatus::Expired
-    } else {
-        consent.status
-    };
+    let status = consent.status.at(consent.expires_at, now);
     Ok(ConsentView {
         consent_id: consent.consent_id,
         tenant_id: consent.tenant_id,
