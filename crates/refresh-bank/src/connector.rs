@@ -138,6 +138,22 @@ impl FromStr for ProviderKind {
 #[error("cannot build the bank http client")]
 pub struct ConnectorBuildError(#[source] pub(crate) reqwest::Error);
 
+/// The HTTP client of every connector: rustls with the ring provider, no redirects
+/// (a bank redirecting an API call is refused, never followed), the settings' timeouts.
+pub(crate) fn http_client(
+    settings: &ConnectorSettings,
+) -> Result<reqwest::Client, ConnectorBuildError> {
+    // Installing twice is harmless: the first provider stays.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(settings.request_timeout)
+        .timeout(settings.request_timeout)
+        .user_agent(concat!("refreshd/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(ConnectorBuildError)
+}
+
 /// Builds the connector for `kind`.
 pub fn build_connector(
     kind: ProviderKind,

@@ -61,15 +61,7 @@ pub struct ObieConnector {
 impl ObieConnector {
     /// Builds the HTTP client (rustls with the ring provider, no redirects).
     pub fn new(settings: ConnectorSettings) -> Result<Self, ConnectorBuildError> {
-        // Installing twice is harmless: the first provider stays.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(settings.request_timeout)
-            .timeout(settings.request_timeout)
-            .user_agent(concat!("refreshd/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(ConnectorBuildError)?;
+        let client = crate::connector::http_client(&settings)?;
         Ok(Self { client, settings })
     }
 
