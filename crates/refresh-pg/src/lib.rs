@@ -6,6 +6,7 @@
 //! to it, so the migrations and queries never name a schema.
 
 mod crypto;
+mod gate_state;
 mod lifecycle;
 mod pool;
 mod read;
@@ -13,6 +14,7 @@ mod store;
 mod stored;
 
 pub use crypto::{CryptoError, TokenCipher};
+pub use gate_state::GateRow;
 pub use lifecycle::{AutosyncClaim, RemovedData, Retained, StalledCandidate};
 pub use pool::{
     DatabaseSettings, PgError, Schema, check_migrated, connect, drop_schema, health, migrate,
