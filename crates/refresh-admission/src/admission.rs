@@ -168,6 +168,15 @@ impl Admitter {
         Ok(decision)
     }
 
+    /// Refuses `request` without deciding it (a channel's own rule, e.g. a source the
+    /// channel does not accept): counted, and announced as `refresh.rejected`.
+    pub async fn refuse(&self, request: &RefreshRequest, problem: Problem) -> Problem {
+        self.metrics.refused(request.requested_by, problem.code);
+        // The decision is the refusal itself; what matters here is its event.
+        let _refusal = self.refused(request, None, problem.clone()).await;
+        problem
+    }
+
     /// The gate's rebuild, for the other readers of the gate (a quota read, the
     /// scheduler's in-flight check) that meet [`GateError::Rebuilding`].
     pub fn gate_rebuild(&self) -> &GateRebuild {

@@ -1,6 +1,7 @@
 //! Upstream refresh requests over AMQP (SPEC §4): the same gate as HTTP, a decision
 //! reply on `reply_to`, `message_id` as the idempotency key, and unparseable messages
-//! dead-lettered without stopping the consumer.
+//! dead-lettered without stopping the consumer. Only the sources of
+//! `amqp.requested_by` are accepted; another `requestedBy` is a rejected decision.
 
 use std::time::Duration;
 
@@ -42,8 +43,10 @@ pub async fn run(
     store: Store,
     broker: Broker,
     prefetch: u16,
+    sources: Vec<RequestedBy>,
     shutdown: CancellationToken,
 ) {
+    let sources: std::sync::Arc<[RequestedBy]> = sources.into();
     let mut consumer = broker.consume(&broker.names().requests.clone(), prefetch);
     let tracker = TaskTracker::new();
     loop {
@@ -53,15 +56,22 @@ pub async fn run(
         };
         let Some(delivery) = delivery else { break };
         let (admitter, store, broker) = (admitter.clone(), store.clone(), broker.clone());
-        tracker.spawn(async move { answer(&admitter, &store, &broker, delivery).await });
+        let sources = sources.clone();
+        tracker.spawn(async move { answer(&admitter, &store, &broker, &sources, delivery).await });
     }
     tracker.close();
     tracker.wait().await;
 }
 
 /// Decides one request, replies on its `reply_to` and settles it.
-async fn answer(admitter: &Admitter, store: &Store, broker: &Broker, delivery: Delivery) {
-    let (outcome, reply) = handle(admitter, store, &delivery).await;
+async fn answer(
+    admitter: &Admitter,
+    store: &Store,
+    broker: &Broker,
+    sources: &[RequestedBy],
+    delivery: Delivery,
+) {
+    let (outcome, reply) = handle(admitter, store, sources, &delivery).await;
     if let (Some(reply), Some(reply_to)) = (reply, delivery.reply_to.clone()) {
         let body = serde_json::to_vec(&reply).unwrap_or_default();
         if let Err(error) = broker
@@ -80,6 +90,7 @@ async fn answer(admitter: &Admitter, store: &Store, broker: &Broker, delivery: D
 async fn handle(
     admitter: &Admitter,
     store: &Store,
+    sources: &[RequestedBy],
     delivery: &Delivery,
 ) -> (Outcome, Option<Value>) {
     let message: RequestMessage = match serde_json::from_slice(&delivery.body) {
@@ -93,6 +104,26 @@ async fn handle(
             );
         }
     };
+    let request = RefreshRequest {
+        consent_id: message.consent_id,
+        tenant: Some(message.tenant_id.clone()),
+        requested_by: message.requested_by,
+        initial: false,
+    };
+    if !sources.contains(&message.requested_by) {
+        // Permanent: the same message is refused the same way, so it is acked.
+        let accepted: Vec<&str> = sources.iter().map(|s| s.as_str()).collect();
+        let problem = Problem::bad_request(format!(
+            "requestedBy {} is not accepted on this channel (accepted: {})",
+            message.requested_by.as_str(),
+            accepted.join(", ")
+        ));
+        let problem = admitter.refuse(&request, problem).await;
+        return (
+            Outcome::Ack,
+            Some(json!({ "accepted": false, "problem": problem })),
+        );
+    }
     let key = delivery
         .message_id
         .as_deref()
@@ -111,12 +142,6 @@ async fn handle(
             }
         }
     }
-    let request = RefreshRequest {
-        consent_id: message.consent_id,
-        tenant: Some(message.tenant_id.clone()),
-        requested_by: message.requested_by,
-        initial: false,
-    };
     let reply = match admitter.request(&request).await {
         Ok(Decision::Admitted(record)) => {
             json!({ "accepted": true, "refreshId": record.refresh_id, "notBefore": record.not_before })
