@@ -290,36 +290,80 @@ async fn dead_letter_moves_a_request_to_requests_dead_with_its_reason() {
 }
 
 #[tokio::test]
-async fn a_request_returned_past_the_delivery_limit_ends_in_requests_dead() {
+async fn a_retried_request_comes_back_as_a_fresh_copy_and_never_reaches_the_delivery_limit() {
     let app = spawn_app_with(&[("amqp.delivery_limit", "2")]).await;
     let running = Running::of(&app).await;
     let broker = &running.broker;
     broker
-        .publish_request(b"{}", Some("req-loop"), None, None)
+        .publish_request(b"{}", Some("req-loop"), Some("replies-here"), Some("c-1"))
         .await
         .unwrap();
 
-    // Retry on `requests` (no wait queue leads back there) is a requeue, counted by
-    // the quorum queue: deliveries 0, 1 and 2, then the broker dead-letters it.
+    // A request held back (a dependency down) is republished as a copy carrying its
+    // retry count, then acked: past the limit of 2 it still comes back, always as a
+    // first delivery, with its properties.
     let mut requests = broker.consume(&broker.names().requests, 10);
-    let mut counts = Vec::new();
-    while let Some(request) = next_within(&mut requests, Duration::from_millis(1000)).await {
-        counts.push((request.delivery_count, request.redelivered));
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let request = next(&mut requests).await;
+        seen.push((
+            request.delivery_count,
+            request.redelivered,
+            request.retries(),
+        ));
+        assert_eq!(request.message_id.as_deref(), Some("req-loop"));
+        assert_eq!(request.reply_to.as_deref(), Some("replies-here"));
+        assert_eq!(request.correlation_id.as_deref(), Some("c-1"));
         request
-            .settle(Outcome::retry(Duration::ZERO))
+            .settle(Outcome::retry(Duration::from_millis(50)))
             .await
             .unwrap();
     }
-    assert_eq!(counts, [(0, false), (1, true), (2, true)]);
+    assert_eq!(
+        seen,
+        [
+            (0, false, 0),
+            (0, false, 1),
+            (0, false, 2),
+            (0, false, 3),
+            (0, false, 4)
+        ]
+    );
+    let last = next(&mut requests).await;
+    assert_eq!(last.retries(), 5);
+    last.settle(Outcome::Ack).await.unwrap();
+    let mut dead = broker.consume(&broker.names().requests_dead, 10);
+    assert!(
+        next_within(&mut dead, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a retried request never lands in requests.dead"
+    );
+    running.stop().await;
+}
 
+#[tokio::test]
+async fn a_request_returned_unsettled_past_the_delivery_limit_ends_in_requests_dead() {
+    let app = spawn_app_with(&[("amqp.delivery_limit", "2")]).await;
+    let running = Running::of(&app).await;
+    let broker = &running.broker;
+    broker
+        .publish_request(b"{}", Some("req-crash"), None, None)
+        .await
+        .unwrap();
+
+    // A delivery dropped unsettled (as when its consumer dies) returns to the queue
+    // and is counted: deliveries 0, 1 and 2, then the broker dead-letters it.
+    let mut requests = broker.consume(&broker.names().requests, 10);
+    let mut counts = Vec::new();
+    while let Some(request) = next_within(&mut requests, Duration::from_millis(1000)).await {
+        counts.push(request.delivery_count);
+        drop(request);
+    }
+    assert_eq!(counts, [0, 1, 2]);
     let mut dead = broker.consume(&broker.names().requests_dead, 10);
     let corpse = next(&mut dead).await;
-    assert_eq!(corpse.message_id.as_deref(), Some("req-loop"));
-    assert_eq!(
-        corpse.dead_letter_reason(),
-        None,
-        "dead-lettered by the broker, not by settle"
-    );
+    assert_eq!(corpse.message_id.as_deref(), Some("req-crash"));
     corpse.settle(Outcome::Ack).await.unwrap();
     running.stop().await;
 }

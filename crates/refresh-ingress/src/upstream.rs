@@ -31,8 +31,13 @@ fn default_source() -> RequestedBy {
     RequestedBy::App
 }
 
-/// How long to hold a request back when a dependency is down.
-const UNAVAILABLE_BACKOFF: Duration = Duration::from_secs(2);
+/// How long to hold a request back when a dependency is down: doubling from 2 s
+/// with each retry, at most a minute. The retry is a fresh copy of the message, so
+/// an outage of any length never dead-letters it (SPEC §4: only what cannot be
+/// parsed goes to `requests.dead`).
+fn unavailable_backoff(retries: u32) -> Duration {
+    Duration::from_secs(2u64 << retries.min(5)).min(Duration::from_secs(60))
+}
 
 /// Consumes `{ns}.requests` until `shutdown`, deciding up to `prefetch` requests at
 /// once (the broker never hands out more unsettled messages than that). On shutdown it
@@ -138,7 +143,10 @@ async fn handle(
             Ok(KeyReservation::Reserved) => {}
             Ok(KeyReservation::Done { response, .. }) => return (Outcome::Ack, Some(response)),
             Ok(KeyReservation::Pending) | Err(_) => {
-                return (Outcome::retry(UNAVAILABLE_BACKOFF), None);
+                return (
+                    Outcome::retry(unavailable_backoff(delivery.retries())),
+                    None,
+                );
             }
         }
     }
@@ -152,7 +160,10 @@ async fn handle(
             if let Some(key) = &key {
                 let _ = store.release_key(&message.tenant_id, key).await;
             }
-            return (Outcome::retry(UNAVAILABLE_BACKOFF), None);
+            return (
+                Outcome::retry(unavailable_backoff(delivery.retries())),
+                None,
+            );
         }
     };
     if let Some(key) = &key {
@@ -169,4 +180,16 @@ async fn handle(
         }
     }
     (Outcome::Ack, Some(reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_backs_off_doubling_up_to_a_minute() {
+        let secs: Vec<u64> = (0..8).map(|r| unavailable_backoff(r).as_secs()).collect();
+        assert_eq!(secs, [2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(unavailable_backoff(u32::MAX), Duration::from_secs(60));
+    }
 }
