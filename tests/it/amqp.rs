@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use refresh_amqp::{AmqpSettings, Broker, CancellationToken, Consumer, Delivery, TaskTracker};
 use refresh_core::Outcome;
 use refresh_tests::{TestApp, spawn_app, spawn_app_with};
@@ -666,4 +668,128 @@ async fn while_the_broker_is_unreachable_publishing_fails_within_the_confirm_tim
     let expected: BTreeMap<String, usize> = [("back".to_owned(), 1), ("up".to_owned(), 1)].into();
     assert_eq!(seen, expected);
     running.stop().await;
+}
+
+/// The arguments earlier versions declared the wait queues with: classic queues,
+/// whose dead-lettering is at most once.
+fn classic_wait_arguments(names: &refresh_amqp::Names, ttl: Option<Duration>) -> FieldTable {
+    let mut table = FieldTable::default();
+    table.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(names.jobs.as_str().into()),
+    );
+    table.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(refresh_amqp::topology::JOB_ROUTING_KEY.into()),
+    );
+    if let Some(ttl) = ttl {
+        table.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(ttl.as_millis() as i64),
+        );
+    }
+    table
+}
+
+fn wait_queues(names: &refresh_amqp::Names) -> Vec<(String, Option<Duration>)> {
+    let mut queues = vec![(names.jobs_wait.clone(), None)];
+    queues.extend(
+        names
+            .wait_tiers
+            .iter()
+            .map(|(ttl, q)| (q.clone(), Some(*ttl))),
+    );
+    queues
+}
+
+/// Declares `queue` with `arguments` on a channel of its own: `Ok` only if the queue
+/// exists with exactly these arguments (or did not exist).
+async fn redeclare(app: &TestApp, queue: &str, arguments: FieldTable) -> Result<(), lapin::Error> {
+    let channel = app.amqp.create_channel().await.unwrap();
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), options, arguments)
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn the_wait_queues_are_quorum_and_dead_letter_at_least_once() {
+    let app = spawn_app().await;
+    let names = refresh_amqp::Names::new(&app.namespace);
+    for (queue, ttl) in wait_queues(&names) {
+        // The broker accepts a second declaration only with equal arguments.
+        let jobs = names.jobs.as_str();
+        redeclare(
+            &app,
+            &queue,
+            refresh_amqp::topology::wait_queue_arguments(jobs, ttl),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{queue}: {e}"));
+        let arguments = refresh_amqp::topology::wait_queue_arguments(jobs, ttl);
+        assert_eq!(
+            arguments.inner().get("x-queue-type"),
+            Some(&AMQPValue::LongString("quorum".into()))
+        );
+        assert_eq!(
+            arguments.inner().get("x-dead-letter-strategy"),
+            Some(&AMQPValue::LongString("at-least-once".into()))
+        );
+        assert_eq!(
+            arguments.inner().get("x-overflow"),
+            Some(&AMQPValue::LongString("reject-publish".into()))
+        );
+        assert!(
+            redeclare(&app, &queue, classic_wait_arguments(&names, ttl))
+                .await
+                .is_err(),
+            "{queue} is not classic"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_namespace_whose_wait_queues_are_classic_still_starts_and_delays_jobs() {
+    let app = spawn_app().await;
+    let legacy = refresh_tests::fresh_namespace();
+    let names = refresh_amqp::Names::new(&legacy);
+    for (queue, ttl) in wait_queues(&names) {
+        redeclare(&app, &queue, classic_wait_arguments(&names, ttl))
+            .await
+            .unwrap();
+    }
+    let running = Running::start(&app.settings.amqp, &legacy).await;
+    let broker = &running.broker;
+    let mut jobs = broker.consume(&names.jobs, 10);
+    let started = Instant::now();
+    broker
+        .publish_job(b"{}", "legacy-job", Some(Duration::from_millis(1000)))
+        .await
+        .unwrap();
+    let job = tokio::time::timeout(Duration::from_secs(10), jobs.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.message_id.as_deref(), Some("legacy-job"));
+    // Through the classic 1 s tier.
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        started.elapsed()
+    );
+    job.settle(Outcome::Ack).await.unwrap();
+    // The classic queues were kept, not replaced.
+    for (queue, ttl) in wait_queues(&names) {
+        redeclare(&app, &queue, classic_wait_arguments(&names, ttl))
+            .await
+            .unwrap_or_else(|e| panic!("{queue}: {e}"));
+    }
+    running.stop().await;
+    refresh_amqp::delete_namespace(&app.amqp, &legacy)
+        .await
+        .unwrap();
 }
