@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use lapin::options::QueueDeclareOptions;
+use lapin::types::{AMQPValue, FieldTable};
 use refresh_amqp::{AmqpSettings, Broker, CancellationToken, Consumer, Delivery, TaskTracker};
 use refresh_core::Outcome;
 use refresh_tests::{TestApp, spawn_app, spawn_app_with};
@@ -290,36 +292,80 @@ async fn dead_letter_moves_a_request_to_requests_dead_with_its_reason() {
 }
 
 #[tokio::test]
-async fn a_request_returned_past_the_delivery_limit_ends_in_requests_dead() {
+async fn a_retried_request_comes_back_as_a_fresh_copy_and_never_reaches_the_delivery_limit() {
     let app = spawn_app_with(&[("amqp.delivery_limit", "2")]).await;
     let running = Running::of(&app).await;
     let broker = &running.broker;
     broker
-        .publish_request(b"{}", Some("req-loop"), None, None)
+        .publish_request(b"{}", Some("req-loop"), Some("replies-here"), Some("c-1"))
         .await
         .unwrap();
 
-    // Retry on `requests` (no wait queue leads back there) is a requeue, counted by
-    // the quorum queue: deliveries 0, 1 and 2, then the broker dead-letters it.
+    // A request held back (a dependency down) is republished as a copy carrying its
+    // retry count, then acked: past the limit of 2 it still comes back, always as a
+    // first delivery, with its properties.
     let mut requests = broker.consume(&broker.names().requests, 10);
-    let mut counts = Vec::new();
-    while let Some(request) = next_within(&mut requests, Duration::from_millis(1000)).await {
-        counts.push((request.delivery_count, request.redelivered));
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let request = next(&mut requests).await;
+        seen.push((
+            request.delivery_count,
+            request.redelivered,
+            request.retries(),
+        ));
+        assert_eq!(request.message_id.as_deref(), Some("req-loop"));
+        assert_eq!(request.reply_to.as_deref(), Some("replies-here"));
+        assert_eq!(request.correlation_id.as_deref(), Some("c-1"));
         request
-            .settle(Outcome::retry(Duration::ZERO))
+            .settle(Outcome::retry(Duration::from_millis(50)))
             .await
             .unwrap();
     }
-    assert_eq!(counts, [(0, false), (1, true), (2, true)]);
+    assert_eq!(
+        seen,
+        [
+            (0, false, 0),
+            (0, false, 1),
+            (0, false, 2),
+            (0, false, 3),
+            (0, false, 4)
+        ]
+    );
+    let last = next(&mut requests).await;
+    assert_eq!(last.retries(), 5);
+    last.settle(Outcome::Ack).await.unwrap();
+    let mut dead = broker.consume(&broker.names().requests_dead, 10);
+    assert!(
+        next_within(&mut dead, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "a retried request never lands in requests.dead"
+    );
+    running.stop().await;
+}
 
+#[tokio::test]
+async fn a_request_returned_unsettled_past_the_delivery_limit_ends_in_requests_dead() {
+    let app = spawn_app_with(&[("amqp.delivery_limit", "2")]).await;
+    let running = Running::of(&app).await;
+    let broker = &running.broker;
+    broker
+        .publish_request(b"{}", Some("req-crash"), None, None)
+        .await
+        .unwrap();
+
+    // A delivery dropped unsettled (as when its consumer dies) returns to the queue
+    // and is counted: deliveries 0, 1 and 2, then the broker dead-letters it.
+    let mut requests = broker.consume(&broker.names().requests, 10);
+    let mut counts = Vec::new();
+    while let Some(request) = next_within(&mut requests, Duration::from_millis(1000)).await {
+        counts.push(request.delivery_count);
+        drop(request);
+    }
+    assert_eq!(counts, [0, 1, 2]);
     let mut dead = broker.consume(&broker.names().requests_dead, 10);
     let corpse = next(&mut dead).await;
-    assert_eq!(corpse.message_id.as_deref(), Some("req-loop"));
-    assert_eq!(
-        corpse.dead_letter_reason(),
-        None,
-        "dead-lettered by the broker, not by settle"
-    );
+    assert_eq!(corpse.message_id.as_deref(), Some("req-crash"));
     corpse.settle(Outcome::Ack).await.unwrap();
     running.stop().await;
 }
@@ -622,4 +668,128 @@ async fn while_the_broker_is_unreachable_publishing_fails_within_the_confirm_tim
     let expected: BTreeMap<String, usize> = [("back".to_owned(), 1), ("up".to_owned(), 1)].into();
     assert_eq!(seen, expected);
     running.stop().await;
+}
+
+/// The arguments earlier versions declared the wait queues with: classic queues,
+/// whose dead-lettering is at most once.
+fn classic_wait_arguments(names: &refresh_amqp::Names, ttl: Option<Duration>) -> FieldTable {
+    let mut table = FieldTable::default();
+    table.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(names.jobs.as_str().into()),
+    );
+    table.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(refresh_amqp::topology::JOB_ROUTING_KEY.into()),
+    );
+    if let Some(ttl) = ttl {
+        table.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(ttl.as_millis() as i64),
+        );
+    }
+    table
+}
+
+fn wait_queues(names: &refresh_amqp::Names) -> Vec<(String, Option<Duration>)> {
+    let mut queues = vec![(names.jobs_wait.clone(), None)];
+    queues.extend(
+        names
+            .wait_tiers
+            .iter()
+            .map(|(ttl, q)| (q.clone(), Some(*ttl))),
+    );
+    queues
+}
+
+/// Declares `queue` with `arguments` on a channel of its own: `Ok` only if the queue
+/// exists with exactly these arguments (or did not exist).
+async fn redeclare(app: &TestApp, queue: &str, arguments: FieldTable) -> Result<(), lapin::Error> {
+    let channel = app.amqp.create_channel().await.unwrap();
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(queue.into(), options, arguments)
+        .await
+        .map(|_| ())
+}
+
+#[tokio::test]
+async fn the_wait_queues_are_quorum_and_dead_letter_at_least_once() {
+    let app = spawn_app().await;
+    let names = refresh_amqp::Names::new(&app.namespace);
+    for (queue, ttl) in wait_queues(&names) {
+        // The broker accepts a second declaration only with equal arguments.
+        let jobs = names.jobs.as_str();
+        redeclare(
+            &app,
+            &queue,
+            refresh_amqp::topology::wait_queue_arguments(jobs, ttl),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{queue}: {e}"));
+        let arguments = refresh_amqp::topology::wait_queue_arguments(jobs, ttl);
+        assert_eq!(
+            arguments.inner().get("x-queue-type"),
+            Some(&AMQPValue::LongString("quorum".into()))
+        );
+        assert_eq!(
+            arguments.inner().get("x-dead-letter-strategy"),
+            Some(&AMQPValue::LongString("at-least-once".into()))
+        );
+        assert_eq!(
+            arguments.inner().get("x-overflow"),
+            Some(&AMQPValue::LongString("reject-publish".into()))
+        );
+        assert!(
+            redeclare(&app, &queue, classic_wait_arguments(&names, ttl))
+                .await
+                .is_err(),
+            "{queue} is not classic"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_namespace_whose_wait_queues_are_classic_still_starts_and_delays_jobs() {
+    let app = spawn_app().await;
+    let legacy = refresh_tests::fresh_namespace();
+    let names = refresh_amqp::Names::new(&legacy);
+    for (queue, ttl) in wait_queues(&names) {
+        redeclare(&app, &queue, classic_wait_arguments(&names, ttl))
+            .await
+            .unwrap();
+    }
+    let running = Running::start(&app.settings.amqp, &legacy).await;
+    let broker = &running.broker;
+    let mut jobs = broker.consume(&names.jobs, 10);
+    let started = Instant::now();
+    broker
+        .publish_job(b"{}", "legacy-job", Some(Duration::from_millis(1000)))
+        .await
+        .unwrap();
+    let job = tokio::time::timeout(Duration::from_secs(10), jobs.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.message_id.as_deref(), Some("legacy-job"));
+    // Through the classic 1 s tier.
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "{:?}",
+        started.elapsed()
+    );
+    job.settle(Outcome::Ack).await.unwrap();
+    // The classic queues were kept, not replaced.
+    for (queue, ttl) in wait_queues(&names) {
+        redeclare(&app, &queue, classic_wait_arguments(&names, ttl))
+            .await
+            .unwrap_or_else(|e| panic!("{queue}: {e}"));
+    }
+    running.stop().await;
+    refresh_amqp::delete_namespace(&app.amqp, &legacy)
+        .await
+        .unwrap();
 }

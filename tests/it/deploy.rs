@@ -873,3 +873,30 @@ fn make_run_refuses_busy_ports_before_building() {
         "{text}"
     );
 }
+
+#[test]
+fn an_ingress_with_a_short_hs256_secret_exits_64_naming_the_key() {
+    let mut command = Command::new(refresh_tests::refreshd_binary());
+    command.arg("ingress").current_dir(repo_root());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("REFRESHD") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .env("REFRESHD_ENV", "production")
+        .env(
+            "REFRESHD__AUTH__JWT_HS256_SECRET",
+            "only-twenty-six-bytes-long",
+        )
+        .env(
+            "REFRESHD__CRYPTO__KEY",
+            "ZGV2LWtleS1ub3QtZm9yLXByb2R1Y3Rpb24tMzJieXQ=",
+        );
+    let output = command.output().unwrap();
+    assert_eq!(output.status.code(), Some(64));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stderr).trim_end(),
+        "refreshd: bad configuration: auth.jwt_hs256_secret: must be at least 32 bytes"
+    );
+}

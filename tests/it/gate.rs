@@ -89,8 +89,15 @@ fn config(app: &TestApp) -> GateConfig {
     }
 }
 
-fn gate(app: &TestApp) -> Gate {
-    Gate::new(app.redis.clone(), config(app))
+/// A gate on the app's namespace whose state is whole: the epochs written by a
+/// rebuild from no records, as a new namespace's first admission does.
+async fn gate(app: &TestApp) -> Gate {
+    ready(Gate::new(app.redis.clone(), config(app))).await
+}
+
+async fn ready(gate: Gate) -> Gate {
+    gate.rebuild(&[]).await.unwrap();
+    gate
 }
 
 fn new_consent() -> ConsentId {
@@ -200,7 +207,7 @@ fn check_daily_limit(
 on_both!(the_lock_admits_one_refresh_per_consent_and_only_its_owner_frees_it);
 async fn the_lock_admits_one_refresh_per_consent_and_only_its_owner_frees_it(redis: Redis) {
     let app = redis.app(&[]).await;
-    let gate = gate(&app);
+    let gate = gate(&app).await;
     let consent = new_consent();
     let first = request(consent, RequestedBy::Api);
     let ticket = admitted(gate.admit(&first).await.unwrap());
@@ -272,7 +279,7 @@ async fn the_lock_admits_one_refresh_per_consent_and_only_its_owner_frees_it(red
 on_both!(the_fifth_admission_in_24_hours_is_refused_with_the_exact_text);
 async fn the_fifth_admission_in_24_hours_is_refused_with_the_exact_text(redis: Redis) {
     let app = redis.app(&[]).await;
-    let gate = gate(&app);
+    let gate = gate(&app).await;
     let consent = new_consent();
     assert_eq!(
         gate.quota(consent, RequestedBy::Api).await.unwrap(),
@@ -370,7 +377,7 @@ async fn a_calendar_day_quota_counts_per_local_day_and_resets_at_local_midnight(
         window: QuotaWindow::CalendarDay,
     }];
     let tz = config.time_zone;
-    let gate = Gate::new(app.redis.clone(), config);
+    let gate = ready(Gate::new(app.redis.clone(), config)).await;
     let consent = new_consent();
     let key = format!("{}:{{c:{consent}}}:q:0", app.namespace);
     let mut redis = app.redis.clone();
@@ -440,7 +447,7 @@ async fn undo_gives_back_the_lock_the_quota_and_the_slot(redis: Redis) {
     let app = redis
         .app(&[("stagger.limit", "1"), ("stagger.period_secs", "60")])
         .await;
-    let gate = gate(&app);
+    let gate = gate(&app).await;
     let earlier = admitted(
         gate.admit(&request(new_consent(), RequestedBy::Api))
             .await
@@ -531,7 +538,7 @@ async fn backlog_full_is_refused_and_consumes_nothing(redis: Redis) {
             ("stagger.max_delay_secs", "60"),
         ])
         .await;
-    let gate = gate(&app);
+    let gate = gate(&app).await;
     // The third consent already used some quota earlier.
     let third = new_consent();
     let earlier = admit_and_finish(&gate, &request(third, RequestedBy::Api)).await;
@@ -582,7 +589,7 @@ async fn backlog_full_is_refused_and_consumes_nothing(redis: Redis) {
 on_both!(two_hundred_simultaneous_requests_for_one_consent_admit_exactly_one);
 async fn two_hundred_simultaneous_requests_for_one_consent_admit_exactly_one(redis: Redis) {
     let app = redis.app(&[]).await;
-    let gate = gate(&app);
+    let gate = gate(&app).await;
     let consent = new_consent();
     let mut tasks = JoinSet::new();
     for _ in 0..200 {
@@ -622,7 +629,7 @@ async fn five_hundred_consents_get_slots_at_least_period_over_limit_apart(redis:
             ("stagger.max_delay_secs", "100000"),
         ])
         .await;
-    let gate = gate(&app);
+    let gate = gate(&app).await;
     let spacing = app.settings.stagger.spacing().num_milliseconds();
     assert_eq!(spacing, 2_000);
     let start = redis_ms(&app).await;
@@ -658,7 +665,7 @@ async fn start_slots_allow_limit_starts_per_period_and_count_an_attempt_once(red
     let app = redis
         .app(&[("stagger.limit", "3"), ("stagger.period_secs", "6")])
         .await;
-    let gate = gate(&app);
+    let gate = gate(&app).await;
     let before = redis_ms(&app).await;
     for attempt in ["a1", "a2", "a3"] {
         assert_eq!(
@@ -791,7 +798,7 @@ async fn a_redis_cluster_that_is_gone_is_unavailable() {
         cluster_nodes: cluster.urls(),
     };
     let conn = refresh_redis::connect(&settings).await.unwrap();
-    let gate = Gate::new(
+    let gate = ready(Gate::new(
         conn,
         GateConfig {
             namespace: "gone".to_owned(),
@@ -800,7 +807,8 @@ async fn a_redis_cluster_that_is_gone_is_unavailable() {
             stagger: refresh_core::StaggerSettings::default(),
             lease: Duration::from_secs(120),
         },
-    );
+    ))
+    .await;
     assert!(gate.in_flight(new_consent()).await.unwrap().is_none());
     cluster.kill();
     check_unavailable(&gate).await;
@@ -810,7 +818,7 @@ async fn a_redis_cluster_that_is_gone_is_unavailable() {
 async fn the_gate_on_a_cluster_answers_again_after_a_node_restarts() {
     let redis = Redis::Cluster;
     let mut app = redis.app(&[("stagger.limit", "600")]).await;
-    let gate = gate(&app);
+    let gate = gate(&app).await;
     // Consents on every master: their hash tags spread over the slots.
     let consents: Vec<ConsentId> = (0..30).map(|_| new_consent()).collect();
     for consent in &consents {
@@ -819,8 +827,10 @@ async fn the_gate_on_a_cluster_answers_again_after_a_node_restarts() {
     let cluster = app.cluster.as_mut().unwrap();
     cluster.restart_node(1).await;
     // The client follows the node back (its slots, a new connection); until it
-    // has, a decision is 503, never a wrong answer.
+    // has, a decision is 503, never a wrong answer. The node comes back empty (no
+    // persistence): its slots lost their epochs and refuse until a rebuild.
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut rebuilt = false;
     for consent in &consents {
         loop {
             match gate.admit(&request(*consent, RequestedBy::Api)).await {
@@ -831,6 +841,10 @@ async fn the_gate_on_a_cluster_answers_again_after_a_node_restarts() {
                         .unwrap();
                     break;
                 }
+                Err(GateError::Rebuilding) if !rebuilt => {
+                    gate.rebuild(&[]).await.unwrap();
+                    rebuilt = true;
+                }
                 Err(GateError::Unavailable(_)) if std::time::Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
@@ -838,6 +852,10 @@ async fn the_gate_on_a_cluster_answers_again_after_a_node_restarts() {
             }
         }
     }
+    assert!(
+        rebuilt,
+        "a node that came back empty must ask for a rebuild"
+    );
 }
 
 #[tokio::test]
@@ -845,7 +863,7 @@ async fn the_gate_on_a_cluster_follows_a_failover_to_a_replica() {
     let mut app = Redis::Cluster.app(&[("stagger.limit", "600")]).await;
     let cluster = app.cluster.as_mut().unwrap();
     let replica = cluster.add_replica(0).await;
-    let gate = gate(&app);
+    let gate = gate(&app).await;
     // Locks held on every master, the failing one included.
     let mut held = Vec::new();
     for _ in 0..30 {
@@ -894,7 +912,7 @@ async fn autosync_takes_at_most_its_share_and_an_on_demand_request_is_not_queued
             ("stagger.autosync_share", "0.5"),
         ])
         .await;
-    let gate = gate(&app);
+    let gate = gate(&app).await;
     let mut autosync = Vec::new();
     for _ in 0..40 {
         let ticket = admitted(
@@ -951,7 +969,7 @@ async fn an_undone_autosync_slot_no_longer_keeps_others_away(redis: Redis) {
             ("stagger.autosync_share", "0.5"),
         ])
         .await;
-    let gate = gate(&app);
+    let gate = gate(&app).await;
     let first = admitted(
         gate.admit(&request(new_consent(), RequestedBy::Autosync))
             .await
@@ -975,3 +993,102 @@ async fn an_undone_autosync_slot_no_longer_keeps_others_away(redis: Redis) {
     assert_eq!(slots, vec![again.refresh_id.to_string()]);
 }
 on_both!(an_undone_autosync_slot_no_longer_keeps_others_away);
+
+/// SPEC §2: Redis lost the gate's state (here: every key of the namespace deleted).
+/// While another replica holds the rebuild lock every admission is 503
+/// `unavailable`; then the state comes back from PostgreSQL: the consent that used
+/// its 4 refreshes is still refused 429 with the same next time, the refresh in
+/// flight still gives 409, and a new admission is staggered after the queued one.
+async fn a_gate_that_lost_its_state_is_rebuilt_from_the_database(redis: Redis) {
+    let app = redis.app(&[]).await;
+    let api = app.start_ingress().await;
+    let token = refresh_tests::dev_token(&app, Some("acme"), "api:stored_data");
+    let path = |consent: ConsentId| format!("/v1/consents/{consent}/refresh");
+
+    let used_up = api.seed_consent("acme", None, None).await;
+    for _ in 0..4 {
+        let id = api.refresh(&token, &used_up.to_string()).await;
+        api.complete(used_up, &id).await;
+    }
+    let before = api.post(&path(used_up), &token, None).await;
+    assert_eq!(before.status, 429, "{before:?}");
+    let busy = api.seed_consent("acme", None, None).await;
+    let queued = api.post(&path(busy), &token, None).await;
+    assert_eq!(queued.status, 202, "{queued:?}");
+    let fresh = api.seed_consent("acme", None, None).await;
+
+    let removed = refresh_redis::delete_namespace(&app.redis, &app.namespace)
+        .await
+        .unwrap();
+    assert!(removed > 0);
+    let gate = &api.services.gate;
+    assert!(
+        gate.try_begin_rebuild("another replica", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    for consent in [used_up, busy, fresh] {
+        let answer = api.post(&path(consent), &token, None).await;
+        assert_eq!(answer.status, 503, "{answer:?}");
+        assert_eq!(answer.body["code"], "unavailable");
+        assert_eq!(
+            answer.header("content-type"),
+            Some("application/problem+json")
+        );
+    }
+    assert!(matches!(
+        gate.in_flight(busy).await,
+        Err(GateError::Rebuilding)
+    ));
+    assert!(gate.end_rebuild("another replica").await.unwrap());
+
+    // The next request rebuilds and is decided on the rebuilt state.
+    let after = api.post(&path(used_up), &token, None).await;
+    assert_eq!(after.status, 429, "{after:?}");
+    assert_eq!(after.body["code"], "daily_limit_reached");
+    assert_eq!(
+        after.body["nextRefreshPossibleAt"],
+        before.body["nextRefreshPossibleAt"]
+    );
+    assert_eq!(
+        (&after.body["limit"], &after.body["used"]),
+        (&4.into(), &4.into())
+    );
+    let retry: u64 = after.header("retry-after").unwrap().parse().unwrap();
+    let minutes = retry.div_ceil(60);
+    assert_eq!(
+        after.body["detail"],
+        format!(
+            "Daily limit of 4 requests/consent reached. Try again in {}h{:02}.",
+            minutes / 60,
+            minutes % 60
+        )
+    );
+    let again = api.post(&path(busy), &token, None).await;
+    assert_eq!(again.status, 409, "{again:?}");
+    assert_eq!(again.body["code"], "refresh_in_progress");
+    assert_eq!(again.body["refreshId"], queued.body["refreshId"]);
+    assert_eq!(
+        gate.in_flight(busy).await.unwrap().map(|id| id.to_string()),
+        queued.body["refreshId"].as_str().map(str::to_owned)
+    );
+    // The stagger's chain came back: the new slot keeps period / limit after the queued one.
+    let next = api.post(&path(fresh), &token, None).await;
+    assert_eq!(next.status, 202, "{next:?}");
+    let slot = |answer: &refresh_tests::Answer| {
+        answer.body["notBefore"]
+            .as_str()
+            .unwrap()
+            .parse::<chrono::DateTime<chrono::Utc>>()
+            .unwrap()
+    };
+    let spacing = app.settings.stagger.spacing();
+    assert!(
+        slot(&next) >= slot(&queued) + spacing,
+        "{} is not {spacing} after {}",
+        slot(&next),
+        slot(&queued)
+    );
+}
+
+on_both!(a_gate_that_lost_its_state_is_rebuilt_from_the_database);

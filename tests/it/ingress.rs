@@ -1048,3 +1048,83 @@ async fn a_lock_outliving_its_finished_refresh_does_not_refuse_the_next_request(
     );
     assert_eq!(busy.body["refreshId"], next.body["refreshId"]);
 }
+
+#[tokio::test]
+async fn upstream_requests_may_claim_only_the_configured_sources() {
+    let (app, api) = started(&[]).await;
+    assert_eq!(
+        app.settings.amqp.requested_by,
+        [refresh_core::RequestedBy::App]
+    );
+    let consent = api.seed_consent("acme", None, None).await;
+    let broker = &api.services.broker;
+    let reply_queue = broker.declare_reply_queue().await.unwrap();
+    let mut replies = broker.consume(&reply_queue, 10);
+    let rejected = broker
+        .declare_probe_queue("refresh.rejected.*")
+        .await
+        .unwrap();
+    let mut rejected_events = broker.consume(&rejected, 10);
+
+    for (i, source) in ["ADMIN", "AUTOSYNC", "API"].iter().enumerate() {
+        let body =
+            json!({ "consentId": consent, "tenantId": "acme", "requestedBy": source }).to_string();
+        let correlation = format!("c-{i}");
+        broker
+            .publish_request(
+                body.as_bytes(),
+                Some(&format!("m-{i}")),
+                Some(&reply_queue),
+                Some(&correlation),
+            )
+            .await
+            .unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(reply.correlation_id.as_deref(), Some(correlation.as_str()));
+        let reply_body: Value = serde_json::from_slice(&reply.body).unwrap();
+        reply.settle(refresh_core::Outcome::Ack).await.unwrap();
+        assert_eq!(reply_body["accepted"], false, "{reply_body}");
+        assert_eq!(reply_body["problem"]["code"], "bad_request");
+        assert_eq!(reply_body["problem"]["status"], 400);
+        assert_eq!(
+            reply_body["problem"]["detail"],
+            format!("requestedBy {source} is not accepted on this channel (accepted: APP)")
+        );
+        let event = tokio::time::timeout(Duration::from_secs(10), rejected_events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let event_body: Value = serde_json::from_slice(&event.body).unwrap();
+        assert_eq!(event_body["type"], "io.refreshd.refresh.rejected");
+        assert_eq!(event_body["data"]["problem"]["code"], "bad_request");
+        assert_eq!(event_body["data"]["requestedBy"], *source);
+        event.settle(refresh_core::Outcome::Ack).await.unwrap();
+    }
+    // Nothing was admitted, nothing counted.
+    let admitted: i64 = sqlx::query_scalar("SELECT count(*) FROM refreshes")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(admitted, 0);
+    // The configured source is admitted.
+    let body =
+        json!({ "consentId": consent, "tenantId": "acme", "requestedBy": "APP" }).to_string();
+    broker
+        .publish_request(
+            body.as_bytes(),
+            Some("m-app"),
+            Some(&reply_queue),
+            Some("c-app"),
+        )
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(Duration::from_secs(10), replies.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let reply_body: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(reply_body["accepted"], true, "{reply_body}");
+}

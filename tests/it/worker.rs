@@ -574,3 +574,59 @@ async fn a_job_taken_before_its_admission_commits_is_refreshed_once() {
         .unwrap();
     assert_eq!(attempts, 1, "refreshed exactly once");
 }
+
+/// SPEC §3: a revoke while a refresh is in flight: the refresh stores nothing more
+/// and ends `ERROR consent_revoked` (checked in the fenced finishing transaction).
+#[tokio::test]
+async fn a_revoke_while_the_bank_is_called_stores_nothing_and_ends_consent_revoked() {
+    let (app, api, bank) = started(5).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await.to_string();
+    let key = format!("token-{consent}");
+    let data = dataset(
+        "Ada",
+        "Main",
+        "10.00",
+        vec![tx(Some("t1"), "Booked", 1, "5.00")],
+    );
+    bank.put_dataset(&key, &data).await;
+    bank.scenario(&key, &json!({"latencyMs": 1500})).await;
+
+    let refresh = api.refresh(&token, &consent).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while bank.calls(&key).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bank was never called"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let revoked = api
+        .post(&format!("/v1/consents/{consent}/revoke"), &token, None)
+        .await;
+    assert_eq!(revoked.status, 200, "{revoked:?}");
+
+    let record = api.wait_terminal(&token, &refresh).await;
+    assert_eq!(record["status"], "ERROR", "{record}");
+    assert_eq!(record["error"]["code"], "consent_revoked");
+    assert_eq!(
+        record["error"]["message"],
+        "The consent or account access has been revoked"
+    );
+    for table in ["accounts", "balances", "transactions"] {
+        let rows = count(
+            &app,
+            &format!("SELECT count(*) FROM {table} WHERE consent_id = $1"),
+            &consent,
+        )
+        .await;
+        assert_eq!(rows, 0, "{table}");
+    }
+    let last: Option<uuid::Uuid> =
+        sqlx::query_scalar("SELECT last_refresh_id FROM consents WHERE consent_id = $1")
+            .bind(uuid::Uuid::parse_str(&consent).unwrap())
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+    assert_eq!(last, None);
+}

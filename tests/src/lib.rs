@@ -106,9 +106,8 @@ pub async fn spawn_app_from(settings: Settings) -> TestApp {
     let amqp = refresh_amqp::connect(&settings.amqp)
         .await
         .expect("harness: RabbitMQ must be up (run `make services`)");
-    let channel = amqp.create_channel().await.expect("harness: amqp channel");
     refresh_amqp::topology::declare(
-        &channel,
+        &amqp,
         &refresh_amqp::Names::new(&namespace),
         settings.amqp.delivery_limit,
     )

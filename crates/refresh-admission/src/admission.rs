@@ -20,6 +20,7 @@ use refresh_redis::{Gate, GateDecision, GateError, GateRequest, Ticket};
 use tokio::sync::Notify;
 
 use crate::metrics::AdmissionMetrics;
+use crate::rebuild::GateRebuild;
 
 /// Who asks, and for which consent.
 #[derive(Clone, Debug)]
@@ -59,6 +60,7 @@ pub struct Admitter {
     metrics: AdmissionMetrics,
     /// Wakes the outbox relay when an event was written.
     outbox: Arc<Notify>,
+    rebuild: GateRebuild,
 }
 
 impl Admitter {
@@ -70,6 +72,7 @@ impl Admitter {
         outbox: Arc<Notify>,
     ) -> Self {
         Self {
+            rebuild: GateRebuild::new(store.clone(), gate.clone()),
             store,
             gate,
             broker,
@@ -155,9 +158,29 @@ impl Admitter {
 
     async fn admit(&self, request: &GateRequest) -> Result<GateDecision, Unavailable> {
         let started = Instant::now();
-        let decision = self.gate.admit(request).await.map_err(Unavailable::Redis)?;
+        let mut decision = self.gate.admit(request).await;
+        // Redis lost the gate's state: decide only once it is rebuilt.
+        if matches!(decision, Err(GateError::Rebuilding)) && self.rebuild.recover().await {
+            decision = self.gate.admit(request).await;
+        }
+        let decision = decision.map_err(Unavailable::Redis)?;
         self.metrics.gate_latency(started.elapsed());
         Ok(decision)
+    }
+
+    /// Refuses `request` without deciding it (a channel's own rule, e.g. a source the
+    /// channel does not accept): counted, and announced as `refresh.rejected`.
+    pub async fn refuse(&self, request: &RefreshRequest, problem: Problem) -> Problem {
+        self.metrics.refused(request.requested_by, problem.code);
+        // The decision is the refusal itself; what matters here is its event.
+        let _refusal = self.refused(request, None, problem.clone()).await;
+        problem
+    }
+
+    /// The gate's rebuild, for the other readers of the gate (a quota read, the
+    /// scheduler's in-flight check) that meet [`GateError::Rebuilding`].
+    pub fn gate_rebuild(&self) -> &GateRebuild {
+        &self.rebuild
     }
 
     /// A lock whose refresh already ended is stale: its worker commits the terminal

@@ -5,7 +5,9 @@
 
 mod admission;
 mod metrics;
+mod rebuild;
 pub mod relay;
 
 pub use admission::{Admitter, Decision, RefreshRequest, Unavailable, refresh_event};
 pub use metrics::AdmissionMetrics;
+pub use rebuild::{GateRebuild, RebuildError};

@@ -473,12 +473,7 @@ async fn establish(
             .await
             .map_err(AmqpError::Unavailable)?;
         let events: EventStream = Box::pin(connection.events_listener());
-        let setup = connection
-            .create_channel()
-            .await
-            .map_err(AmqpError::from_lapin)?;
-        topology::declare(&setup, names, settings.delivery_limit).await?;
-        let _ = setup.close(200, "topology declared".into()).await;
+        topology::declare(&connection, names, settings.delivery_limit).await?;
         let publish = open_publish_channel(&connection).await?;
         let link = Link {
             connection: Arc::new(connection),

@@ -17,6 +17,14 @@ pub struct AmqpSettings {
     pub confirm_timeout_ms: u64,
     /// Deliveries of one message before a quorum queue dead-letters it.
     pub delivery_limit: u32,
+    /// The `requestedBy` values an upstream request may carry; others are refused
+    /// (a source claiming `ADMIN` or `AUTOSYNC` would skip the quota).
+    #[serde(default = "default_requested_by")]
+    pub requested_by: Vec<refresh_core::RequestedBy>,
+}
+
+fn default_requested_by() -> Vec<refresh_core::RequestedBy> {
+    vec![refresh_core::RequestedBy::App]
 }
 
 /// A failed broker operation, classified once: [`AmqpError::is_transient`] says

@@ -16,6 +16,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, warn};
 
 use crate::broker::{BACKOFF_MAX, BACKOFF_MIN, Link, PERSISTENT, Target, short};
+use crate::topology::REQUEST_ROUTING_KEY;
 use crate::{AmqpError, Broker};
 use refresh_core::error_chain;
 
@@ -345,10 +346,14 @@ impl Delivery {
     ///   the queue has a dead-letter exchange).
     /// - `Retry { after }`: on the `jobs` queue, a copy (retry count + 1) is published
     ///   to `jobs.wait` with expiration `after` (straight to `jobs` when zero) and
-    ///   confirmed, then the original is acked. On any other queue (no wait queue
-    ///   leads back to it), the delivery is held for `after` (less if shutdown
-    ///   begins) and then nacked with requeue, which counts against the queue's
-    ///   delivery limit; past the limit the broker moves it to `.dead`.
+    ///   confirmed, then the original is acked. On the `requests` queue the delivery
+    ///   is held for `after` (less if shutdown begins), then a copy (retry count + 1)
+    ///   is published to the `requests` exchange and confirmed, and the original
+    ///   acked: a request held back by a dependency outage starts again at delivery
+    ///   count 0 and never reaches the queue's delivery limit (only a message that
+    ///   keeps coming back unsettled, e.g. one crashing its consumer, does). On any
+    ///   other queue the delivery is held for `after` and then nacked with requeue,
+    ///   which counts against the queue's delivery limit.
     ///
     /// Copy-then-ack is at-least-once: if the process dies between the confirm and
     /// the ack, the broker redelivers the original while the copy also exists, and
@@ -414,6 +419,35 @@ impl Delivery {
     }
 
     async fn retry(&self, after: Duration) -> Result<(), AmqpError> {
+        if self.queue == self.broker.names().requests {
+            tokio::select! {
+                () = self.broker.inner.shutdown.cancelled() => return self.nack(true).await,
+                () = tokio::time::sleep(after) => {}
+            }
+            let retries = self.retries().saturating_add(1);
+            let extra = [(RETRIES_HEADER, AMQPValue::LongLongInt(retries.into()))];
+            let target = Target {
+                exchange: &self.broker.names().requests,
+                routing_key: REQUEST_ROUTING_KEY,
+                mandatory: true,
+            };
+            return match self
+                .broker
+                .publish(target, &self.body, self.copy_properties(&extra, true))
+                .await
+            {
+                Ok(()) => self.ack().await,
+                Err(error) => {
+                    warn!(
+                        queue = %self.queue,
+                        error = error_chain(&error),
+                        "cannot publish the retry copy; returning the request to its queue"
+                    );
+                    let _ = self.nack(true).await;
+                    Err(error)
+                }
+            };
+        }
         if self.queue != self.broker.names().jobs {
             tokio::select! {
                 () = self.broker.inner.shutdown.cancelled() => {}

@@ -5,7 +5,7 @@
 //! stdout, and every figure with the machine to `target/bench/results.json`.
 //!
 //! `refresh-bench [SCENARIO…]` runs the named scenarios only (`admission`,
-//! `upstream`, `worker`, `merge`, `scaleout`, `e2e`); none named runs them all.
+//! `upstream`, `worker`, `merge`, `scaleout`, `e2e`, `rebuild`); none named runs them all.
 
 #![allow(
     clippy::print_stdout,
@@ -23,6 +23,7 @@ mod admission;
 mod e2e;
 mod machine;
 mod merge;
+mod rebuild;
 mod report;
 mod scaleout;
 mod stats;
@@ -55,6 +56,7 @@ const SCENARIOS: &[&str] = &[
     "worker",
     "scaleout",
     "e2e",
+    "rebuild",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -91,6 +93,10 @@ fn main() -> anyhow::Result<()> {
         if wanted("e2e") {
             let outcome = e2e::run(&mut report, Duration::from_secs(12)).await;
             report.failed_if("e2e", outcome);
+        }
+        if wanted("rebuild") {
+            let outcome = rebuild::run(&mut report).await;
+            report.failed_if("rebuild", outcome);
         }
         report.set_total(started.elapsed());
     });

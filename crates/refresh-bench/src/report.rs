@@ -169,6 +169,11 @@ impl Report {
             "merge at 1M stored ≤ 2× merge at 10k",
             merge.map(|r| (format!("{r:.2}×"), r <= 2.0)),
         );
+        let rebuild = self.get("rebuild", "seconds_100k");
+        self.verdict(
+            "gate state of 100k consents rebuilt in seconds (≤ 10 s)",
+            rebuild.map(|s| (format!("{s:.1} s"), s <= 10.0)),
+        );
         let rss = self.get("worker", "peak_rss_mib");
         self.verdict(
             "peak RSS of a worker ≤ 64 MiB under load",

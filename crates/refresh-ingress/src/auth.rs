@@ -1,5 +1,7 @@
 //! Bearer JWT authentication (SPEC §3): HS256 secret or RS256 public key; the `scope`
 //! must contain `api:stored_data` or `api:admin`; the tenant is the `tenant_id` claim.
+//! `exp` is required and `nbf` checked when present (5 s leeway each); `iss` and
+//! `aud` are required and checked when `auth.issuer` / `auth.audience` are set.
 
 use chrono::{DateTime, Utc};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -99,8 +101,27 @@ impl Verifier {
         let mut validation = Validation::new(algorithm);
         validation.set_required_spec_claims(&["exp"]);
         validation.validate_aud = false;
+        validation.validate_nbf = true;
         validation.leeway = 5;
         Ok(Self { key, validation })
+    }
+
+    /// Also requires the token's `iss` to be `issuer` and its `aud` to contain
+    /// `audience`, each when given.
+    #[must_use]
+    pub fn with_issuer_audience(mut self, issuer: Option<&str>, audience: Option<&str>) -> Self {
+        let mut required = vec!["exp"];
+        if let Some(issuer) = issuer {
+            self.validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        if let Some(audience) = audience {
+            self.validation.set_audience(&[audience]);
+            self.validation.validate_aud = true;
+            required.push("aud");
+        }
+        self.validation.set_required_spec_claims(&required);
+        self
     }
 
     /// The principal of an `Authorization` header value, or the 401/403 problem.
@@ -131,6 +152,15 @@ impl Verifier {
                 Box::new(match error.kind() {
                     jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
                         Problem::unauthorized("The token has expired")
+                    }
+                    jsonwebtoken::errors::ErrorKind::ImmatureSignature => {
+                        Problem::unauthorized("The token is not valid yet")
+                    }
+                    jsonwebtoken::errors::ErrorKind::InvalidIssuer => {
+                        Problem::unauthorized("The token's issuer is not accepted")
+                    }
+                    jsonwebtoken::errors::ErrorKind::InvalidAudience => {
+                        Problem::unauthorized("The token's audience is not accepted")
                     }
                     _ => Problem::unauthorized("The token is invalid"),
                 })
@@ -255,6 +285,87 @@ mod tests {
         check(
             Some("Bearer not.a.jwt".into()),
             Err(ProblemCode::Unauthorized),
+        );
+    }
+
+    /// A token with any claims, signed with `secret`.
+    fn signed(secret: &str, claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    fn detail(verifier: &Verifier, token: &str) -> Result<Principal, (ProblemCode, String)> {
+        verifier
+            .verify(Some(&format!("Bearer {token}")))
+            .map_err(|p| (p.code, p.detail.clone()))
+    }
+
+    #[test]
+    fn not_before_issuer_and_audience() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        let key = SecretString::from(secret);
+        let now = Utc::now().timestamp();
+        let acme = Ok(Principal {
+            tenant: Some(TenantId::parse("acme").unwrap()),
+            admin: false,
+        });
+        let claims = |extra: serde_json::Value| {
+            let mut claims = serde_json::json!({
+                "scope": "api:stored_data", "tenant_id": "acme", "exp": now + 3600,
+            });
+            if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+                claims.extend(extra.clone());
+            }
+            signed(secret, &claims)
+        };
+        let unauthorized = |text: &str| Err((ProblemCode::Unauthorized, text.to_owned()));
+
+        let plain = Verifier::new(Some(&key), None).unwrap();
+        let early = claims(serde_json::json!({"nbf": now + 600}));
+        assert_eq!(
+            detail(&plain, &early),
+            unauthorized("The token is not valid yet")
+        );
+        let started = claims(serde_json::json!({"nbf": now - 1}));
+        assert_eq!(detail(&plain, &started), acme);
+        // Without auth.issuer / auth.audience neither claim is looked at.
+        let foreign = claims(serde_json::json!({"iss": "elsewhere", "aud": "other"}));
+        assert_eq!(detail(&plain, &foreign), acme);
+
+        let strict = Verifier::new(Some(&key), None)
+            .unwrap()
+            .with_issuer_audience(Some("https://idp.example"), Some("refreshd"));
+        let good =
+            claims(serde_json::json!({"iss": "https://idp.example", "aud": ["x", "refreshd"]}));
+        assert_eq!(detail(&strict, &good), acme);
+        assert_eq!(
+            detail(
+                &strict,
+                &claims(serde_json::json!({"iss": "elsewhere", "aud": "refreshd"}))
+            ),
+            unauthorized("The token's issuer is not accepted")
+        );
+        assert_eq!(
+            detail(
+                &strict,
+                &claims(serde_json::json!({"iss": "https://idp.example", "aud": "other"}))
+            ),
+            unauthorized("The token's audience is not accepted")
+        );
+        assert_eq!(
+            detail(&strict, &claims(serde_json::json!({"aud": "refreshd"}))),
+            unauthorized("The token is invalid")
+        );
+        assert_eq!(
+            detail(
+                &strict,
+                &claims(serde_json::json!({"iss": "https://idp.example"}))
+            ),
+            unauthorized("The token is invalid")
         );
     }
 }

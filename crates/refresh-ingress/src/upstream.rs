@@ -1,6 +1,7 @@
 //! Upstream refresh requests over AMQP (SPEC §4): the same gate as HTTP, a decision
 //! reply on `reply_to`, `message_id` as the idempotency key, and unparseable messages
-//! dead-lettered without stopping the consumer.
+//! dead-lettered without stopping the consumer. Only the sources of
+//! `amqp.requested_by` are accepted; another `requestedBy` is a rejected decision.
 
 use std::time::Duration;
 
@@ -30,8 +31,13 @@ fn default_source() -> RequestedBy {
     RequestedBy::App
 }
 
-/// How long to hold a request back when a dependency is down.
-const UNAVAILABLE_BACKOFF: Duration = Duration::from_secs(2);
+/// How long to hold a request back when a dependency is down: doubling from 2 s
+/// with each retry, at most a minute. The retry is a fresh copy of the message, so
+/// an outage of any length never dead-letters it (SPEC §4: only what cannot be
+/// parsed goes to `requests.dead`).
+fn unavailable_backoff(retries: u32) -> Duration {
+    Duration::from_secs(2u64 << retries.min(5)).min(Duration::from_secs(60))
+}
 
 /// Consumes `{ns}.requests` until `shutdown`, deciding up to `prefetch` requests at
 /// once (the broker never hands out more unsettled messages than that). On shutdown it
@@ -42,8 +48,10 @@ pub async fn run(
     store: Store,
     broker: Broker,
     prefetch: u16,
+    sources: Vec<RequestedBy>,
     shutdown: CancellationToken,
 ) {
+    let sources: std::sync::Arc<[RequestedBy]> = sources.into();
     let mut consumer = broker.consume(&broker.names().requests.clone(), prefetch);
     let tracker = TaskTracker::new();
     loop {
@@ -53,15 +61,22 @@ pub async fn run(
         };
         let Some(delivery) = delivery else { break };
         let (admitter, store, broker) = (admitter.clone(), store.clone(), broker.clone());
-        tracker.spawn(async move { answer(&admitter, &store, &broker, delivery).await });
+        let sources = sources.clone();
+        tracker.spawn(async move { answer(&admitter, &store, &broker, &sources, delivery).await });
     }
     tracker.close();
     tracker.wait().await;
 }
 
 /// Decides one request, replies on its `reply_to` and settles it.
-async fn answer(admitter: &Admitter, store: &Store, broker: &Broker, delivery: Delivery) {
-    let (outcome, reply) = handle(admitter, store, &delivery).await;
+async fn answer(
+    admitter: &Admitter,
+    store: &Store,
+    broker: &Broker,
+    sources: &[RequestedBy],
+    delivery: Delivery,
+) {
+    let (outcome, reply) = handle(admitter, store, sources, &delivery).await;
     if let (Some(reply), Some(reply_to)) = (reply, delivery.reply_to.clone()) {
         let body = serde_json::to_vec(&reply).unwrap_or_default();
         if let Err(error) = broker
@@ -80,6 +95,7 @@ async fn answer(admitter: &Admitter, store: &Store, broker: &Broker, delivery: D
 async fn handle(
     admitter: &Admitter,
     store: &Store,
+    sources: &[RequestedBy],
     delivery: &Delivery,
 ) -> (Outcome, Option<Value>) {
     let message: RequestMessage = match serde_json::from_slice(&delivery.body) {
@@ -93,6 +109,26 @@ async fn handle(
             );
         }
     };
+    let request = RefreshRequest {
+        consent_id: message.consent_id,
+        tenant: Some(message.tenant_id.clone()),
+        requested_by: message.requested_by,
+        initial: false,
+    };
+    if !sources.contains(&message.requested_by) {
+        // Permanent: the same message is refused the same way, so it is acked.
+        let accepted: Vec<&str> = sources.iter().map(|s| s.as_str()).collect();
+        let problem = Problem::bad_request(format!(
+            "requestedBy {} is not accepted on this channel (accepted: {})",
+            message.requested_by.as_str(),
+            accepted.join(", ")
+        ));
+        let problem = admitter.refuse(&request, problem).await;
+        return (
+            Outcome::Ack,
+            Some(json!({ "accepted": false, "problem": problem })),
+        );
+    }
     let key = delivery
         .message_id
         .as_deref()
@@ -107,16 +143,13 @@ async fn handle(
             Ok(KeyReservation::Reserved) => {}
             Ok(KeyReservation::Done { response, .. }) => return (Outcome::Ack, Some(response)),
             Ok(KeyReservation::Pending) | Err(_) => {
-                return (Outcome::retry(UNAVAILABLE_BACKOFF), None);
+                return (
+                    Outcome::retry(unavailable_backoff(delivery.retries())),
+                    None,
+                );
             }
         }
     }
-    let request = RefreshRequest {
-        consent_id: message.consent_id,
-        tenant: Some(message.tenant_id.clone()),
-        requested_by: message.requested_by,
-        initial: false,
-    };
     let reply = match admitter.request(&request).await {
         Ok(Decision::Admitted(record)) => {
             json!({ "accepted": true, "refreshId": record.refresh_id, "notBefore": record.not_before })
@@ -127,7 +160,10 @@ async fn handle(
             if let Some(key) = &key {
                 let _ = store.release_key(&message.tenant_id, key).await;
             }
-            return (Outcome::retry(UNAVAILABLE_BACKOFF), None);
+            return (
+                Outcome::retry(unavailable_backoff(delivery.retries())),
+                None,
+            );
         }
     };
     if let Some(key) = &key {
@@ -144,4 +180,16 @@ async fn handle(
         }
     }
     (Outcome::Ack, Some(reply))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_backs_off_doubling_up_to_a_minute() {
+        let secs: Vec<u64> = (0..8).map(|r| unavailable_backoff(r).as_secs()).collect();
+        assert_eq!(secs, [2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(unavailable_backoff(u32::MAX), Duration::from_secs(60));
+    }
 }

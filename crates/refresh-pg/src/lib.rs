@@ -6,6 +6,7 @@
 //! to it, so the migrations and queries never name a schema.
 
 mod crypto;
+mod gate_state;
 mod lifecycle;
 mod list;
 mod pool;
@@ -14,6 +15,7 @@ mod store;
 mod stored;
 
 pub use crypto::{CryptoError, TokenCipher};
+pub use gate_state::GateRow;
 pub use lifecycle::{AutosyncClaim, RemovedData, Retained, StalledCandidate};
 pub use list::{ConsentCursor, ConsentFilter, ReplayedEvent};
 pub use pool::{

@@ -186,6 +186,19 @@ async fn lock_initialized(
     Ok((record.status == RefreshStatus::Initialized).then_some(record))
 }
 
+/// Whether the consent is `REVOKED`, its row share-locked until the transaction
+/// ends: a revoke either committed before (and this refresh stores nothing) or
+/// waits until the refresh has finished. A revoke locks only the consent row, so
+/// the order refresh row, then consent row cannot deadlock with it.
+async fn consent_revoked(tx: &mut PgTx, consent: uuid::Uuid) -> Result<bool, StoreError> {
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM consents WHERE consent_id = $1 FOR SHARE")
+            .bind(consent)
+            .fetch_optional(&mut **tx)
+            .await?;
+    Ok(status.as_deref() == Some(ConsentStatus::Revoked.as_str()))
+}
+
 /// Writes the terminal record, the consent's change and the event.
 async fn write_terminal(
     tx: &mut PgTx,
@@ -328,6 +341,15 @@ impl Store {
             return Ok(Finish::Fenced);
         };
         let consent = *record.consent_id.as_uuid();
+        if consent_revoked(&mut tx, consent).await? {
+            // Revoked while the refresh ran (SPEC §3): store nothing more.
+            record
+                .finish_error(RefreshError::consent_revoked(), at)
+                .map_err(corrupt)?;
+            write_terminal(&mut tx, &record, None, event_id, at).await?;
+            tx.commit().await?;
+            return Ok(Finish::Done(record));
+        }
         let (accounts, balances) = write_accounts(&mut tx, consent, data, at).await?;
         let (transactions, mut changes) =
             merge_transactions(&mut tx, consent, refresh_id, data).await?;

@@ -11,6 +11,14 @@
 //! | `{ns}:{stagger:<bucket>}:autosync` | string, expires a period after the slot | the last `AUTOSYNC` start slot handed out, likewise |
 //! | `{ns}:{stagger:<bucket>}:slots` | sorted set | every start slot not yet past: member refresh id, score slot (ms); keeps any two slots `period / limit` apart |
 //! | `{ns}:{stagger:<bucket>}:starts` | sorted set | bank refresh starts of the last period: member attempt id, score start time (ms) |
+//! | `{ns}:{e:<k>}:epoch` | string | one per hash slot (`k` chosen so the key lies in that slot): the slot's state is whole; written last by a rebuild |
+//! | `{ns}:{rebuild}` | string, PX | the replica rebuilding the state from PostgreSQL |
+//!
+//! Redis is a copy of PostgreSQL's history (SPEC §2). Every deciding script first
+//! checks its slot's epoch key; a missing one means Redis lost that slot's state,
+//! and the script refuses ([`GateError::Rebuilding`], answered 503) until one
+//! replica, holding the rebuild lock, has written the state back from the
+//! admissions still in their windows ([`Gate::rebuild`]) and then the epochs.
 //!
 //! An admission is two scripts, because the consent and the stagger bucket live in
 //! different slots: `admit` (lock, then quota; on success the lock is taken and the
@@ -23,21 +31,25 @@
 //! Every record is keyed by the refresh id, so undoing is idempotent, and after a
 //! timeout (when a script may or may not have run) the gate undoes blindly.
 
+mod epoch;
 mod lua;
 mod reply;
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, TimeDelta, Utc};
-use redis::{ErrorKind, ScriptInvocation, ServerErrorKind, Value};
+use futures_util::TryStreamExt as _;
+use redis::{ErrorKind, Script, ScriptInvocation, ServerErrorKind, Value};
 use refresh_core::{
     ConsentId, Problem, ProviderId, QuotaRule, QuotaWindow, RefreshId, RequestedBy,
     StaggerSettings, TenantId,
 };
 
 use crate::ConnectionManager;
-use reply::{AdmitReply, SlotReply, StartReply, UsageReply};
+use reply::{AdmitReply, InFlightReply, SlotReply, StartReply, UsageReply};
 
 /// What the gate needs from the settings.
 #[derive(Clone, Debug)]
@@ -119,6 +131,10 @@ pub enum GateError {
     /// the caller answers 503. A script runs whole or not at all.
     #[error("redis unavailable")]
     Unavailable(#[source] redis::RedisError),
+    /// Redis lost the gate's state (a slot's epoch key is missing): nothing can be
+    /// decided until it is rebuilt from PostgreSQL; the caller answers 503.
+    #[error("redis lost the gate's state; it is rebuilt from the database first")]
+    Rebuilding,
     /// Redis answered something the gate does not understand: a bug or a foreign key.
     #[error("unexpected redis reply to {operation}: {detail}")]
     Script {
@@ -149,6 +165,7 @@ impl GateError {
     fn may_have_run(&self) -> bool {
         match self {
             Self::Unavailable(e) => !e.is_connection_refusal(),
+            Self::Rebuilding => false,
             Self::Script { .. } => true,
         }
     }
@@ -181,6 +198,65 @@ fn classify(operation: &'static str, error: redis::RedisError) -> GateError {
             detail: error.to_string(),
             source: Some(error),
         }
+    }
+}
+
+/// How far back a rebuild reads admissions: the longest quota window (a calendar
+/// day of 25 h) and a margin for clock skew between hosts.
+pub const REBUILD_LOOKBACK: TimeDelta = TimeDelta::hours(26);
+
+/// Writes a rebuild has in flight at once.
+const REBUILD_CONCURRENCY: usize = 64;
+
+const DAY_MS: i64 = 86_400_000;
+
+/// A refresh as the rebuild reads it from PostgreSQL.
+#[derive(Clone, Debug)]
+pub struct AdmittedRefresh {
+    pub refresh_id: RefreshId,
+    pub consent_id: ConsentId,
+    pub tenant_id: TenantId,
+    pub provider_id: ProviderId,
+    pub requested_by: RequestedBy,
+    /// The initial connection load, which no quota counts.
+    pub initial: bool,
+    /// The admission time the quota counted (`dateRequested`).
+    pub admitted_at: DateTime<Utc>,
+    /// The start slot.
+    pub not_before: DateTime<Utc>,
+    /// Still `INITIALIZED`: it holds the lock and, until it starts, its slot.
+    pub in_flight: bool,
+}
+
+/// What a rebuild wrote.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RebuildReport {
+    pub quota_sets: usize,
+    pub locks: usize,
+    pub slots: usize,
+    pub epochs: usize,
+}
+
+/// One write of a rebuild.
+enum Write {
+    Script {
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<String>,
+    },
+    Set {
+        key: String,
+        value: String,
+    },
+}
+
+impl Write {
+    fn script(script: &'static Script, keys: Vec<String>, args: Vec<String>) -> Self {
+        Self::Script { script, keys, args }
+    }
+
+    fn set(key: String, value: String) -> Self {
+        Self::Set { key, value }
     }
 }
 
@@ -254,6 +330,7 @@ impl Gate {
             .arg(req.refresh_id.to_string())
             .arg(self.lease_ms);
         self.add_rules(&mut invocation, req.consent_id, &counted, &rules);
+        invocation.key(self.consent_epoch(req.consent_id));
         let decided = self
             .eval("admit", &invocation)
             .await
@@ -272,6 +349,7 @@ impl Gate {
                 return Ok(GateDecision::Refused(problem));
             }
             Ok(AdmitReply::Skew { .. }) => return Err(GateError::skew("admit")),
+            Ok(AdmitReply::Rebuild) => return Err(GateError::Rebuilding),
             Err(error) => {
                 if error.may_have_run() {
                     self.forget_quietly(req.consent_id, req.refresh_id, &counted)
@@ -308,6 +386,12 @@ impl Gate {
                         Err(GateError::reply("take_slot", detail))
                     }
                 }
+            }
+            Ok(SlotReply::Rebuild) => {
+                // The bucket's slot lost its state, the consent's did not: undo.
+                self.forget(req.consent_id, req.refresh_id, &counted)
+                    .await?;
+                Err(GateError::Rebuilding)
             }
             Ok(SlotReply::Full { retry_after_ms, .. }) => {
                 self.forget(req.consent_id, req.refresh_id, &counted)
@@ -352,6 +436,7 @@ impl Gate {
         let mut invocation = lua::RENEW_LOCK_SCRIPT.prepare_invoke();
         invocation
             .key(reply::lock_key(&self.config.namespace, consent))
+            .key(self.consent_epoch(consent))
             .arg(refresh.to_string())
             .arg(self.lease_ms);
         self.eval_flag("renew_lock", &invocation).await
@@ -370,20 +455,22 @@ impl Gate {
         self.eval_flag("release_lock", &invocation).await
     }
 
-    /// The refresh holding the consent's lock, if any.
+    /// The refresh holding the consent's lock, if any; [`GateError::Rebuilding`] while
+    /// the slot's state is lost (a missing lock then proves nothing).
     pub async fn in_flight(&self, consent: ConsentId) -> Result<Option<RefreshId>, GateError> {
-        let mut conn = self.conn.clone();
-        let holder: Option<String> = redis::cmd("GET")
-            .arg(reply::lock_key(&self.config.namespace, consent))
-            .query_async(&mut conn)
-            .await
-            .map_err(|e| classify("in_flight", e))?;
-        holder
-            .map(|h| {
-                h.parse()
-                    .map_err(|_| GateError::reply("in_flight", format!("lock holds {h:?}")))
-            })
-            .transpose()
+        let mut invocation = lua::IN_FLIGHT_SCRIPT.prepare_invoke();
+        invocation
+            .key(reply::lock_key(&self.config.namespace, consent))
+            .key(self.consent_epoch(consent));
+        let value = self.eval("in_flight", &invocation).await?;
+        match reply::parse_in_flight(value).map_err(|e| GateError::reply("in_flight", e))? {
+            InFlightReply::Held(h) => h
+                .parse()
+                .map(Some)
+                .map_err(|_| GateError::reply("in_flight", format!("lock holds {h:?}"))),
+            InFlightReply::Free => Ok(None),
+            InFlightReply::Rebuild => Err(GateError::Rebuilding),
+        }
     }
 
     /// The most restrictive applicable rule's status for `source` (None if the source is exempt), for GET /v1/consents/{id}.
@@ -402,12 +489,14 @@ impl Gate {
         let rules = self.rules_at(&indices);
         let mut invocation = lua::QUOTA_STATUS_SCRIPT.prepare_invoke();
         self.add_rules(&mut invocation, consent, &indices, &rules);
+        invocation.key(self.consent_epoch(consent));
         let value = self.eval("quota", &invocation).await?;
         match reply::parse_usage(value, rules.len()).map_err(|e| GateError::reply("quota", e))? {
             UsageReply::Usage(usage) => {
                 reply::most_restrictive(&rules, &usage).map_err(|e| GateError::reply("quota", e))
             }
             UsageReply::Skew => Err(GateError::skew("quota")),
+            UsageReply::Rebuild => Err(GateError::Rebuilding),
         }
     }
 
@@ -439,6 +528,200 @@ impl Gate {
                 .map(StartDecision::WaitUntil)
                 .map_err(|e| GateError::reply("take_start_slot", e)),
         }
+    }
+
+    /// Takes the rebuild lock for `owner` for `ttl` if no replica holds it.
+    pub async fn try_begin_rebuild(&self, owner: &str, ttl: Duration) -> Result<bool, GateError> {
+        let mut conn = self.conn.clone();
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let taken: Option<String> = redis::cmd("SET")
+            .arg(self.rebuild_key())
+            .arg(owner)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms)
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| classify("rebuild_lock", e))?;
+        Ok(taken.is_some())
+    }
+
+    /// Whether the state looks present: the first slot's epoch exists. For a start-up
+    /// check (a new namespace has no epoch at all); a partial loss (one cluster node)
+    /// is found by the scripts themselves.
+    pub async fn state_present(&self) -> Result<bool, GateError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("EXISTS")
+            .arg(epoch::key_at(&self.config.namespace, 0))
+            .query_async::<i64>(&mut conn)
+            .await
+            .map(|n| n > 0)
+            .map_err(|e| classify("state_present", e))
+    }
+
+    /// Frees the rebuild lock if `owner` still holds it.
+    pub async fn end_rebuild(&self, owner: &str) -> Result<bool, GateError> {
+        let mut invocation = lua::RELEASE_LOCK_SCRIPT.prepare_invoke();
+        invocation.key(self.rebuild_key()).arg(owner);
+        self.eval_flag("rebuild_unlock", &invocation).await
+    }
+
+    /// Writes the gate's state back from PostgreSQL's records, then every slot's
+    /// epoch, after which the scripts decide again.
+    ///
+    /// `refreshes` are the admissions since [`REBUILD_LOOKBACK`] before now and every
+    /// refresh still `INITIALIZED`: their quota entries (by the rules counting their
+    /// source, unless an initial load), the in-flight locks (for a lease past the
+    /// start slot, since the queued job's worker renews it only once it runs), and
+    /// the stagger's slots and each class's last slot. Every write adds and never
+    /// removes (a lock only if none is held, a chain only forward), so a rebuild
+    /// racing admissions on slots that kept their state, or another rebuild,
+    /// changes nothing they decided.
+    pub async fn rebuild(&self, refreshes: &[AdmittedRefresh]) -> Result<RebuildReport, GateError> {
+        let now = self.redis_now().await?;
+        let ns = &self.config.namespace;
+        let mut quota: HashMap<String, (i64, Vec<(i64, String)>)> = HashMap::new();
+        let mut slots: HashMap<String, (i64, Vec<(i64, String)>)> = HashMap::new();
+        let mut chains: HashMap<String, (i64, String)> = HashMap::new();
+        let mut writes = Vec::new();
+        for refresh in refreshes {
+            let id = refresh.refresh_id.to_string();
+            let admitted = refresh.admitted_at.timestamp_millis();
+            if !refresh.initial {
+                for index in self.rule_indices(refresh.requested_by) {
+                    let Some(rule) = self.config.rules.get(index) else {
+                        continue;
+                    };
+                    // A calendar day may last 25 h; the scripts count only their window.
+                    let life = match rule.window {
+                        QuotaWindow::Rolling24h => DAY_MS,
+                        QuotaWindow::CalendarDay => 2 * DAY_MS,
+                    };
+                    let entry = quota
+                        .entry(reply::quota_key(ns, refresh.consent_id, index))
+                        .or_default();
+                    entry.0 = entry.0.max(admitted + life);
+                    entry.1.push((admitted, id.clone()));
+                }
+            }
+            if !refresh.in_flight {
+                continue;
+            }
+            let slot = refresh.not_before.timestamp_millis();
+            let lease = self.lease_ms.max(slot - now + self.lease_ms);
+            writes.push(Write::script(
+                &lua::REBUILD_LOCK_SCRIPT,
+                vec![reply::lock_key(ns, refresh.consent_id)],
+                vec![id.clone(), lease.to_string()],
+            ));
+            if slot + self.period_ms <= now {
+                continue;
+            }
+            let bucket = self
+                .config
+                .stagger
+                .scope
+                .bucket(&refresh.tenant_id, &refresh.provider_id);
+            let entry = slots.entry(reply::slots_key(ns, &bucket)).or_default();
+            entry.0 = entry.0.max(slot + self.period_ms);
+            entry.1.push((slot, id.clone()));
+            let chain = self.chain_key(&bucket, refresh.requested_by == RequestedBy::Autosync);
+            let last = chains.entry(chain).or_insert((slot, id.clone()));
+            if slot > last.0 {
+                *last = (slot, id);
+            }
+        }
+        let report = RebuildReport {
+            quota_sets: quota.len(),
+            locks: writes.len(),
+            slots: slots.values().map(|(_, s)| s.len()).sum(),
+            epochs: epoch::SLOTS,
+        };
+        for (key, (expire_at, entries)) in quota.into_iter().chain(slots) {
+            if expire_at <= now {
+                continue;
+            }
+            let mut args = vec![expire_at.to_string()];
+            for (score, member) in entries {
+                args.push(score.to_string());
+                args.push(member);
+            }
+            writes.push(Write::script(&lua::REBUILD_SET_SCRIPT, vec![key], args));
+        }
+        for (key, (slot, id)) in chains {
+            writes.push(Write::script(
+                &lua::REBUILD_CHAIN_SCRIPT,
+                vec![key],
+                vec![slot.to_string(), id, self.period_ms.to_string()],
+            ));
+        }
+        self.write_all(writes).await?;
+        // Last: only a whole state lets the scripts decide again.
+        let stamp = now.to_string();
+        if self.conn.is_cluster() {
+            let epochs = (0..epoch::SLOTS)
+                .map(|slot| Write::set(epoch::key_at(ns, slot), stamp.clone()))
+                .collect();
+            self.write_all(epochs).await?;
+        } else {
+            // One Redis: a few MSETs instead of 16 384 round trips.
+            let keys: Vec<String> = (0..epoch::SLOTS).map(|s| epoch::key_at(ns, s)).collect();
+            let mut conn = self.conn.clone();
+            for chunk in keys.chunks(2048) {
+                let mut mset = redis::cmd("MSET");
+                for key in chunk {
+                    mset.arg(key).arg(&stamp);
+                }
+                mset.query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| classify("rebuild", e))?;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn write_all(&self, writes: Vec<Write>) -> Result<(), GateError> {
+        futures_util::stream::iter(writes.into_iter().map(Ok))
+            .try_for_each_concurrent(REBUILD_CONCURRENCY, |write| self.write(write))
+            .await
+    }
+
+    async fn write(&self, write: Write) -> Result<(), GateError> {
+        match write {
+            Write::Script { script, keys, args } => {
+                let mut invocation = script.prepare_invoke();
+                for key in keys {
+                    invocation.key(key);
+                }
+                for arg in args {
+                    invocation.arg(arg);
+                }
+                self.eval("rebuild", &invocation).await.map(|_| ())
+            }
+            Write::Set { key, value } => {
+                let mut conn = self.conn.clone();
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(value)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(|e| classify("rebuild", e))
+            }
+        }
+    }
+
+    /// Redis `TIME` in milliseconds: the clock every script decides by.
+    async fn redis_now(&self) -> Result<i64, GateError> {
+        let mut conn = self.conn.clone();
+        let (secs, micros): (i64, i64) = redis::cmd("TIME")
+            .query_async(&mut conn)
+            .await
+            .map_err(|e| classify("time", e))?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
+    fn rebuild_key(&self) -> String {
+        format!("{}:{{rebuild}}", self.config.namespace)
     }
 
     /// Indices of the rules counting `source`, in configuration order.
@@ -480,6 +763,16 @@ impl Gate {
         }
     }
 
+    /// The epoch key in the consent's slot.
+    fn consent_epoch(&self, consent: ConsentId) -> String {
+        epoch::key_for(&self.config.namespace, &format!("c:{consent}"))
+    }
+
+    /// The epoch key in the stagger bucket's slot.
+    fn bucket_epoch(&self, bucket: &str) -> String {
+        epoch::key_for(&self.config.namespace, &format!("stagger:{bucket}"))
+    }
+
     /// The key of a class's slot chain in `bucket`.
     fn chain_key(&self, bucket: &str, autosync: bool) -> String {
         if autosync {
@@ -504,6 +797,7 @@ impl Gate {
         invocation
             .key(self.chain_key(bucket, autosync))
             .key(reply::slots_key(&self.config.namespace, bucket))
+            .key(self.bucket_epoch(bucket))
             .arg(own_spacing)
             .arg(self.max_delay_ms)
             .arg(self.period_ms)

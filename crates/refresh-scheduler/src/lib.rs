@@ -279,6 +279,12 @@ impl Scheduler {
             match self.gate.in_flight(candidate.consent_id).await {
                 Ok(Some(holder)) if holder == candidate.refresh_id => continue,
                 Ok(_) => {}
+                Err(refresh_redis::GateError::Rebuilding) => {
+                    // Redis lost its locks: rebuild them (from the records) before
+                    // telling a live refresh from a lost one; the next tick goes on.
+                    self.admitter.gate_rebuild().recover().await;
+                    return Ok(ended);
+                }
                 Err(error) => {
                     // Without Redis nobody can tell a live refresh from a lost one.
                     tracing::warn!(error = %error_chain(&error), "cannot check for stalled refreshes now");

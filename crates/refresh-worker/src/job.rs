@@ -347,11 +347,19 @@ async fn fetch_and_store(
         .finish_updated(refresh_id, &stored, event_id(), now())
         .await?
     {
-        Finish::Done(record) => {
-            deps.metrics
-                .finished("UPDATED", None, since(job.not_before));
-            info!(%refresh_id, summary = ?record.summary, requests, "refresh UPDATED");
-        }
+        Finish::Done(record) => match &record.error {
+            None => {
+                deps.metrics
+                    .finished("UPDATED", None, since(job.not_before));
+                info!(%refresh_id, summary = ?record.summary, requests, "refresh UPDATED");
+            }
+            // The consent was revoked while the refresh ran: nothing was stored.
+            Some(error) => {
+                deps.metrics
+                    .finished("ERROR", Some(error.code.as_str()), since(job.not_before));
+                info!(%refresh_id, code = %error.code.as_str(), "refresh ERROR: the consent was revoked meanwhile");
+            }
+        },
         Finish::Fenced => {
             debug!(%refresh_id, "the refresh was finished elsewhere; nothing written")
         }

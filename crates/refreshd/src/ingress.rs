@@ -31,7 +31,11 @@ pub async fn start(
         settings.auth.jwt_hs256_secret.as_ref(),
         settings.auth.jwt_rs256_public_key_pem.as_deref(),
     )
-    .map_err(|e| RunError::Role("ingress", Box::new(e)))?;
+    .map_err(|e| RunError::Role("ingress", Box::new(e)))?
+    .with_issuer_audience(
+        settings.auth.issuer.as_deref(),
+        settings.auth.audience.as_deref(),
+    );
     let nudge = Arc::new(Notify::new());
     let admitter = Admitter::new(
         services.store.clone(),
@@ -79,6 +83,7 @@ pub async fn start(
         services.store.clone(),
         services.broker.clone(),
         settings.worker.prefetch,
+        settings.amqp.requested_by.clone(),
         shutdown.child_token(),
     ));
     let http_shutdown = shutdown.child_token();

@@ -49,6 +49,11 @@ impl Services {
                 lease: Duration::from_secs(settings.lock.lease_secs),
             },
         );
+        // A new namespace (or a Redis that lost everything while nothing ran) gets
+        // its gate state before the first request; a later loss is rebuilt on demand.
+        refresh_admission::GateRebuild::new(store.clone(), gate.clone())
+            .ensure()
+            .await;
         let broker = Broker::start(
             &settings.amqp,
             &settings.namespace,

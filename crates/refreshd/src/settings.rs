@@ -123,7 +123,15 @@ pub struct SchedulerSettings {
 pub struct AuthSettings {
     pub jwt_hs256_secret: Option<SecretString>,
     pub jwt_rs256_public_key_pem: Option<String>,
+    /// Tokens must carry this `iss` (unset: not checked).
+    pub issuer: Option<String>,
+    /// Tokens' `aud` must contain this (unset: not checked).
+    pub audience: Option<String>,
 }
+
+/// The shortest HS256 secret accepted outside `refreshd dev` (RFC 7518 §3.2: a key
+/// at least as long as the hash).
+pub const MIN_HS256_SECRET_BYTES: usize = 32;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -313,6 +321,37 @@ impl Settings {
                 "set auth.jwt_hs256_secret or auth.jwt_rs256_public_key_pem (required outside the dev environment)",
             ));
         }
+        if role.serves_api()
+            && role != Role::Dev
+            && self.auth.jwt_rs256_public_key_pem.is_none()
+            && self
+                .auth
+                .jwt_hs256_secret
+                .as_ref()
+                .is_some_and(|s| s.expose_secret().len() < MIN_HS256_SECRET_BYTES)
+        {
+            return Err(invalid(
+                "auth.jwt_hs256_secret",
+                format!("must be at least {MIN_HS256_SECRET_BYTES} bytes"),
+            ));
+        }
+        if role.serves_api() && self.amqp.requested_by.is_empty() {
+            return Err(invalid(
+                "amqp.requested_by",
+                "name at least one source (APP, API, PORTAL, ADMIN, AUTOSYNC)",
+            ));
+        }
+        for (key, value) in [
+            ("auth.issuer", &self.auth.issuer),
+            ("auth.audience", &self.auth.audience),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err(invalid(
+                    key,
+                    "must not be empty (leave it unset to not check)",
+                ));
+            }
+        }
         if role.handles_tokens() {
             self.crypto_key()?;
         }
@@ -396,6 +435,50 @@ mod tests {
         // The defaults are valid for roles that need no secrets.
         s.validate(Role::Migrate).unwrap();
         s.validate(Role::BankSim).unwrap();
+    }
+
+    #[test]
+    fn a_short_hs256_secret_is_refused_outside_dev() {
+        const KEY: (&str, &str) = ("crypto.key", "ZGV2LWtleS1ub3QtZm9yLXByb2R1Y3Rpb24tMzJieXQ=");
+        let short = [
+            ("auth.jwt_hs256_secret", "31 bytes of a secret, too short"),
+            KEY,
+        ];
+        assert_eq!(short[0].1.len(), 31);
+        let err = load(&short)
+            .and_then(|s| s.validate(Role::Ingress).map(|()| s))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "auth.jwt_hs256_secret: must be at least 32 bytes"
+        );
+        load(&short).unwrap().validate(Role::Dev).unwrap();
+        let long = [
+            ("auth.jwt_hs256_secret", "32 bytes of a secret, long enuf!"),
+            KEY,
+        ];
+        assert_eq!(long[0].1.len(), 32);
+        load(&long).unwrap().validate(Role::Ingress).unwrap();
+        // A worker does not verify tokens.
+        let worker = load(&short).unwrap().validate(Role::Worker);
+        assert!(!matches!(
+            worker,
+            Err(SettingsError::Invalid {
+                key: "auth.jwt_hs256_secret",
+                ..
+            })
+        ));
+        let empty = load(&[
+            ("auth.jwt_hs256_secret", &"x".repeat(40)),
+            ("auth.issuer", " "),
+        ])
+        .unwrap()
+        .validate(Role::Ingress)
+        .unwrap_err();
+        assert_eq!(
+            empty.to_string(),
+            "auth.issuer: must not be empty (leave it unset to not check)"
+        );
     }
 
     #[test]

@@ -17,6 +17,8 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+-- The slot's epoch key (see epoch.rs) is gone: so is the gate's state on this slot.
+local function lost(epoch) return redis.call('EXISTS', epoch) == 0 end
 ";
 
 /// Quota helpers shared by the admission and status scripts.
@@ -49,14 +51,15 @@ end
 
 /// Admission rules 3 and 4 for one consent, and if both pass, the admission recorded.
 const ADMIT: &str = r"
--- KEYS[1]: the consent's lock; KEYS[2..]: the quota sets of the rules counting
--- this request (score = admission time, member = refresh id).
+-- KEYS[1]: the consent's lock; KEYS[2..n+1]: the quota sets of the rules counting
+-- this request (score = admission time, member = refresh id); KEYS[n+2]: the slot's epoch.
 -- ARGV[1]: refresh id; ARGV[2]: lease (ms); then limit and window of each quota
 -- set; then the local-day boundaries if a calendar_day rule is among them.
 local now = now_ms()
+if lost(KEYS[#KEYS]) then return {'rebuild', now} end
 local holder = redis.call('GET', KEYS[1])
 if holder then return {'locked', now, holder} end
-local n = #KEYS - 1
+local n = #KEYS - 2
 local day_start, day_stop = local_day(now, 3 + 2 * n)
 local refused = {'quota', now}
 for i = 1, n do
@@ -112,9 +115,10 @@ return released
 const TAKE_SLOT: &str = r"
 -- KEYS[1]: the class's last slot, as '<ms>:<refresh id>' (the owner makes giving it
 -- back exact even when a later slot has the same time); KEYS[2]: every slot of the
--- bucket not yet past (sorted set: member refresh id, score slot).
+-- bucket not yet past (sorted set: member refresh id, score slot); KEYS[3]: the slot's epoch.
 -- ARGV: the class's own spacing, max delay, period, the bucket's spacing (ms); refresh id.
 local now = now_ms()
+if lost(KEYS[3]) then return {'rebuild', now} end
 local own, max_delay, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local spacing = tonumber(ARGV[4])
 local raw = redis.call('GET', KEYS[1])
@@ -152,11 +156,27 @@ end
 return 1
 ";
 
-/// Extends the lock's lease if `ARGV[1]` still owns it.
+/// Extends the lock's lease if `ARGV[1]` still owns it. While the slot's state is
+/// lost (and so every admission on it refused), the owner takes its lock back: the
+/// rebuild would restore it from the `INITIALIZED` record anyway, and a running
+/// refresh must not look abandoned meanwhile.
 const RENEW_LOCK: &str = r"
--- KEYS[1]: the lock. ARGV[1]: refresh id; ARGV[2]: lease (ms).
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+-- KEYS[1]: the lock; KEYS[2]: the slot's epoch. ARGV[1]: refresh id; ARGV[2]: lease (ms).
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if holder or not lost(KEYS[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+";
+
+/// The refresh holding a consent's lock; refuses while the slot's state is lost,
+/// when a missing lock proves nothing.
+const IN_FLIGHT: &str = r"
+-- KEYS[1]: the lock; KEYS[2]: the slot's epoch.
+if lost(KEYS[2]) then return {'rebuild'} end
+local holder = redis.call('GET', KEYS[1])
+if holder then return {'held', holder} end
+return {'free'}
 ";
 
 /// Deletes the lock if `ARGV[1]` still owns it.
@@ -168,11 +188,12 @@ return redis.call('DEL', KEYS[1])
 
 /// The quota status of one consent for one source; writes nothing.
 const QUOTA_STATUS: &str = r"
--- KEYS: the quota sets of the rules counting the source.
+-- KEYS[1..n]: the quota sets of the rules counting the source; KEYS[n+1]: the slot's epoch.
 -- ARGV: limit and window of each; then the local-day boundaries if needed.
 -- Reply: {'ok', now, used_1, at_1, ...} with at = -1 while the rule still admits.
 local now = now_ms()
-local n = #KEYS
+if lost(KEYS[#KEYS]) then return {'rebuild'} end
+local n = #KEYS - 1
 local day_start, day_stop = local_day(now, 1 + 2 * n)
 local reply = {'ok', now}
 for i = 1, n do
@@ -206,6 +227,34 @@ local kth = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCO
 return {'wait', now, tonumber(kth[2]) + period + 1}
 ";
 
+/// Rebuild: adds `score, member` pairs to a sorted set and makes it live at least
+/// until a time, never shortening a longer life it already has.
+const REBUILD_SET: &str = r"
+-- KEYS[1]: the sorted set. ARGV[1]: expire at (ms); ARGV[2..]: score, member pairs.
+for i = 2, #ARGV - 1, 2 do redis.call('ZADD', KEYS[1], ARGV[i], ARGV[i + 1]) end
+local at = tonumber(ARGV[1])
+if redis.call('PEXPIRETIME', KEYS[1]) < at then redis.call('PEXPIREAT', KEYS[1], ARGV[1]) end
+return 1
+";
+
+/// Rebuild: a class's last slot, unless a later one is already stored.
+const REBUILD_CHAIN: &str = r"
+-- KEYS[1]: the class's last slot. ARGV[1]: slot (ms); ARGV[2]: refresh id; ARGV[3]: period (ms).
+local raw = redis.call('GET', KEYS[1])
+local last = raw and tonumber(string.match(raw, '^%d+'))
+local slot = tonumber(ARGV[1])
+if last and last >= slot then return 0 end
+redis.call('SET', KEYS[1], ARGV[1] .. ':' .. ARGV[2], 'PXAT', string.format('%d', slot + tonumber(ARGV[3])))
+return 1
+";
+
+/// Rebuild: a lock, unless one is held.
+const REBUILD_LOCK: &str = r"
+-- KEYS[1]: the lock. ARGV[1]: refresh id; ARGV[2]: lease (ms).
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+";
+
 fn script(parts: &[&str]) -> Script {
     Script::new(&parts.concat())
 }
@@ -217,7 +266,14 @@ pub(super) static RELEASE_ADMISSION_SCRIPT: LazyLock<Script> =
 pub(super) static TAKE_SLOT_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRELUDE, TAKE_SLOT]));
 pub(super) static RETURN_SLOT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[RETURN_SLOT]));
-pub(super) static RENEW_LOCK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[RENEW_LOCK]));
+pub(super) static RENEW_LOCK_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[PRELUDE, RENEW_LOCK]));
+pub(super) static IN_FLIGHT_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[PRELUDE, IN_FLIGHT]));
+pub(super) static REBUILD_SET_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[REBUILD_SET]));
+pub(super) static REBUILD_LOCK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[REBUILD_LOCK]));
+pub(super) static REBUILD_CHAIN_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[REBUILD_CHAIN]));
 pub(super) static RELEASE_LOCK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[RELEASE_LOCK]));
 pub(super) static QUOTA_STATUS_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRELUDE, QUOTA, QUOTA_STATUS]));

@@ -95,6 +95,8 @@ pub(super) enum AdmitReply {
     },
     /// Redis time is outside the day boundaries the client sent.
     Skew { now: i64 },
+    /// The slot's epoch is missing: the state must be rebuilt first.
+    Rebuild,
 }
 
 /// One exhausted quota rule.
@@ -120,6 +122,16 @@ pub(super) enum SlotReply {
         now: i64,
         retry_after_ms: i64,
     },
+    /// The slot's epoch is missing: the state must be rebuilt first.
+    Rebuild,
+}
+
+/// The reply of the in-flight script.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum InFlightReply {
+    Held(String),
+    Free,
+    Rebuild,
 }
 
 /// The reply of the start-log script.
@@ -135,6 +147,7 @@ pub(super) enum StartReply {
 pub(super) enum UsageReply {
     Usage(Vec<(u32, Option<i64>)>),
     Skew,
+    Rebuild,
 }
 
 fn items(value: Value) -> Result<Vec<Value>, String> {
@@ -203,6 +216,7 @@ pub(super) fn parse_admit(value: Value) -> Result<AdmitReply, String> {
                 now: int(&rest[0])?,
             })
         }
+        "rebuild" => Ok(AdmitReply::Rebuild),
         "locked" => {
             arity(&tag, &rest, 2)?;
             Ok(AdmitReply::Locked {
@@ -256,6 +270,20 @@ pub(super) fn parse_slot(value: Value) -> Result<SlotReply, String> {
                 retry_after_ms: int(&rest[1])?,
             })
         }
+        "rebuild" => Ok(SlotReply::Rebuild),
+        _ => Err(format!("unknown reply tag {tag:?}")),
+    }
+}
+
+pub(super) fn parse_in_flight(value: Value) -> Result<InFlightReply, String> {
+    let (tag, rest) = tagged(value)?;
+    match tag.as_str() {
+        "held" => {
+            arity(&tag, &rest, 1)?;
+            Ok(InFlightReply::Held(text(&rest[0])?))
+        }
+        "free" => Ok(InFlightReply::Free),
+        "rebuild" => Ok(InFlightReply::Rebuild),
         _ => Err(format!("unknown reply tag {tag:?}")),
     }
 }
@@ -281,6 +309,7 @@ pub(super) fn parse_usage(value: Value, rules: usize) -> Result<UsageReply, Stri
     let (tag, rest) = tagged(value)?;
     match tag.as_str() {
         "skew" => Ok(UsageReply::Skew),
+        "rebuild" => Ok(UsageReply::Rebuild),
         "ok" => {
             arity(&tag, &rest, 1 + 2 * rules)?;
             rest[1..]
