@@ -16,4 +16,5 @@ mod processes;
 mod purity;
 mod refreshctl;
 mod scheduler;
+mod security;
 mod worker;
