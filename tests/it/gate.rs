@@ -1092,3 +1092,180 @@ async fn a_gate_that_lost_its_state_is_rebuilt_from_the_database(redis: Redis) {
 }
 
 on_both!(a_gate_that_lost_its_state_is_rebuilt_from_the_database);
+
+/// A small deterministic generator (xorshift64*), so a failing case can be replayed
+/// from its seed.
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// Model-based: on random histories (admissions of up to 30 h ago written straight
+/// into the quota sets, standing in for clock steps), random rules (both windows,
+/// several time zones, one or two rules) and a held lock now and then, the `admit`
+/// script decides exactly as `refresh_core::gate_model` says for the same instant;
+/// and after an admission the next request is decided on the history plus it.
+async fn the_admit_script_decides_as_the_pure_model(redis: Redis) {
+    use refresh_core::gate_model::{ModelDecision, consent_decision};
+
+    let app = redis.app(&[]).await;
+    let zones: [chrono_tz::Tz; 4] = [
+        chrono_tz::UTC,
+        "Europe/London".parse().unwrap(),
+        "America/New_York".parse().unwrap(),
+        "Asia/Kolkata".parse().unwrap(),
+    ];
+    let seed = 0x5EED_0000_0000_0001_u64;
+    let mut random = Random(seed);
+    let mut conn = app.redis.clone();
+    let mut seen = std::collections::BTreeMap::<&str, u32>::new();
+    gate(&app).await;
+    for case in 0..120 {
+        let tz = zones[random.below(4) as usize];
+        let window = |r: &mut Random| {
+            if r.below(2) == 0 {
+                QuotaWindow::Rolling24h
+            } else {
+                QuotaWindow::CalendarDay
+            }
+        };
+        let mut rules = vec![QuotaRule {
+            sources: vec![RequestedBy::Api],
+            limit: 1 + random.below(4) as u32,
+            window: window(&mut random),
+        }];
+        if random.below(3) == 0 {
+            rules.push(QuotaRule {
+                sources: vec![RequestedBy::Api],
+                limit: 1 + random.below(4) as u32,
+                window: window(&mut random),
+            });
+        }
+        let mut config = config(&app);
+        config.rules = rules.clone();
+        config.time_zone = tz;
+        // The namespace's epochs are written once, before the loop.
+        let gate = Gate::new(app.redis.clone(), config);
+        let consent = new_consent();
+
+        // The history: each rule's set gets its own admissions (as after a rule change).
+        let now = redis_ms(&app).await;
+        let mut history: Vec<Vec<i64>> = Vec::new();
+        for index in 0..rules.len() {
+            let key = format!("{}:{{c:{consent}}}:q:{index}", app.namespace);
+            let mut times = Vec::new();
+            for _ in 0..random.below(7) {
+                // Up to 30 h ago, at least 200 ms ago, never near the 24 h edge.
+                let mut age = 200 + random.below(30 * 3_600_000) as i64;
+                if (age - ROLLING_WINDOW.num_milliseconds()).abs() < 5_000 {
+                    age += 10_000;
+                }
+                let at = now - age;
+                let _: () = conn
+                    .zadd(&key, new_refresh().to_string(), at)
+                    .await
+                    .unwrap();
+                times.push(at);
+            }
+            history.push(times);
+        }
+        let lock = (random.below(5) == 0).then(new_refresh);
+        if let Some(holder) = lock {
+            let _: () = conn
+                .set(
+                    format!("{}:{{c:{consent}}}:lock", app.namespace),
+                    holder.to_string(),
+                )
+                .await
+                .unwrap();
+        }
+
+        for step in 0..2 {
+            let model_at = |ms: i64, history: &[Vec<i64>], lock: Option<RefreshId>| {
+                let at = reply_instant(ms);
+                let times: Vec<Vec<chrono::DateTime<chrono::Utc>>> = history
+                    .iter()
+                    .map(|t| t.iter().map(|ms| reply_instant(*ms)).collect())
+                    .collect();
+                let pairs: Vec<(&QuotaRule, &[chrono::DateTime<chrono::Utc>])> = rules
+                    .iter()
+                    .zip(&times)
+                    .map(|(r, t)| (r, t.as_slice()))
+                    .collect();
+                consent_decision(lock, &pairs, at, tz)
+            };
+            let before = redis_ms(&app).await;
+            let req = request(consent, RequestedBy::Api);
+            let decision = gate.admit(&req).await.unwrap();
+            let after = redis_ms(&app).await;
+            let expected = [
+                model_at(before, &history, lock),
+                model_at(after, &history, lock),
+            ];
+            let context = format!(
+                "seed {seed:#x} case {case} step {step}: {rules:?} in {tz}, history {history:?}, lock {lock:?}"
+            );
+            match decision {
+                GateDecision::Admitted(ticket) => {
+                    let now = ticket.now.timestamp_millis();
+                    assert_eq!(
+                        model_at(now, &history, lock),
+                        ModelDecision::Admitted,
+                        "{context}"
+                    );
+                    *seen.entry("admitted").or_default() += 1;
+                    assert!(gate.release_lock(consent, req.refresh_id).await.unwrap());
+                    for times in &mut history {
+                        times.push(now);
+                    }
+                }
+                GateDecision::Refused(problem)
+                    if problem.code == ProblemCode::RefreshInProgress =>
+                {
+                    assert!(
+                        expected.contains(&ModelDecision::Locked(lock.unwrap())),
+                        "{context}: {problem:?}"
+                    );
+                    assert_eq!(problem.refresh_id, lock, "{context}");
+                    *seen.entry("locked").or_default() += 1;
+                    break;
+                }
+                GateDecision::Refused(problem) => {
+                    assert_eq!(problem.code, ProblemCode::DailyLimitReached, "{context}");
+                    let matches = expected.iter().any(|m| match m {
+                        ModelDecision::OverQuota { rule, used, next } => {
+                            problem.limit == Some(rules[*rule].limit)
+                                && problem.used == Some(*used)
+                                && problem.window == Some(rules[*rule].window)
+                                && problem.next_refresh_possible_at == Some(*next)
+                        }
+                        _ => false,
+                    });
+                    assert!(matches, "{context}: got {problem:?}, model {expected:?}");
+                    *seen.entry("over_quota").or_default() += 1;
+                    break;
+                }
+            }
+        }
+    }
+    // The cases reached every kind of decision.
+    for kind in ["admitted", "locked", "over_quota"] {
+        assert!(seen.get(kind).copied().unwrap_or(0) >= 5, "{seen:?}");
+    }
+}
+
+fn reply_instant(ms: i64) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::from_timestamp_millis(ms).unwrap()
+}
+
+on_both!(the_admit_script_decides_as_the_pure_model);

@@ -21,5 +21,6 @@ mod processes;
 mod purity;
 mod refreshctl;
 mod scheduler;
+mod security;
 mod shape;
 mod worker;

@@ -16,6 +16,7 @@ pub mod admission;
 pub mod autosync;
 mod error_chain;
 pub mod event;
+pub mod gate_model;
 pub mod ids;
 pub mod job;
 pub mod merge;

@@ -1,0 +1,290 @@
+//! The security matrix over the API routes that exist: every route that needs a
+//! token refuses each bad one with the exact 401/403 problem, and another tenant's
+//! token never sees a tenant's consent, refresh, history, stored data or settings.
+
+use base64::Engine as _;
+use chrono::Utc;
+use refresh_tests::{Answer, Api, TestApp, dev_token, spawn_app};
+use reqwest::Method;
+use secrecy::ExposeSecret as _;
+use serde_json::{Value, json};
+
+const STORED: &str = "api:stored_data";
+
+/// Every route that needs a token, with a consent id, a refresh id and a tenant
+/// filled in.
+fn routes(consent: &str, refresh: &str, tenant: &str) -> Vec<(Method, String)> {
+    let mut routes = vec![
+        (Method::POST, "/v1/consents".to_owned()),
+        (Method::GET, format!("/v1/consents/{consent}")),
+        (Method::POST, format!("/v1/consents/{consent}/refresh")),
+        (Method::GET, format!("/v1/consents/{consent}/refreshes")),
+        (Method::POST, format!("/v1/consents/{consent}/revoke")),
+        (Method::GET, format!("/v1/refreshes/{refresh}")),
+        (Method::GET, format!("/v1/apps/{tenant}/settings")),
+        (Method::PUT, format!("/v1/apps/{tenant}/settings")),
+        (
+            Method::POST,
+            format!("/stored-data/v1/consents/{consent}/refresh"),
+        ),
+        (Method::POST, format!("/cfa/consent/{consent}/refresh")),
+    ];
+    for kind in [
+        "accounts",
+        "balances",
+        "transactions",
+        "parties",
+        "beneficiaries",
+        "direct-debits",
+        "standing-orders",
+        "scheduled-payments",
+        "statements",
+        "products",
+    ] {
+        routes.push((Method::GET, format!("/v1/consents/{consent}/{kind}")));
+    }
+    routes
+}
+
+/// The refusal a case expects: status, code, detail.
+type Expected = (u16, &'static str, &'static str);
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+fn signed(secret: &[u8], header: &jsonwebtoken::Header, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        header,
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+fn assert_refused(answer: &Answer, status: u16, code: &str, detail: &str, what: &str) {
+    assert_eq!(answer.status, status, "{what}: {answer:?}");
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/problem+json"),
+        "{what}"
+    );
+    assert_eq!(answer.body["code"], code, "{what}: {answer:?}");
+    assert_eq!(answer.body["detail"], detail, "{what}: {answer:?}");
+    if status == 401 {
+        assert_eq!(answer.header("www-authenticate"), Some("Bearer"), "{what}");
+    }
+}
+
+async fn call(api: &Api, method: &Method, path: &str, authorization: Option<&str>) -> Answer {
+    let headers: Vec<(&str, &str)> = authorization
+        .map(|a| vec![("authorization", a)])
+        .unwrap_or_default();
+    // A valid body where a route reads one, so a refusal is about the caller.
+    let body = if path.ends_with("/settings") {
+        json!({"inactivationDays": 30})
+    } else {
+        json!({})
+    };
+    let body = (*method != Method::GET).then_some(&body);
+    api.call(method.clone(), path, None, body, &headers).await
+}
+
+async fn seeded(app: &TestApp, api: &Api) -> (String, String) {
+    let token = dev_token(app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await.to_string();
+    let refresh = api.refresh(&token, &consent).await;
+    (consent, refresh)
+}
+
+#[tokio::test]
+async fn every_route_refuses_every_bad_token_with_the_exact_problem() {
+    let app = spawn_app().await;
+    let api = app.start_ingress().await;
+    let (consent, refresh) = seeded(&app, &api).await;
+    let secret = app
+        .settings
+        .auth
+        .jwt_hs256_secret
+        .as_ref()
+        .unwrap()
+        .expose_secret()
+        .as_bytes()
+        .to_vec();
+    let now = Utc::now().timestamp();
+    let claims = |extra: Value| {
+        let mut claims = json!({"scope": STORED, "tenant_id": "acme", "exp": now + 3600});
+        if let (Some(c), Some(e)) = (claims.as_object_mut(), extra.as_object()) {
+            c.extend(e.clone());
+        }
+        claims
+    };
+    let hs256 = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    let bearer = |t: String| format!("Bearer {t}");
+    let alg_none = format!(
+        "{}.{}.",
+        b64(br#"{"alg":"none","typ":"JWT"}"#),
+        b64(claims(json!({})).to_string().as_bytes())
+    );
+    // An HMAC signature under a header claiming RS256 (algorithm confusion).
+    let confused = {
+        let good = signed(&secret, &hs256, &claims(json!({})));
+        let mut parts = good.split('.');
+        let (_, payload, signature) = (parts.next(), parts.next().unwrap(), parts.next().unwrap());
+        format!(
+            "{}.{payload}.{signature}",
+            b64(br#"{"alg":"RS256","typ":"JWT"}"#)
+        )
+    };
+    let invalid = (401, "unauthorized", "The token is invalid");
+    let cases: Vec<(&str, Option<String>, Expected)> = vec![
+        (
+            "no token",
+            None,
+            (401, "unauthorized", "A bearer token is required"),
+        ),
+        (
+            "not bearer",
+            Some("Basic YWRtaW46YWRtaW4=".to_owned()),
+            (
+                401,
+                "unauthorized",
+                "The Authorization header must be 'Bearer <token>'",
+            ),
+        ),
+        ("malformed", Some(bearer("not.a.jwt".to_owned())), invalid),
+        (
+            "bad signature",
+            Some(bearer(signed(
+                b"another secret of at least 32 bytes!",
+                &hs256,
+                &claims(json!({})),
+            ))),
+            invalid,
+        ),
+        ("alg none", Some(bearer(alg_none)), invalid),
+        (
+            "RS256 header, HMAC signature",
+            Some(bearer(confused)),
+            invalid,
+        ),
+        (
+            "expired",
+            Some(bearer(signed(
+                &secret,
+                &hs256,
+                &claims(json!({"exp": now - 3600})),
+            ))),
+            (401, "unauthorized", "The token has expired"),
+        ),
+        (
+            "not yet valid",
+            Some(bearer(signed(
+                &secret,
+                &hs256,
+                &claims(json!({"nbf": now + 600})),
+            ))),
+            (401, "unauthorized", "The token is not valid yet"),
+        ),
+        (
+            "no exp",
+            Some(bearer(signed(
+                &secret,
+                &hs256,
+                &json!({"scope": STORED, "tenant_id": "acme"}),
+            ))),
+            invalid,
+        ),
+        (
+            "no tenant_id",
+            Some(bearer(signed(
+                &secret,
+                &hs256,
+                &json!({"scope": STORED, "exp": now + 3600}),
+            ))),
+            (401, "unauthorized", "The token has no tenant_id claim"),
+        ),
+        (
+            "wrong scope",
+            Some(bearer(signed(
+                &secret,
+                &hs256,
+                &claims(json!({"scope": "openid profile"})),
+            ))),
+            (
+                403,
+                "insufficient_scope",
+                "The token's scope does not allow this operation",
+            ),
+        ),
+    ];
+    for (method, path) in routes(&consent, &refresh, "acme") {
+        for (what, authorization, (status, code, detail)) in &cases {
+            let answer = call(&api, &method, &path, authorization.as_deref()).await;
+            assert_refused(
+                &answer,
+                *status,
+                code,
+                detail,
+                &format!("{method} {path}, {what}"),
+            );
+        }
+    }
+    // Nothing was admitted or changed by any of them.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM refreshes")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn another_tenants_token_never_sees_a_tenants_resources() {
+    let app = spawn_app().await;
+    let api = app.start_ingress().await;
+    let (consent, refresh) = seeded(&app, &api).await;
+    let other = dev_token(&app, Some("globex"), STORED);
+    for (method, path) in routes(&consent, &refresh, "acme") {
+        if path == "/v1/consents" {
+            continue;
+        }
+        let answer = call(&api, &method, &path, Some(&format!("Bearer {other}"))).await;
+        let what = format!("{method} {path}");
+        assert!(
+            answer.status == 404 || answer.status == 403,
+            "{what}: {answer:?}"
+        );
+        if path.starts_with("/stored-data/") {
+            // SPEC §3: this compatibility route answers in its own shape.
+            assert_eq!(
+                answer.body["statusCode"], answer.status,
+                "{what}: {answer:?}"
+            );
+        } else {
+            assert_eq!(
+                answer.header("content-type"),
+                Some("application/problem+json"),
+                "{what}"
+            );
+        }
+        let text = answer.body.to_string();
+        assert!(!text.contains(&refresh), "{what} shows the refresh: {text}");
+        if answer.status == 404 && path.contains(&consent) && path.starts_with("/v1/") {
+            assert_eq!(
+                answer.body["code"], "consent_not_found",
+                "{what}: {answer:?}"
+            );
+        }
+    }
+    // The tenant's consent is untouched: still active, one refresh.
+    let status: String = sqlx::query_scalar("SELECT status FROM consents")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(status, "ACTIVE");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM refreshes")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+}
