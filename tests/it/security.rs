@@ -82,7 +82,7 @@ async fn call(api: &Api, method: &Method, path: &str, authorization: Option<&str
         .unwrap_or_default();
     // A valid body where a route reads one, so a refusal is about the caller.
     let body = if path.ends_with("/settings") {
-        json!({"inactivationDays": 30})
+        json!({"autosyncIntervalHours": null, "inactivationDays": 30})
     } else {
         json!({})
     };
