@@ -7,5 +7,7 @@ mod admission;
 mod metrics;
 pub mod relay;
 
-pub use admission::{Admitter, Decision, RefreshRequest, Unavailable, refresh_event};
+pub use admission::{
+    Admitter, Decision, RefreshRequest, Unavailable, new_trace, refresh_event, trace_or_new,
+};
 pub use metrics::AdmissionMetrics;

@@ -116,6 +116,7 @@ async fn handle(
         tenant: Some(message.tenant_id.clone()),
         requested_by: message.requested_by,
         initial: false,
+        traceparent: refresh_admission::trace_or_new(delivery.header_str("traceparent")),
     };
     let reply = match admitter.request(&request).await {
         Ok(Decision::Admitted(record)) => {
