@@ -22,4 +22,5 @@ mod purity;
 mod refreshctl;
 mod scheduler;
 mod shape;
+mod trace;
 mod worker;

@@ -601,7 +601,7 @@ async fn a_dead_lettered_job_ends_its_refresh_at_once() {
         payload: serde_json::to_value(&event).unwrap(),
     };
     store
-        .begin_admission(&record, false, &outbox)
+        .begin_admission(&record, false, None, &outbox)
         .await
         .unwrap()
         .commit()
