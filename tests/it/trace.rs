@@ -1,7 +1,7 @@
 //! W3C trace context through a whole refresh (SPEC §5), with a real `refreshd worker`
 //! process logging JSON at info: the trace a request arrives with (HTTP header or
 //! AMQP header), or a new one, is the one the bank receives (`traceparent`, and the
-//! trace id as `x-fapi-interaction-id`), the one on the worker's log lines about the
+//! trace id as `x-fapi-interaction-id` or, for Berlin Group, `X-Request-ID`), the one on the worker's log lines about the
 //! refresh (`trace_id`) and the one on its INITIALIZED and UPDATED events
 //! (`traceparent` extension attribute).
 
@@ -120,11 +120,13 @@ async fn assert_lines_up(
         .collect();
     assert_eq!(bank_lines.len(), calls.len(), "{}", worker.log());
     for line in &bank_lines {
-        assert_eq!(
-            line["interaction_id"],
-            trace.trace_uuid().to_string(),
-            "{line}"
-        );
+        // OBIE names it `interaction_id`, Berlin Group `request_id`.
+        let id = if line["interaction_id"].is_null() {
+            &line["request_id"]
+        } else {
+            &line["interaction_id"]
+        };
+        assert_eq!(id, &json!(trace.trace_uuid().to_string()), "{line}");
     }
     for line in &lines {
         let span = line["spans"]
@@ -251,4 +253,35 @@ async fn without_a_valid_traceparent_a_new_trace_still_lines_up() {
         traces.push(trace.trace_id());
     }
     assert_ne!(traces[0], traces[1]);
+}
+
+#[tokio::test]
+async fn a_registration_traces_its_initial_load_at_a_berlin_group_bank() {
+    let (app, api, bank, mut worker) = traced().await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let broker = &api.services.broker;
+    let probe = broker.declare_probe_queue("refresh.*.acme").await.unwrap();
+    let mut events = broker.consume(&probe, 10);
+
+    let key = format!("bg-{}", uuid::Uuid::new_v4());
+    let sent = "00-a3ce929d0e0e47364bf92f3577b34da6-0102030405060708-01";
+    let body = json!({"providerId": "sim_bg", "bankConsentId": key, "accessToken": key,
+                      "expiresAt": "2099-01-01T00:00:00Z"});
+    let answer = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/consents",
+            Some(&token),
+            Some(&body),
+            &[("traceparent", sent)],
+        )
+        .await;
+    assert_eq!(answer.status, 201, "{answer:?}");
+    let refresh_id = answer.body["initialRefresh"]["refreshId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let seen = event_traces(&mut events, &refresh_id, &mut worker).await;
+    let trace: TraceContext = sent.parse().unwrap();
+    assert_lines_up(&bank, &key, &mut worker, &refresh_id, seen, &trace).await;
 }

@@ -99,8 +99,14 @@ fn hermetic_command(
         .env("REFRESHD_CONFIG_DIR", repo_root().join("config"))
         .env("RUST_LOG", "warn")
         .env(env_key("namespace"), &app.namespace);
-    if let Some(sim) = app.settings.providers.get("sim") {
-        command.env(env_key("providers.sim.base_url"), &sim.base_url);
+    // The app's simulator, in both dialects.
+    for provider in ["sim", "sim_bg"] {
+        if let Some(sim) = app.settings.providers.get(provider) {
+            command.env(
+                env_key(&format!("providers.{provider}.base_url")),
+                &sim.base_url,
+            );
+        }
     }
     for (key, value) in overrides {
         command.env(env_key(key), value);
