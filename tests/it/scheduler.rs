@@ -658,10 +658,7 @@ async fn a_dead_lettered_job_ends_its_refresh_at_once() {
 
 /// The routing key and `traceparent` of each event of `refresh_id` in the outbox,
 /// oldest first.
-async fn event_traces(
-    app: &refresh_tests::TestApp,
-    refresh_id: &str,
-) -> Vec<(String, Option<String>)> {
+async fn event_traces(app: &TestApp, refresh_id: &str) -> Vec<(String, Option<String>)> {
     sqlx::query_as(
         "SELECT routing_key, payload->>'traceparent' FROM outbox \
          WHERE payload->'data'->>'refreshId' = $1 ORDER BY id",
