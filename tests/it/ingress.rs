@@ -842,6 +842,24 @@ async fn health_readiness_and_metrics() {
         openapi.body["paths"]["/v1/consents/{consentId}/refresh"]["post"].is_object(),
         "{openapi:?}"
     );
+    // Every route that requests a refresh documents the optional `traceparent` header.
+    for path in [
+        "/v1/consents/{consentId}/refresh",
+        "/v1/consents",
+        "/cfa/consent/{consentId}/refresh",
+        "/stored-data/v1/consents/{consentId}/refresh",
+    ] {
+        let params = openapi.body["paths"][path]["post"]["parameters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let trace = params
+            .iter()
+            .find(|p| p["name"] == "traceparent")
+            .unwrap_or_else(|| panic!("{path}: {params:?}"));
+        assert_eq!(trace["in"], "header", "{path}");
+        assert_eq!(trace["required"], false, "{path}");
+    }
 }
 
 #[tokio::test]

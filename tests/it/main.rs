@@ -23,4 +23,5 @@ mod refreshctl;
 mod scheduler;
 mod security;
 mod shape;
+mod trace;
 mod worker;

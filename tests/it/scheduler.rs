@@ -547,6 +547,12 @@ async fn a_stalled_refresh_is_ended_and_its_consent_freed() {
         "the database still says in flight: {blocked:?}"
     );
 
+    let lost_trace: String =
+        sqlx::query_scalar("SELECT traceparent FROM refreshes WHERE refresh_id = $1")
+            .bind(uuid::Uuid::parse_str(&lost_refresh).unwrap())
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
     let report = tick(&replica(&app, &api), Utc::now()).await;
     assert_eq!(report.stalled, 1, "{report:?}");
     let record = api
@@ -557,6 +563,17 @@ async fn a_stalled_refresh_is_ended_and_its_consent_freed() {
     assert_eq!(
         record.body["error"]["message"],
         "The refresh could not be run: its job was lost or dead-lettered, and no worker held it"
+    );
+    // The ERROR event carries the refresh's trace, like its INITIALIZED one.
+    assert_eq!(
+        event_traces(&app, &lost_refresh).await,
+        vec![
+            (
+                "refresh.initialized.acme".to_owned(),
+                Some(lost_trace.clone())
+            ),
+            ("refresh.error.acme".to_owned(), Some(lost_trace)),
+        ]
     );
     let other = api
         .get(&format!("/v1/refreshes/{held_refresh}"), &token)
@@ -594,14 +611,19 @@ async fn a_dead_lettered_job_ends_its_refresh_at_once() {
         now,
         now,
     );
-    let event = CloudEvent::refresh(&record, EventId::from_uuid(uuid::Uuid::now_v7()), now);
+    let trace: refresh_core::TraceContext =
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            .parse()
+            .unwrap();
+    let event = CloudEvent::refresh(&record, EventId::from_uuid(uuid::Uuid::now_v7()), now)
+        .with_trace(Some(trace));
     let outbox = refresh_pg::OutboxEvent {
         event_id: event.id,
         routing_key: event.routing_key(),
         payload: serde_json::to_value(&event).unwrap(),
     };
     store
-        .begin_admission(&record, false, &outbox)
+        .begin_admission(&record, false, Some(&trace), &outbox)
         .await
         .unwrap()
         .commit()
@@ -624,7 +646,25 @@ async fn a_dead_lettered_job_ends_its_refresh_at_once() {
             .starts_with("The refresh could not be run: its job was dead-lettered (malformed job"),
         "{message}"
     );
+    // The worker's ERROR event carries the refresh's trace.
+    assert_eq!(
+        event_traces(&app, &id).await.last(),
+        Some(&("refresh.error.acme".to_owned(), Some(trace.to_string())))
+    );
     // The consent is free for the next refresh, which runs as usual.
     let next = api.refresh(&token, &consent.to_string()).await;
     assert_eq!(api.wait_terminal(&token, &next).await["status"], "UPDATED");
+}
+
+/// The routing key and `traceparent` of each event of `refresh_id` in the outbox,
+/// oldest first.
+async fn event_traces(app: &TestApp, refresh_id: &str) -> Vec<(String, Option<String>)> {
+    sqlx::query_as(
+        "SELECT routing_key, payload->>'traceparent' FROM outbox \
+         WHERE payload->'data'->>'refreshId' = $1 ORDER BY id",
+    )
+    .bind(refresh_id)
+    .fetch_all(&app.pg)
+    .await
+    .unwrap()
 }

@@ -99,8 +99,14 @@ fn hermetic_command(
         .env("REFRESHD_CONFIG_DIR", repo_root().join("config"))
         .env("RUST_LOG", "warn")
         .env(env_key("namespace"), &app.namespace);
-    if let Some(sim) = app.settings.providers.get("sim") {
-        command.env(env_key("providers.sim.base_url"), &sim.base_url);
+    // The app's simulator, in both dialects.
+    for provider in ["sim", "sim_bg"] {
+        if let Some(sim) = app.settings.providers.get(provider) {
+            command.env(
+                env_key(&format!("providers.{provider}.base_url")),
+                &sim.base_url,
+            );
+        }
     }
     for (key, value) in overrides {
         command.env(env_key(key), value);
@@ -117,6 +123,18 @@ impl WorkerProcess {
 
     /// Starts `refreshd {role}` likewise (e.g. `scheduler`).
     pub fn spawn_role(app: &TestApp, role: &str, overrides: &[(&str, &str)]) -> Self {
+        Self::spawn_logged(app, role, overrides, "warn")
+    }
+
+    /// Starts `refreshd {role}` likewise, logging at `rust_log` (a `RUST_LOG` filter,
+    /// e.g. `info`); with `("log.format", "json")` its [`WorkerProcess::log_lines`]
+    /// can be read.
+    pub fn spawn_logged(
+        app: &TestApp,
+        role: &str,
+        overrides: &[(&str, &str)],
+        rust_log: &str,
+    ) -> Self {
         let log = std::env::temp_dir().join(format!(
             "refreshd-{role}-{}-{}.log",
             app.namespace,
@@ -124,6 +142,7 @@ impl WorkerProcess {
         ));
         let stderr = std::fs::File::create(&log).expect("harness: create the process's log");
         let mut command = role_command(&refreshd_binary(), role, app, overrides);
+        command.env("RUST_LOG", rust_log);
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -140,6 +159,14 @@ impl WorkerProcess {
     /// What the process wrote to stderr so far (its warnings and errors).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The JSON log lines written so far (lines that are not JSON are skipped).
+    pub fn log_lines(&self) -> Vec<Value> {
+        self.log()
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
     }
 
     /// Panics (with the process's log) if it has exited.

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use refresh_amqp::Broker;
 use refresh_core::{
     Caller, CloudEvent, ConsentId, EventId, Job, Problem, ProblemCode, RefreshId, RefreshRecord,
-    RejectedRequest, RequestedBy, TenantId, consent_refusal,
+    RejectedRequest, RequestedBy, TenantId, TraceContext, consent_refusal,
 };
 use refresh_pg::{ConsentRow, OutboxEvent, Store, StoreError};
 use refresh_redis::{Gate, GateDecision, GateError, GateRequest, Ticket};
@@ -31,6 +31,9 @@ pub struct RefreshRequest {
     pub requested_by: RequestedBy,
     /// The initial connection load: all data kinds, counted against no quota.
     pub initial: bool,
+    /// The request's W3C trace context (the caller's, or a new one when it sent none
+    /// or a malformed one): kept with the refresh and carried by its events.
+    pub traceparent: TraceContext,
 }
 
 /// The answer to a request.
@@ -225,10 +228,10 @@ impl Admitter {
             ticket.now,
             ticket.not_before,
         );
-        let event = refresh_event(&record, ticket.now);
+        let event = refresh_event(&record, Some(request.traceparent), ticket.now);
         let pending = match self
             .store
-            .begin_admission(&record, request.initial, &event)
+            .begin_admission(&record, request.initial, Some(&request.traceparent), &event)
             .await
         {
             Ok(pending) => pending,
@@ -256,6 +259,7 @@ impl Admitter {
             initial: request.initial,
             not_before: record.not_before,
             attempt: 0,
+            traceparent: Some(request.traceparent),
         };
         let delay = (record.not_before - ticket.now)
             .to_std()
@@ -344,11 +348,33 @@ pub(crate) fn refuse_consent(
 }
 
 /// The INITIALIZED (or later) event of a record, ready for the outbox.
-pub fn refresh_event(record: &RefreshRecord, at: DateTime<Utc>) -> OutboxEvent {
-    let event = CloudEvent::refresh(record, EventId::from_uuid(uuid::Uuid::now_v7()), at);
+pub fn refresh_event(
+    record: &RefreshRecord,
+    traceparent: Option<TraceContext>,
+    at: DateTime<Utc>,
+) -> OutboxEvent {
+    let event = CloudEvent::refresh(record, EventId::from_uuid(uuid::Uuid::now_v7()), at)
+        .with_trace(traceparent);
     OutboxEvent {
         event_id: event.id,
         routing_key: event.routing_key(),
         payload: serde_json::to_value(&event).unwrap_or_default(),
     }
+}
+
+/// A new trace context, from fresh random bytes.
+pub fn new_trace() -> TraceContext {
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let mut random = [0u8; 24];
+    random[..16].copy_from_slice(a.as_bytes());
+    random[16..].copy_from_slice(&b.as_bytes()[..8]);
+    TraceContext::new(random)
+}
+
+/// The trace context of a request: its `traceparent` when that is a valid one, else a
+/// new trace (a malformed header starts a new trace, it never refuses the request).
+pub fn trace_or_new(traceparent: Option<&str>) -> TraceContext {
+    traceparent
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(new_trace)
 }

@@ -8,6 +8,8 @@ mod metrics;
 mod rebuild;
 pub mod relay;
 
-pub use admission::{Admitter, Decision, RefreshRequest, Unavailable, refresh_event};
+pub use admission::{
+    Admitter, Decision, RefreshRequest, Unavailable, new_trace, refresh_event, trace_or_new,
+};
 pub use metrics::AdmissionMetrics;
 pub use rebuild::{GateRebuild, RebuildError};

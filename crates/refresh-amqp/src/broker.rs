@@ -232,7 +232,30 @@ impl Broker {
         reply_to: Option<&str>,
         correlation_id: Option<&str>,
     ) -> Result<(), AmqpError> {
+        self.publish_request_with(body, message_id, reply_to, correlation_id, &[])
+            .await
+    }
+
+    /// [`Broker::publish_request`] with text headers, e.g. a W3C `traceparent`.
+    pub async fn publish_request_with(
+        &self,
+        body: &[u8],
+        message_id: Option<&str>,
+        reply_to: Option<&str>,
+        correlation_id: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Result<(), AmqpError> {
         let mut properties = message(JSON);
+        if !headers.is_empty() {
+            let mut table = FieldTable::default();
+            for (name, value) in headers {
+                table.insert(
+                    short("header name", name)?,
+                    lapin::types::AMQPValue::LongString((*value).into()),
+                );
+            }
+            properties = properties.with_headers(table);
+        }
         if let Some(id) = message_id {
             properties = properties.with_message_id(short("message_id", id)?);
         }

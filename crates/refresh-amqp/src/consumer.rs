@@ -315,6 +315,16 @@ impl Delivery {
             .map(ShortString::as_str)
     }
 
+    /// A text header (AMQP long or short string) by name, e.g. `traceparent`; `None`
+    /// when absent, of another type or not UTF-8.
+    pub fn header_str(&self, name: &str) -> Option<&str> {
+        match header(&self.properties, name)? {
+            AMQPValue::LongString(text) => std::str::from_utf8(text.as_bytes()).ok(),
+            AMQPValue::ShortString(text) => Some(text.as_str()),
+            _ => None,
+        }
+    }
+
     /// On a message in a `.dead` queue: the reason it was dead-lettered with, when
     /// [`Delivery::settle`] could republish it (see there).
     pub fn dead_letter_reason(&self) -> Option<String> {

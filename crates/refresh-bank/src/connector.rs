@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use refresh_core::TraceContext;
 
 use crate::berlin_group::BerlinGroupConnector;
 use crate::error::BankError;
@@ -55,6 +56,38 @@ pub struct ConsentAccess {
     pub bank_consent_id: String,
     /// The bank's `x-fapi-financial-id`.
     pub financial_id: String,
+    /// The refresh's W3C trace context: every call sends a child of it as
+    /// `traceparent`, and its trace id (as a UUID) as the dialect's request id.
+    pub trace: Option<TraceContext>,
+}
+
+/// The trace headers of one bank call.
+pub(crate) struct CallTrace {
+    /// `traceparent`: a child of the refresh's context (a new span id per call).
+    pub traceparent: Option<String>,
+    /// The request id (`x-fapi-interaction-id`, `X-Request-ID`): the trace id as a
+    /// UUID, so bank-side ids line up with the trace; a fresh UUID without one.
+    pub request_id: String,
+}
+
+impl ConsentAccess {
+    pub(crate) fn call_trace(&self) -> CallTrace {
+        let fresh = uuid::Uuid::new_v4();
+        match &self.trace {
+            Some(trace) => {
+                let mut span = [0u8; 8];
+                span.copy_from_slice(&fresh.as_bytes()[..8]);
+                CallTrace {
+                    traceparent: Some(trace.child(span).to_string()),
+                    request_id: trace.trace_uuid().to_string(),
+                }
+            }
+            None => CallTrace {
+                traceparent: None,
+                request_id: fresh.to_string(),
+            },
+        }
+    }
 }
 
 impl fmt::Debug for ConsentAccess {
@@ -64,6 +97,7 @@ impl fmt::Debug for ConsentAccess {
             .field("access_token", &"[redacted]")
             .field("bank_consent_id", &self.bank_consent_id)
             .field("financial_id", &self.financial_id)
+            .field("trace", &self.trace)
             .finish()
     }
 }
@@ -209,6 +243,7 @@ mod tests {
             access_token: "s3cr3t-token".into(),
             bank_consent_id: "c-1".into(),
             financial_id: "0015800001041RHAAY".into(),
+            trace: None,
         };
         let shown = format!("{access:?}");
         assert!(!shown.contains("s3cr3t"), "{shown}");

@@ -24,7 +24,7 @@ use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Utc};
 use serde_json::{Value, json};
 
 use crate::dataset::{Dataset, Kind, Served};
-use crate::state::{Action, CallRecord, Sim};
+use crate::state::{Action, CallRecord, Sim, header_text};
 
 /// The error code that asks for strong customer authentication (the
 /// connector's convention).
@@ -157,6 +157,8 @@ async fn call(sim: Arc<Sim>, endpoint: Endpoint, req: Request) -> Response {
             Prepared::Ready(r) => Some(r.status().as_u16()),
             Prepared::Hang => None,
         },
+        traceparent: header_text(&req.headers, "traceparent"),
+        request_id: header_text(&req.headers, "x-fapi-interaction-id"),
     });
     let latency = sim.settings.latency_ms.saturating_add(latency);
     if latency > 0 {

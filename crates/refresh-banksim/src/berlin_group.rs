@@ -29,7 +29,7 @@ use chrono::{DateTime, NaiveDate, NaiveTime, Utc};
 use serde_json::{Map, Value, json};
 
 use crate::dataset::{Dataset, Item, Kind};
-use crate::state::{Action, CallRecord, Sim};
+use crate::state::{Action, CallRecord, Sim, header_text};
 
 /// How long a `hangNext` call is held: longer than any client waits.
 const HANG: Duration = Duration::from_secs(3600);
@@ -130,6 +130,8 @@ async fn call(
         path: uri.path().to_owned(),
         query: uri.query().map(str::to_owned),
         status: response.as_ref().map(|r| r.status().as_u16()),
+        traceparent: header_text(headers, "traceparent"),
+        request_id: header_text(headers, "x-request-id"),
     });
     let latency = sim.settings.latency_ms.saturating_add(latency);
     if latency > 0 {

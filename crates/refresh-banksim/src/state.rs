@@ -103,6 +103,19 @@ pub(crate) struct CallRecord {
     pub(crate) query: Option<String>,
     /// The status answered; `null` for a call held by `hangNext`.
     pub(crate) status: Option<u16>,
+    /// The W3C `traceparent` header as received; `null` when none.
+    pub(crate) traceparent: Option<String>,
+    /// The request id as received (`x-fapi-interaction-id` for OBIE, `X-Request-ID`
+    /// for Berlin Group); `null` when none.
+    pub(crate) request_id: Option<String>,
+}
+
+/// A header's value as text, for the call log.
+pub(crate) fn header_text(headers: &axum::http::HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -10,6 +10,7 @@ use crate::problem::Problem;
 use crate::record::RefreshRecord;
 use crate::requested_by::RequestedBy;
 use crate::status::ConsentStatus;
+use crate::trace::TraceContext;
 
 /// The CloudEvents version produced.
 pub const SPEC_VERSION: &str = "1.0";
@@ -42,6 +43,10 @@ pub struct CloudEvent<T> {
     pub time: DateTime<Utc>,
     /// Always `"application/json"`.
     pub datacontenttype: String,
+    /// The CloudEvents distributed-tracing extension: the W3C trace context of the
+    /// refresh the event is about; absent when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<TraceContext>,
     /// The payload.
     pub data: T,
 }
@@ -62,8 +67,15 @@ impl<T> CloudEvent<T> {
             subject: consent_id.to_string(),
             time,
             datacontenttype: DATA_CONTENT_TYPE.to_owned(),
+            traceparent: None,
             data,
         }
+    }
+
+    /// The event with the trace context of the refresh it is about.
+    pub fn with_trace(mut self, traceparent: Option<TraceContext>) -> Self {
+        self.traceparent = traceparent;
+        self
     }
 
     /// The status segment of the type (`updated` etc.), when the type is one of ours.
@@ -160,6 +172,7 @@ impl CloudEvent<ConsentSnapshot> {
             subject: consent.consent_id.to_string(),
             time,
             datacontenttype: DATA_CONTENT_TYPE.to_owned(),
+            traceparent: None,
             data: consent,
         })
     }
@@ -246,6 +259,20 @@ mod tests {
                 "time": "2024-05-01T10:00:06.000Z",
                 "datacontenttype": "application/json",
             })
+        );
+        // The trace extension is a top-level attribute, present only when known.
+        let trace: TraceContext = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            .parse()
+            .unwrap();
+        let traced = event.with_trace(Some(trace));
+        let json = serde_json::to_value(&traced).unwrap();
+        assert_eq!(
+            json["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        assert_eq!(
+            serde_json::from_value::<CloudEvent<RefreshRecord>>(json).unwrap(),
+            traced
         );
     }
 

@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::{ConsentId, ProviderId, RefreshId, RequestedBy, TenantId};
+use crate::{ConsentId, ProviderId, RefreshId, RequestedBy, TenantId, TraceContext};
 
 /// The body of a job message (JSON, camelCase). Parsing validates every id, so a job
 /// that parses is well-formed.
@@ -23,6 +23,9 @@ pub struct Job {
     /// Bank attempts already made (retries re-publish the job with this raised).
     #[serde(default)]
     pub attempt: u32,
+    /// The refresh's W3C trace context; jobs published before it existed have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<TraceContext>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,10 @@ mod tests {
         check("[]", None);
     }
 
+    fn check_refused(body: &str) {
+        assert!(Job::parse(body.as_bytes()).is_err(), "{body}");
+    }
+
     #[test]
     fn round_trip_and_refusals() {
         let job = Job {
@@ -84,9 +91,31 @@ mod tests {
             initial: false,
             not_before: "2026-01-01T00:00:00Z".parse().unwrap(),
             attempt: 0,
+            traceparent: None,
         };
         assert_eq!(Job::parse(&job.to_bytes()).unwrap(), job);
-        let check = |body: &str| assert!(Job::parse(body.as_bytes()).is_err(), "{body}");
+        // Jobs without a trace (published before it existed) still parse, and one with
+        // a trace keeps it.
+        assert!(
+            !String::from_utf8(job.to_bytes())
+                .unwrap()
+                .contains("traceparent")
+        );
+        let traced = Job {
+            traceparent: Some(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                    .parse()
+                    .unwrap(),
+            ),
+            ..job.clone()
+        };
+        assert_eq!(Job::parse(&traced.to_bytes()).unwrap(), traced);
+        check_refused(
+            &String::from_utf8(traced.to_bytes())
+                .unwrap()
+                .replace("-01\"", "-1\""),
+        );
+        let check = check_refused;
         check("");
         check("{}");
         check("not json");

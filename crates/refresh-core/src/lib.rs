@@ -30,6 +30,7 @@ pub mod settings;
 pub mod stagger;
 pub mod status;
 pub mod time;
+pub mod trace;
 pub mod window;
 
 pub use admission::*;
@@ -48,6 +49,7 @@ pub use requested_by::*;
 pub use settings::settings_warnings;
 pub use stagger::*;
 pub use status::*;
+pub use trace::{TraceContext, TraceParseError};
 pub use window::*;
 
 /// The crate's purity is an absence, so it is tested: no I/O crate in the
@@ -76,6 +78,7 @@ mod purity {
         ("status.rs", include_str!("status.rs")),
         ("window.rs", include_str!("window.rs")),
         ("time.rs", include_str!("time.rs")),
+        ("trace.rs", include_str!("trace.rs")),
     ];
 
     #[test]

@@ -114,6 +114,7 @@ async fn handle(
         tenant: Some(message.tenant_id.clone()),
         requested_by: message.requested_by,
         initial: false,
+        traceparent: refresh_admission::trace_or_new(delivery.header_str("traceparent")),
     };
     if !sources.contains(&message.requested_by) {
         // Permanent: the same message is refused the same way, so it is acked.

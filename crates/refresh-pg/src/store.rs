@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use refresh_core::{
     ConsentId, ConsentStatus, EventId, ProblemCode, ProviderId, RefreshError, RefreshId,
-    RefreshRecord, RefreshStatus, RefreshSummary, RequestedBy, TenantId,
+    RefreshRecord, RefreshStatus, RefreshSummary, RequestedBy, TenantId, TraceContext,
 };
 use secrecy::SecretString;
 use serde_json::Value;
@@ -363,14 +363,15 @@ impl Store {
         &self,
         record: &RefreshRecord,
         initial: bool,
+        traceparent: Option<&TraceContext>,
         event: &OutboxEvent,
     ) -> Result<PendingAdmission, StoreError> {
         let mut tx = self.pool.begin().await?;
         // One statement for both rows: admission is on every request's path.
         sqlx::query(
             "WITH refresh AS (INSERT INTO refreshes (refresh_id, consent_id, tenant_id, \
-             requested_by, status, initial, date_requested, not_before) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)) \
+             requested_by, status, initial, date_requested, not_before, traceparent) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $12)) \
              INSERT INTO outbox (event_id, routing_key, payload, created_at) \
              VALUES ($9, $10, $11, $7) ON CONFLICT (event_id) DO NOTHING",
         )
@@ -385,6 +386,7 @@ impl Store {
         .bind(event.event_id.as_uuid())
         .bind(&event.routing_key)
         .bind(&event.payload)
+        .bind(traceparent.map(ToString::to_string))
         .execute(&mut *tx)
         .await?;
         Ok(PendingAdmission { tx })

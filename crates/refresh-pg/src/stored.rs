@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::{DateTime, NaiveDate, Utc};
 use refresh_core::{
     Amount, CloudEvent, ConsentId, ConsentStatus, CreditDebit, EventId, MergeWindow, RefreshError,
-    RefreshId, RefreshRecord, RefreshStatus, RefreshSummary, StoredTransaction, Transaction,
-    TxStatus, TxSummary, plan_refresh_merge, relevant_keys,
+    RefreshId, RefreshRecord, RefreshStatus, RefreshSummary, StoredTransaction, TraceContext,
+    Transaction, TxStatus, TxSummary, plan_refresh_merge, relevant_keys,
 };
 use serde_json::Value;
 use sqlx::postgres::PgRow;
@@ -158,8 +158,13 @@ fn stored_transaction(row: &PgRow) -> Result<StoredTransaction, StoreError> {
     })
 }
 
-fn outbox_event(record: &RefreshRecord, event_id: EventId, at: DateTime<Utc>) -> OutboxEvent {
-    let event = CloudEvent::refresh(record, event_id, at);
+fn outbox_event(
+    record: &RefreshRecord,
+    traceparent: Option<TraceContext>,
+    event_id: EventId,
+    at: DateTime<Utc>,
+) -> OutboxEvent {
+    let event = CloudEvent::refresh(record, event_id, at).with_trace(traceparent);
     OutboxEvent {
         event_id: event.id,
         routing_key: event.routing_key(),
@@ -170,20 +175,26 @@ fn outbox_event(record: &RefreshRecord, event_id: EventId, at: DateTime<Utc>) ->
 
 type PgTx = sqlx::Transaction<'static, Postgres>;
 
-/// Locks the refresh row; `None` unless it exists and is `INITIALIZED`.
+/// Locks the refresh row; `None` unless it exists and is `INITIALIZED`. Also the
+/// refresh's trace context, which its terminal event carries.
 async fn lock_initialized(
     tx: &mut PgTx,
     refresh_id: RefreshId,
-) -> Result<Option<RefreshRecord>, StoreError> {
+) -> Result<Option<(RefreshRecord, Option<TraceContext>)>, StoreError> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {REFRESH_COLUMNS} FROM refreshes WHERE refresh_id = $1 FOR UPDATE"
+        "SELECT {REFRESH_COLUMNS}, traceparent FROM refreshes WHERE refresh_id = $1 FOR UPDATE"
     )))
     .bind(refresh_id.as_uuid())
     .fetch_optional(&mut **tx)
     .await?;
     let Some(row) = row else { return Ok(None) };
     let record = refresh_record(&row)?;
-    Ok((record.status == RefreshStatus::Initialized).then_some(record))
+    // Written only from a parsed context; a value that no longer parses is dropped
+    // rather than failing the refresh's end.
+    let trace = row
+        .try_get::<Option<&str>, _>("traceparent")?
+        .and_then(|t| t.parse().ok());
+    Ok((record.status == RefreshStatus::Initialized).then_some((record, trace)))
 }
 
 /// Whether the consent is `REVOKED`, its row share-locked until the transaction
@@ -203,6 +214,7 @@ async fn consent_revoked(tx: &mut PgTx, consent: uuid::Uuid) -> Result<bool, Sto
 async fn write_terminal(
     tx: &mut PgTx,
     record: &RefreshRecord,
+    traceparent: Option<TraceContext>,
     consent_status: Option<ConsentStatus>,
     event_id: EventId,
     at: DateTime<Utc>,
@@ -240,7 +252,12 @@ async fn write_terminal(
     if let Some(status) = consent_status {
         crate::lifecycle::transition(tx, record.consent_id, status, at).await?;
     }
-    insert_outbox(&mut **tx, &outbox_event(record, event_id, at), at).await
+    insert_outbox(
+        &mut **tx,
+        &outbox_event(record, traceparent, event_id, at),
+        at,
+    )
+    .await
 }
 
 impl Store {
@@ -314,12 +331,12 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<Finish, StoreError> {
         let mut tx = self.pool().begin().await?;
-        let Some(mut record) = lock_initialized(&mut tx, refresh_id).await? else {
+        let Some((mut record, trace)) = lock_initialized(&mut tx, refresh_id).await? else {
             tx.rollback().await?;
             return Ok(Finish::Fenced);
         };
         record.finish_error(error, at).map_err(corrupt)?;
-        write_terminal(&mut tx, &record, consent_status, event_id, at).await?;
+        write_terminal(&mut tx, &record, trace, consent_status, event_id, at).await?;
         tx.commit().await?;
         Ok(Finish::Done(record))
     }
@@ -336,7 +353,7 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<Finish, StoreError> {
         let mut tx = self.pool().begin().await?;
-        let Some(mut record) = lock_initialized(&mut tx, refresh_id).await? else {
+        let Some((mut record, trace)) = lock_initialized(&mut tx, refresh_id).await? else {
             tx.rollback().await?;
             return Ok(Finish::Fenced);
         };
@@ -346,7 +363,7 @@ impl Store {
             record
                 .finish_error(RefreshError::consent_revoked(), at)
                 .map_err(corrupt)?;
-            write_terminal(&mut tx, &record, None, event_id, at).await?;
+            write_terminal(&mut tx, &record, trace, None, event_id, at).await?;
             tx.commit().await?;
             return Ok(Finish::Done(record));
         }
@@ -361,7 +378,7 @@ impl Store {
         record
             .finish_updated(RefreshSummary::new(accounts, balances, transactions), at)
             .map_err(corrupt)?;
-        write_terminal(&mut tx, &record, None, event_id, at).await?;
+        write_terminal(&mut tx, &record, trace, None, event_id, at).await?;
         if data.initial {
             // Also a refresh requested as a plain one, when no initial load had succeeded.
             sqlx::query("UPDATE refreshes SET initial = true WHERE refresh_id = $1")

@@ -331,6 +331,8 @@ impl Scheduler {
                         tenant: Some(claim.tenant_id.clone()),
                         requested_by: RequestedBy::Autosync,
                         initial: false,
+                        // Nobody asked: each auto-sync starts its own trace.
+                        traceparent: refresh_admission::new_trace(),
                     };
                     let decision = self.admitter.request(&request).await;
                     (claim, decision)

@@ -15,7 +15,7 @@ use refresh_pg::{AttemptStart, Finish, JobState, Store, StoreError};
 use refresh_redis::{Gate, GateError, StartDecision};
 use secrecy::ExposeSecret as _;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::mapping::map_fetch;
 use crate::{Provider, WorkerConfig, WorkerDeps};
@@ -96,7 +96,16 @@ async fn process(deps: &WorkerDeps, config: &WorkerConfig, body: &[u8]) -> Step 
             return Step::Settle(Outcome::dead_letter(reason));
         }
     };
-    match run_job(deps, config, &job).await {
+    // Every line logged about this refresh names it and its trace.
+    let span = info_span!(
+        "refresh",
+        refresh_id = %job.refresh_id,
+        trace_id = tracing::field::Empty
+    );
+    if let Some(trace) = &job.traceparent {
+        span.record("trace_id", trace.trace_id());
+    }
+    match run_job(deps, config, &job).instrument(span).await {
         Ok(step) => step,
         Err(error) => {
             warn!(refresh_id = %job.refresh_id, error = %error_chain(&error), "a dependency failed; retrying the job");
@@ -220,6 +229,7 @@ async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<
         access_token: token.expose_secret().to_owned(),
         financial_id: provider.financial_id.clone(),
         bank_consent_id: consent.bank_consent_id.clone(),
+        trace: job.traceparent,
     };
     let work = fetch_and_store(
         deps,

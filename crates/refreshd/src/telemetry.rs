@@ -27,6 +27,9 @@ pub fn init(format: LogFormat, role_is_dev: bool) {
         builder
             .json()
             .flatten_event(true)
+            // The list of entered spans is on every line, so a worker's lines about
+            // a refresh carry its `refresh_id` and `trace_id` (the `refresh` span).
+            .with_span_list(true)
             .with_current_span(false)
             .try_init()
     };

@@ -37,7 +37,9 @@ const CONSENT_GONE: [&str; 6] = [
 /// `/transactions?bookingStatus=both&dateFrom=YYYY-MM-DD` (the UTC date of
 /// `from_booking`), following `_links.next` (absolute or relative) within the
 /// bank's origin, at most `max_pages` pages, never the same page twice. Every call
-/// carries `Consent-ID` (the bank's consent id), `X-Request-ID` (a fresh UUID) and,
+/// carries `Consent-ID` (the bank's consent id), `X-Request-ID` (the refresh's trace
+/// id as a UUID, a fresh UUID without a trace), `traceparent` (a child of the
+/// refresh's trace context) and,
 /// when there is an access token, `Authorization: Bearer`. NextGenPSD2 has no
 /// equivalent of the OBIE initial-load kinds: an initial load reads the same three
 /// resources (and stores no other kinds). `PSU-IP-Address` is never sent: refreshd
@@ -237,7 +239,8 @@ impl<'a> Session<'a> {
     }
 
     async fn get(&mut self, url: &Url, what: &str) -> Result<Vec<u8>, BankError> {
-        let request_id = uuid::Uuid::new_v4().to_string();
+        let trace = self.access.call_trace();
+        let request_id = trace.request_id;
         let consent_id = HeaderValue::try_from(self.access.bank_consent_id.as_str())
             .map_err(|_| BankError::Malformed("consent id is not a valid header value".into()))?;
         let mut request = self
@@ -247,6 +250,9 @@ impl<'a> Session<'a> {
             .header("Consent-ID", consent_id)
             .header("X-Request-ID", &request_id)
             .header(ACCEPT, "application/json");
+        if let Some(traceparent) = &trace.traceparent {
+            request = request.header("traceparent", traceparent);
+        }
         if !self.access.access_token.is_empty() {
             let mut bearer = HeaderValue::try_from(format!("Bearer {}", self.access.access_token))
                 .map_err(|_| {

@@ -318,21 +318,24 @@ impl<'a> Session<'a> {
         resource: Resource,
         optional: bool,
     ) -> Result<Option<Vec<u8>>, BankError> {
-        let interaction_id = uuid::Uuid::new_v4().to_string();
+        let trace = self.access.call_trace();
+        let interaction_id = trace.request_id;
         let mut bearer = HeaderValue::try_from(format!("Bearer {}", self.access.access_token))
             .map_err(|_| BankError::Malformed("access token is not a valid header value".into()))?;
         bearer.set_sensitive(true);
         self.requests += 1;
-        let sent = self
+        let mut request = self
             .conn
             .client
             .get(url.clone())
             .header(AUTHORIZATION, bearer)
             .header("x-fapi-financial-id", &self.access.financial_id)
             .header("x-fapi-interaction-id", &interaction_id)
-            .header(ACCEPT, "application/json")
-            .send()
-            .await;
+            .header(ACCEPT, "application/json");
+        if let Some(traceparent) = &trace.traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        let sent = request.send().await;
         let mut response = sent.map_err(|e| self.transport_error(&e))?;
         let status = response.status().as_u16();
         tracing::debug!(

@@ -119,6 +119,7 @@ fn access(base_url: String, token: &str) -> ConsentAccess {
         base_url,
         access_token: token.to_owned(),
         financial_id: "unused".to_owned(),
+        trace: None,
         bank_consent_id: "consent-77".to_owned(),
     }
 }
@@ -420,6 +421,7 @@ async fn the_simulators_berlin_group_dialect_serves_the_same_dataset() {
         base_url: format!("{}{BERLIN_GROUP_PREFIX}", sim.origin),
         access_token: String::new(),
         financial_id: String::new(),
+        trace: None,
         bank_consent_id: key.to_owned(),
     };
     let from_bg = connector.fetch_refresh(&bg, long_ago()).await.unwrap();

@@ -93,6 +93,7 @@ fn access(origin: &str) -> ConsentAccess {
         base_url: format!("{origin}/aisp/"),
         access_token: "tok-123".into(),
         financial_id: "fin-9".into(),
+        trace: None,
         bank_consent_id: "bank-consent".into(),
     }
 }
@@ -320,6 +321,7 @@ async fn a_bad_base_url_is_refused() {
             base_url: base.into(),
             access_token: "t".into(),
             financial_id: "f".into(),
+            trace: None,
             bank_consent_id: "c".into(),
         };
         let err = connector(quick())

@@ -333,6 +333,7 @@ async fn no_bank_listening_is_transient() {
         base_url: format!("http://{addr}/open-banking/v3.1/aisp"),
         access_token: "never-shown-token".into(),
         financial_id: "x".into(),
+        trace: None,
         bank_consent_id: "x".into(),
     };
     let err = connector(quick())

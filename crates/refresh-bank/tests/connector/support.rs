@@ -47,6 +47,7 @@ impl Sim {
             base_url: format!("{}{API_PREFIX}", self.origin),
             access_token: token.to_owned(),
             financial_id: "0015800001041RHAAY".to_owned(),
+            trace: None,
             bank_consent_id: token.to_owned(),
         }
     }

@@ -331,6 +331,7 @@ async fn refresh(
         tenant: principal.scope_tenant().cloned(),
         requested_by: RequestedBy::Portal,
         initial: false,
+        traceparent: crate::routes::extract::traceparent(&headers),
     };
     match state.admitter.request(&request).await? {
         Decision::Refused(problem) => Ok(problem_response(&problem)),

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::extract::{consent_id, json_response, refresh_location, source};
+use super::extract::{Traceparent, consent_id, json_response, refresh_location, source};
 use super::refreshes::wait_terminal;
 use crate::auth::Principal;
 use crate::error::{ApiError, problem_response};
@@ -29,7 +29,7 @@ pub(crate) struct CompatMessage {
     path = "/stored-data/v1/consents/{consentId}/refresh",
     tag = "compatibility",
     summary = "Synchronous refresh (compatibility route)",
-    params(("consentId" = String, Path, description = "The consent (UUID)")),
+    params(("consentId" = String, Path, description = "The consent (UUID)"), ("traceparent" = Option<String>, Header, description = "W3C trace context (`00-{trace id}-{parent id}-{flags}`): the refresh keeps it and sends it to the bank, logs it and puts it on its events; missing or malformed starts a new trace")),
     responses(
         (status = 200, description = "Completed", body = CompatMessage),
         (status = 202, description = "Still running after `http.sync_wait_secs`", body = CompatMessage),
@@ -43,6 +43,7 @@ pub(crate) async fn sync_refresh(
     State(state): State<AppState>,
     principal: Principal,
     Path(raw): Path<String>,
+    Traceparent(traceparent): Traceparent,
 ) -> Result<Response, ApiError> {
     let id = consent_id(&raw)?;
     let message = |status: StatusCode, message: &str| {
@@ -56,6 +57,7 @@ pub(crate) async fn sync_refresh(
         tenant: principal.scope_tenant().cloned(),
         requested_by: source(&principal, RequestedBy::Api),
         initial: false,
+        traceparent,
     };
     let decision = match state.admitter.request(&request).await {
         Ok(decision) => decision,
@@ -105,7 +107,7 @@ pub(crate) async fn sync_refresh(
     path = "/cfa/consent/{consentId}/refresh",
     tag = "compatibility",
     summary = "Asynchronous refresh (compatibility route): 202 with an empty body",
-    params(("consentId" = String, Path, description = "The consent (UUID)")),
+    params(("consentId" = String, Path, description = "The consent (UUID)"), ("traceparent" = Option<String>, Header, description = "W3C trace context (`00-{trace id}-{parent id}-{flags}`): the refresh keeps it and sends it to the bank, logs it and puts it on its events; missing or malformed starts a new trace")),
     responses(
         (status = 202, description = "Admitted"),
         (status = 409, description = "A refresh is in flight", body = Problem, content_type = "application/problem+json"),
@@ -119,6 +121,7 @@ pub(crate) async fn async_refresh(
     State(state): State<AppState>,
     principal: Principal,
     Path(raw): Path<String>,
+    Traceparent(traceparent): Traceparent,
 ) -> Result<Response, ApiError> {
     let id = consent_id(&raw)?;
     let request = RefreshRequest {
@@ -126,6 +129,7 @@ pub(crate) async fn async_refresh(
         tenant: principal.scope_tenant().cloned(),
         requested_by: source(&principal, RequestedBy::Api),
         initial: false,
+        traceparent,
     };
     match state.admitter.request(&request).await? {
         Decision::Refused(problem) => Ok(problem_response(&problem)),

@@ -14,7 +14,7 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use super::extract::{
-    ApiJson, consent_id, json_response, param, query_pairs, source, visible_consent,
+    ApiJson, Traceparent, consent_id, json_response, param, query_pairs, source, visible_consent,
 };
 use super::views::{ConsentView, consent_view};
 use crate::auth::Principal;
@@ -45,6 +45,7 @@ pub(crate) struct RegisterConsent {
     tag = "consents",
     summary = "Register a consent and start its initial load",
     request_body(content = RegisterConsent, content_type = "application/json"),
+    params(("traceparent" = Option<String>, Header, description = "W3C trace context of the initial load (see the refresh route); missing or malformed starts a new trace")),
     responses(
         (status = 201, description = "Registered; `initialRefresh` is the initial load's record (or `{problem}`); `Location` names the consent", body = ConsentView,
             headers(("Location" = String, description = "`/v1/consents/{consentId}`"))),
@@ -60,6 +61,7 @@ pub(crate) struct RegisterConsent {
 pub(crate) async fn register_consent(
     State(state): State<AppState>,
     principal: Principal,
+    Traceparent(traceparent): Traceparent,
     ApiJson(body): ApiJson<RegisterConsent>,
 ) -> Result<Response, ApiError> {
     let Some(tenant) = principal.tenant.clone() else {
@@ -130,6 +132,7 @@ pub(crate) async fn register_consent(
             tenant: Some(tenant),
             requested_by: RequestedBy::App,
             initial: true,
+            traceparent,
         })
         .await;
     let initial_refresh = match initial {

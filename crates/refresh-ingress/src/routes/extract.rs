@@ -7,7 +7,7 @@ use axum::extract::{FromRequest, FromRequestParts, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use refresh_core::{ConsentId, Problem, RefreshId, RequestedBy};
+use refresh_core::{ConsentId, Problem, RefreshId, RequestedBy, TraceContext};
 use refresh_pg::ConsentRow;
 use serde::Serialize;
 
@@ -28,6 +28,24 @@ impl FromRequestParts<AppState> for Principal {
             .and_then(|v| v.to_str().ok());
         state.verifier.verify(header).map_err(ApiError::from)
     }
+}
+
+/// The request's W3C trace context: its `traceparent` header when that is a valid
+/// version-00 value, else a new trace. Never a rejection: a client's broken tracing
+/// must not cost it its refresh.
+pub(crate) struct Traceparent(pub TraceContext);
+
+impl<S: Send + Sync> FromRequestParts<S> for Traceparent {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(traceparent(&parts.headers)))
+    }
+}
+
+/// The trace context of a request's headers (see [`Traceparent`]).
+pub(crate) fn traceparent(headers: &axum::http::HeaderMap) -> TraceContext {
+    refresh_admission::trace_or_new(headers.get("traceparent").and_then(|v| v.to_str().ok()))
 }
 
 /// A JSON body whose rejections are problems: 413 over 64 KiB, otherwise 400 with a

@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{TimeDelta, Utc};
 use refresh_core::{
-    ConsentId, Problem, ProblemCode, RefreshId, RefreshRecord, RequestedBy, TenantId,
+    ConsentId, Problem, ProblemCode, RefreshId, RefreshRecord, RequestedBy, TenantId, TraceContext,
 };
 use refresh_pg::KeyReservation;
 use serde::Serialize;
@@ -18,7 +18,7 @@ use utoipa::ToSchema;
 
 use super::BODY_LIMIT;
 use super::extract::{
-    consent_id, json_response, refresh_id, refresh_location, source, visible_consent,
+    consent_id, json_response, refresh_id, refresh_location, source, traceparent, visible_consent,
 };
 use crate::auth::Principal;
 use crate::error::{ApiError, problem_response};
@@ -148,12 +148,14 @@ pub(crate) async fn refresh_answer(
     principal: &Principal,
     id: ConsentId,
     wait: Option<Duration>,
+    traceparent: TraceContext,
 ) -> Result<Response, ApiError> {
     let request = RefreshRequest {
         consent_id: id,
         tenant: principal.scope_tenant().cloned(),
         requested_by: source(principal, RequestedBy::Api),
         initial: false,
+        traceparent,
     };
     match state.admitter.request(&request).await? {
         Decision::Refused(problem) => Ok(problem_response(&problem)),
@@ -172,7 +174,7 @@ pub(crate) async fn refresh_answer(
     path = "/v1/consents/{consentId}/refresh",
     tag = "refreshes",
     summary = "Request a refresh",
-    params(("consentId" = String, Path, description = "The consent (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the first answer"), ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 60): hold the answer until the refresh is terminal")),
+    params(("consentId" = String, Path, description = "The consent (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the first answer"), ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 60): hold the answer until the refresh is terminal"), ("traceparent" = Option<String>, Header, description = "W3C trace context (`00-{trace id}-{parent id}-{flags}`): the refresh keeps it and sends it to the bank, logs it and puts it on its events; missing or malformed starts a new trace")),
     responses(
         (status = 202, description = "Admitted (or still running after a wait); `Location` names the record", body = RefreshRecord),
         (status = 200, description = "UPDATED within the wait", body = RefreshRecord),
@@ -194,6 +196,7 @@ pub(crate) async fn request_refresh(
 ) -> Result<Response, ApiError> {
     let id = consent_id(&raw)?;
     let wait = prefer_wait(&headers);
+    let trace = traceparent(&headers);
     let key = match headers.get("idempotency-key").map(|v| v.to_str()) {
         None => None,
         Some(Ok(key)) if !key.is_empty() && key.len() <= 255 => Some(key.to_owned()),
@@ -204,7 +207,7 @@ pub(crate) async fn request_refresh(
         }
     };
     let Some(key) = key else {
-        return refresh_answer(&state, &principal, id, wait).await;
+        return refresh_answer(&state, &principal, id, wait, trace).await;
     };
     // Keys are per tenant (operators share one space) and per consent.
     let key_tenant = match principal.scope_tenant() {
@@ -236,7 +239,7 @@ pub(crate) async fn request_refresh(
             KeyReservation::Reserved => break,
         }
     }
-    let answer = refresh_answer(&state, &principal, id, wait).await;
+    let answer = refresh_answer(&state, &principal, id, wait, trace).await;
     match answer {
         Ok(response) if response.status() != StatusCode::SERVICE_UNAVAILABLE => {
             let status = response.status();
