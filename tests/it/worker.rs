@@ -554,7 +554,6 @@ async fn a_job_taken_before_its_admission_commits_is_refreshed_once() {
         requested_by: RequestedBy::Api,
         initial: false,
         not_before: now,
-        attempt: 0,
         traceparent: None,
     };
     let id = record.refresh_id.to_string();

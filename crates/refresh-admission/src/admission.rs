@@ -228,7 +228,12 @@ impl Admitter {
             ticket.now,
             ticket.not_before,
         );
-        let event = refresh_event(&record, Some(request.traceparent), ticket.now);
+        let event = OutboxEvent::refresh(
+            &record,
+            Some(request.traceparent),
+            EventId::from_uuid(uuid::Uuid::now_v7()),
+            ticket.now,
+        );
         let pending = match self
             .store
             .begin_admission(&record, request.initial, Some(&request.traceparent), &event)
@@ -258,7 +263,6 @@ impl Admitter {
             requested_by: record.requested_by,
             initial: request.initial,
             not_before: record.not_before,
-            attempt: 0,
             traceparent: Some(request.traceparent),
         };
         let delay = (record.not_before - ticket.now)
@@ -345,21 +349,6 @@ pub(crate) fn refuse_consent(
     };
     let status = consent.map(|c| (&c.tenant_id, c.status.at(c.expires_at, now)));
     consent_refusal(status, caller)
-}
-
-/// The INITIALIZED (or later) event of a record, ready for the outbox.
-pub fn refresh_event(
-    record: &RefreshRecord,
-    traceparent: Option<TraceContext>,
-    at: DateTime<Utc>,
-) -> OutboxEvent {
-    let event = CloudEvent::refresh(record, EventId::from_uuid(uuid::Uuid::now_v7()), at)
-        .with_trace(traceparent);
-    OutboxEvent {
-        event_id: event.id,
-        routing_key: event.routing_key(),
-        payload: serde_json::to_value(&event).unwrap_or_default(),
-    }
 }
 
 /// A new trace context, from fresh random bytes.

@@ -8,8 +8,6 @@ mod metrics;
 mod rebuild;
 pub mod relay;
 
-pub use admission::{
-    Admitter, Decision, RefreshRequest, Unavailable, new_trace, refresh_event, trace_or_new,
-};
+pub use admission::{Admitter, Decision, RefreshRequest, Unavailable, new_trace, trace_or_new};
 pub use metrics::AdmissionMetrics;
 pub use rebuild::{GateRebuild, RebuildError};

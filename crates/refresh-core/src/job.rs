@@ -7,9 +7,12 @@ use serde::{Deserialize, Serialize};
 use crate::{ConsentId, ProviderId, RefreshId, RequestedBy, TenantId, TraceContext};
 
 /// The body of a job message (JSON, camelCase). Parsing validates every id, so a job
-/// that parses is well-formed.
+/// that parses is well-formed. Fields it does not know are ignored, so that during a
+/// rolling upgrade a worker reads the jobs of a newer (or older) ingress: the attempt
+/// count, for one, lives in `refreshes.attempts`, and older jobs still carry an
+/// `attempt` field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct Job {
     pub refresh_id: RefreshId,
     pub consent_id: ConsentId,
@@ -20,9 +23,6 @@ pub struct Job {
     pub initial: bool,
     /// The worker must not start the refresh before this instant.
     pub not_before: DateTime<Utc>,
-    /// Bank attempts already made (retries re-publish the job with this raised).
-    #[serde(default)]
-    pub attempt: u32,
     /// The refresh's W3C trace context; jobs published before it existed have none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<TraceContext>,
@@ -90,10 +90,15 @@ mod tests {
             requested_by: RequestedBy::Api,
             initial: false,
             not_before: "2026-01-01T00:00:00Z".parse().unwrap(),
-            attempt: 0,
             traceparent: None,
         };
         assert_eq!(Job::parse(&job.to_bytes()).unwrap(), job);
+        // A job of an older or newer version, with fields this one does not know.
+        let older = String::from_utf8(job.to_bytes())
+            .unwrap()
+            .replace("\"initial\"", "\"attempt\":2,\"initial\"");
+        assert!(older.contains("\"attempt\":2"), "{older}");
+        assert_eq!(Job::parse(older.as_bytes()).unwrap(), job);
         // Jobs without a trace (published before it existed) still parse, and one with
         // a trace keeps it.
         assert!(

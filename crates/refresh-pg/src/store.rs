@@ -94,6 +94,25 @@ pub struct OutboxEvent {
     pub payload: Value,
 }
 
+impl OutboxEvent {
+    /// The event of `record`'s current status (INITIALIZED, UPDATED, ERROR), carrying
+    /// the refresh's trace: the one builder every writer of a refresh event uses.
+    pub fn refresh(
+        record: &RefreshRecord,
+        traceparent: Option<TraceContext>,
+        event_id: EventId,
+        at: DateTime<Utc>,
+    ) -> Self {
+        let event = refresh_core::CloudEvent::refresh(record, event_id, at).with_trace(traceparent);
+        Self {
+            event_id: event.id,
+            routing_key: event.routing_key(),
+            // Serializing plain data with string keys cannot fail.
+            payload: serde_json::to_value(&event).unwrap_or_default(),
+        }
+    }
+}
+
 /// An outbox row not yet published.
 #[derive(Clone, Debug)]
 pub struct PendingEvent {

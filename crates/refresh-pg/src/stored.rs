@@ -9,9 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use refresh_core::{
-    Amount, CloudEvent, ConsentId, ConsentStatus, CreditDebit, EventId, MergeWindow, RefreshError,
-    RefreshId, RefreshRecord, RefreshStatus, RefreshSummary, StoredTransaction, TraceContext,
-    Transaction, TxStatus, TxSummary, plan_refresh_merge, relevant_keys,
+    Amount, ConsentId, ConsentStatus, CreditDebit, EventId, MergeWindow, RefreshError, RefreshId,
+    RefreshRecord, RefreshStatus, RefreshSummary, StoredTransaction, TraceContext, Transaction,
+    TxStatus, TxSummary, plan_refresh_merge, relevant_keys,
 };
 use serde_json::Value;
 use sqlx::postgres::PgRow;
@@ -158,21 +158,6 @@ fn stored_transaction(row: &PgRow) -> Result<StoredTransaction, StoreError> {
     })
 }
 
-fn outbox_event(
-    record: &RefreshRecord,
-    traceparent: Option<TraceContext>,
-    event_id: EventId,
-    at: DateTime<Utc>,
-) -> OutboxEvent {
-    let event = CloudEvent::refresh(record, event_id, at).with_trace(traceparent);
-    OutboxEvent {
-        event_id: event.id,
-        routing_key: event.routing_key(),
-        // Serializing plain data with string keys cannot fail.
-        payload: serde_json::to_value(&event).unwrap_or_default(),
-    }
-}
-
 type PgTx = sqlx::Transaction<'static, Postgres>;
 
 /// Locks the refresh row; `None` unless it exists and is `INITIALIZED`. Also the
@@ -254,7 +239,7 @@ async fn write_terminal(
     }
     insert_outbox(
         &mut **tx,
-        &outbox_event(record, traceparent, event_id, at),
+        &OutboxEvent::refresh(record, traceparent, event_id, at),
         at,
     )
     .await

@@ -398,7 +398,6 @@ async fn retry_bank(
     info!(refresh_id = %job.refresh_id, attempts, ?delay, reason, "the bank is unavailable; retrying later");
     let next = Job {
         not_before: now() + chrono::TimeDelta::from_std(delay).unwrap_or_default(),
-        attempt: attempts,
         ..job.clone()
     };
     let hop = delay.min(config.max_wait_hop);
