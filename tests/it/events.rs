@@ -88,7 +88,7 @@ async fn finish_updated(api: &Api, refresh_id: &str) -> RefreshRecord {
     let id = refresh_id.parse().unwrap();
     let mut record = api.services.store.refresh(id).await.unwrap().unwrap();
     let now = Utc::now();
-    record.mark_started(now);
+    record.started_at = Some(now);
     record
         .finish_updated(RefreshSummary::default(), now)
         .unwrap();

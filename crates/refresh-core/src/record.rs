@@ -161,16 +161,6 @@ impl RefreshRecord {
         }
     }
 
-    /// Notes that a worker began; the first start is kept when a job is redelivered.
-    /// Returns whether the record changed.
-    pub fn mark_started(&mut self, at: DateTime<Utc>) -> bool {
-        if self.status != RefreshStatus::Initialized || self.started_at.is_some() {
-            return false;
-        }
-        self.started_at = Some(at);
-        true
-    }
-
     /// Ends the refresh as `UPDATED`.
     pub fn finish_updated(
         &mut self,
@@ -253,7 +243,7 @@ pub(crate) mod tests {
                 "summary": null,
             }),
         );
-        assert!(r.mark_started("2024-05-01T10:00:03Z".parse().unwrap()));
+        r.started_at = Some("2024-05-01T10:00:03Z".parse().unwrap());
         let summary = RefreshSummary::new(
             2,
             3,
@@ -310,12 +300,7 @@ pub(crate) mod tests {
         let t = |s: &str| -> DateTime<Utc> { s.parse().unwrap() };
         let mut r = record();
         assert_eq!(r.problem(), None);
-        assert!(r.mark_started(t("2024-05-01T10:00:03Z")));
-        assert!(
-            !r.mark_started(t("2024-05-01T10:05:00Z")),
-            "a redelivered job keeps the first start"
-        );
-        assert_eq!(r.started_at, Some(t("2024-05-01T10:00:03Z")));
+        r.started_at = Some(t("2024-05-01T10:00:03Z"));
         r.finish_error(RefreshError::bank_unavailable(5), t("2024-05-01T10:01:00Z"))
             .unwrap();
         assert_eq!(
@@ -328,7 +313,6 @@ pub(crate) mod tests {
         );
         assert_eq!(r.status, RefreshStatus::Error);
         assert_eq!(r.summary, None);
-        assert!(!r.mark_started(t("2024-05-01T10:05:00Z")));
         let problem = r.problem().unwrap();
         assert_eq!(problem.code, ProblemCode::BankUnavailable);
         assert_eq!(problem.status, 503);

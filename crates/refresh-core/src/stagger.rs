@@ -1,6 +1,6 @@
 //! The global stagger: how far apart refresh starts are spaced, and the pure slot decision.
 
-use chrono::{DateTime, TimeDelta, Utc};
+use chrono::TimeDelta;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -76,21 +76,6 @@ pub enum StaggerError {
     AutosyncShare,
 }
 
-/// Where a new refresh may start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotDecision {
-    /// Admitted: start no earlier than this.
-    Start {
-        /// The start slot (`notBefore`).
-        not_before: DateTime<Utc>,
-    },
-    /// The earliest free slot is beyond `max_delay_secs`; ask again after `retry_after`.
-    BacklogFull {
-        /// How long until a slot within the allowed delay frees up.
-        retry_after: TimeDelta,
-    },
-}
-
 impl StaggerSettings {
     /// Checks the settings are usable; run once when settings are loaded.
     pub fn validate(&self) -> Result<(), StaggerError> {
@@ -147,29 +132,6 @@ impl StaggerSettings {
         let nanos = (u128::from(self.period_secs) * NANOS_PER_SEC)
             .div_ceil(u128::from(self.autosync_limit()));
         i64::try_from(nanos).map_or(TimeDelta::MAX, TimeDelta::nanoseconds)
-    }
-
-    /// The slot decision, given the latest slot already handed out in this
-    /// budget: the next slot is one spacing after it, and never before `now`.
-    /// This is the reference the atomic Redis script implements.
-    pub fn assign_slot(
-        &self,
-        last_slot: Option<DateTime<Utc>>,
-        now: DateTime<Utc>,
-    ) -> SlotDecision {
-        let earliest = last_slot
-            .and_then(|last| last.checked_add_signed(self.spacing()))
-            .map_or(now, |next| next.max(now));
-        let wait = earliest.signed_duration_since(now);
-        if wait > self.max_delay() {
-            SlotDecision::BacklogFull {
-                retry_after: wait - self.max_delay(),
-            }
-        } else {
-            SlotDecision::Start {
-                not_before: earliest,
-            }
-        }
     }
 }
 
@@ -271,31 +233,6 @@ mod tests {
         check(0, 60, Err(StaggerError::ZeroLimit));
         check(30, 0, Err(StaggerError::ZeroPeriod));
         assert_eq!(StaggerSettings::default().validate(), Ok(()));
-    }
-
-    fn at(s: &str) -> DateTime<Utc> {
-        s.parse().unwrap()
-    }
-
-    #[test]
-    fn slots() {
-        let s = settings(30, 60, 10);
-        let now = "2024-01-01T12:00:00Z";
-        let check = |last: Option<&str>, expected: SlotDecision| {
-            assert_eq!(s.assign_slot(last.map(at), at(now)), expected, "{last:?}");
-        };
-        let start = |t: &str| SlotDecision::Start { not_before: at(t) };
-        let full = |ms: i64| SlotDecision::BacklogFull {
-            retry_after: TimeDelta::milliseconds(ms),
-        };
-        check(None, start(now));
-        check(Some("2024-01-01T11:00:00Z"), start(now));
-        check(Some("2024-01-01T11:59:58Z"), start(now));
-        check(Some("2024-01-01T11:59:59Z"), start("2024-01-01T12:00:01Z"));
-        check(Some("2024-01-01T12:00:00Z"), start("2024-01-01T12:00:02Z"));
-        check(Some("2024-01-01T12:00:08Z"), start("2024-01-01T12:00:10Z"));
-        check(Some("2024-01-01T12:00:08.5Z"), full(500));
-        check(Some("2024-01-01T12:01:00Z"), full(52_000));
     }
 
     #[test]
