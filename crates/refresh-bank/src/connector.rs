@@ -188,6 +188,50 @@ pub(crate) fn http_client(
         .map_err(ConnectorBuildError)
 }
 
+/// The provider's base URL, refused unless it is an http(s) URL that takes paths.
+pub(crate) fn base_url(access: &ConsentAccess) -> Result<reqwest::Url, BankError> {
+    reqwest::Url::parse(access.base_url.trim_end_matches('/'))
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base())
+        .ok_or_else(|| {
+            BankError::Malformed(format!(
+                "provider base url {:?} is not an http(s) url",
+                access.base_url
+            ))
+        })
+}
+
+/// A request that got no answer: transient, whether it timed out or failed on the way.
+pub(crate) fn transport_error(e: &reqwest::Error, request_timeout: Duration) -> BankError {
+    if e.is_timeout() {
+        BankError::transient(format!(
+            "request timed out after {}",
+            human(request_timeout)
+        ))
+    } else {
+        BankError::transient(format!("request failed: {}", refresh_core::error_chain(e)))
+    }
+}
+
+/// A whole fetch, all its pages, within `limit`; past it the fetch is transient.
+pub(crate) async fn within_fetch_timeout(
+    limit: Duration,
+    fetch: impl Future<Output = Result<BankData, BankError>>,
+) -> Result<BankData, BankError> {
+    match tokio::time::timeout(limit, fetch).await {
+        Ok(result) => result,
+        Err(_) => Err(BankError::transient(format!(
+            "fetch took longer than {}",
+            human(limit)
+        ))),
+    }
+}
+
+/// A duration as the errors say it.
+pub(crate) fn human(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
 /// Builds the connector for `kind`.
 pub fn build_connector(
     kind: ProviderKind,

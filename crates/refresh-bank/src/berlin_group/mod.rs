@@ -15,8 +15,8 @@ use crate::connector::{
 };
 use crate::deviations::Deviations;
 use crate::error::BankError;
+use crate::obie::dedupe_transactions;
 use crate::obie::outcome::parse_retry_after;
-use crate::obie::{dedupe_transactions, error_chain, human};
 
 /// Responses larger than this are refused rather than buffered.
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -79,13 +79,7 @@ impl BerlinGroupConnector {
             let mut session = Session::new(self, access)?;
             session.fetch(from_booking, initial).await
         };
-        match tokio::time::timeout(limit, fetch).await {
-            Ok(result) => result,
-            Err(_) => Err(BankError::transient(format!(
-                "fetch took longer than {}",
-                human(limit)
-            ))),
-        }
+        crate::connector::within_fetch_timeout(limit, fetch).await
     }
 }
 
@@ -121,15 +115,7 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     fn new(conn: &'a BerlinGroupConnector, access: &'a ConsentAccess) -> Result<Self, BankError> {
-        let base = Url::parse(access.base_url.trim_end_matches('/'))
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base())
-            .ok_or_else(|| {
-                BankError::Malformed(format!(
-                    "provider base url {:?} is not an http(s) url",
-                    access.base_url
-                ))
-            })?;
+        let base = crate::connector::base_url(access)?;
         Ok(Self {
             conn,
             access,
@@ -297,14 +283,7 @@ impl<'a> Session<'a> {
     }
 
     fn transport_error(&self, e: &reqwest::Error) -> BankError {
-        if e.is_timeout() {
-            BankError::transient(format!(
-                "request timed out after {}",
-                human(self.conn.settings.request_timeout)
-            ))
-        } else {
-            BankError::transient(format!("request failed: {}", error_chain(e)))
-        }
+        crate::connector::transport_error(e, self.conn.settings.request_timeout)
     }
 }
 

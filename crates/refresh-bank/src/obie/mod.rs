@@ -8,7 +8,6 @@ mod wire;
 mod examples_tests;
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderValue, RETRY_AFTER};
@@ -83,13 +82,7 @@ impl ObieConnector {
             );
             data
         };
-        match tokio::time::timeout(limit, fetch).await {
-            Ok(result) => result,
-            Err(_) => Err(BankError::transient(format!(
-                "fetch took longer than {}",
-                human(limit)
-            ))),
-        }
+        crate::connector::within_fetch_timeout(limit, fetch).await
     }
 }
 
@@ -115,10 +108,6 @@ impl Connector for ObieConnector {
     }
 }
 
-pub(crate) fn human(d: Duration) -> String {
-    format!("{}ms", d.as_millis())
-}
-
 /// One fetch: the consent, its base URL, and what was counted on the way.
 struct Session<'a> {
     conn: &'a ObieConnector,
@@ -130,15 +119,7 @@ struct Session<'a> {
 
 impl<'a> Session<'a> {
     fn new(conn: &'a ObieConnector, access: &'a ConsentAccess) -> Result<Self, BankError> {
-        let base = Url::parse(access.base_url.trim_end_matches('/'))
-            .ok()
-            .filter(|u| matches!(u.scheme(), "http" | "https") && !u.cannot_be_a_base())
-            .ok_or_else(|| {
-                BankError::Malformed(format!(
-                    "provider base url {:?} is not an http(s) url",
-                    access.base_url
-                ))
-            })?;
+        let base = crate::connector::base_url(access)?;
         Ok(Self {
             conn,
             access,
@@ -378,27 +359,8 @@ impl<'a> Session<'a> {
     }
 
     fn transport_error(&self, e: &reqwest::Error) -> BankError {
-        if e.is_timeout() {
-            BankError::transient(format!(
-                "request timed out after {}",
-                human(self.conn.settings.request_timeout)
-            ))
-        } else {
-            BankError::transient(format!("request failed: {}", error_chain(e)))
-        }
+        crate::connector::transport_error(e, self.conn.settings.request_timeout)
     }
-}
-
-/// An error and its sources, `: `-separated.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Within one account, one transaction per `TransactionId`: the last one read.
