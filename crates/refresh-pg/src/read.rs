@@ -118,7 +118,7 @@ fn tx_row(row: &PgRow) -> Result<TxRow, StoreError> {
 
 /// RFC 3339 UTC with milliseconds, as the API writes instants.
 fn instant(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    refresh_core::time::format_millis(&t)
 }
 
 /// The account object with its holder block put back (`Account[]` from the initial
