@@ -352,7 +352,8 @@ fn manifests_keep_the_operational_promises() {
     }
     let sim = &find(&objects, "Deployment", "refreshd-bank-sim")["spec"]["template"]["spec"]["containers"]
         [0];
-    assert!(sim["readinessProbe"]["tcpSocket"].is_object());
+    assert_eq!(sim["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(sim["livenessProbe"]["httpGet"]["path"], "/healthz");
 
     assert_eq!(
         find(&objects, "Deployment", "refreshd-scheduler")["spec"]["replicas"],

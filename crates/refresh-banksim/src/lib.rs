@@ -83,6 +83,36 @@ pub(crate) fn build(settings: SimSettings, shutdown: CancellationToken, today: T
         .nest(BERLIN_GROUP_PREFIX, berlin_group::routes())
         .merge(control::routes())
         .with_state(sim)
+        .merge(operations())
+}
+
+/// What every role serves operators (SPEC §7): alive, ready (the simulator depends on
+/// nothing, so ready as soon as it serves), and its metrics (it keeps none: an empty
+/// exposition).
+fn operations() -> Router {
+    use axum::http::header::CONTENT_TYPE;
+    use axum::routing::get;
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        )
+        .route(
+            "/readyz",
+            get(|| async { axum::Json(serde_json::json!({"status": "ready", "checks": {}})) }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    "# EOF\n",
+                )
+            }),
+        )
 }
 
 #[cfg(test)]

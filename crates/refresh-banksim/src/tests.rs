@@ -551,3 +551,25 @@ async fn calls_are_logged_in_order() {
     let bad = send(&app, Method::GET, "/sim/calls?since=yesterday", None, None).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn serves_the_probes_of_every_role() {
+    let app = app(10);
+    let health = send(&app, Method::GET, "/healthz", None, None).await;
+    assert_eq!(
+        (health.status, health.body),
+        (StatusCode::OK, json!({"status": "ok"}))
+    );
+    let ready = send(&app, Method::GET, "/readyz", None, None).await;
+    assert_eq!(
+        (ready.status, ready.body),
+        (StatusCode::OK, json!({"status": "ready", "checks": {}}))
+    );
+    let metrics = send(&app, Method::GET, "/metrics", None, None).await;
+    assert_eq!(metrics.status, StatusCode::OK);
+    assert_eq!(
+        metrics.headers["content-type"],
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    assert_eq!(metrics.body, json!("# EOF\n"));
+}
