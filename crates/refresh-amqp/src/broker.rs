@@ -50,6 +50,13 @@ const CLOUDEVENTS_JSON: &str = "application/cloudevents+json";
 
 type EventStream = Pin<Box<dyn Stream<Item = Event> + Send>>;
 
+/// An exclusive queue of the `events` exchange and the connection it lives on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventQueue {
+    pub name: String,
+    pub connection_id: u64,
+}
+
 /// One live connection with its confirmed publish channel.
 #[derive(Clone)]
 pub(crate) struct Link {
@@ -290,22 +297,39 @@ impl Broker {
 
     /// Declares an exclusive, server-named queue bound to the `events` exchange with
     /// every key of `bindings`: an ingress's feed of live events for its SSE clients.
-    /// Like [`Broker::declare_probe_queue`] it ends with the current connection; after
-    /// a reconnect ([`Broker::is_connected`] went false) the caller declares a new one.
-    pub async fn declare_event_queue(&self, bindings: &[&str]) -> Result<String, AmqpError> {
+    /// Like [`Broker::declare_probe_queue`] it ends with the connection it was declared
+    /// on; once [`Broker::connection_id`] no longer is [`EventQueue::connection_id`],
+    /// the caller declares a new one. A connection that merely looks unusable for a
+    /// moment keeps its queue.
+    pub async fn declare_event_queue(&self, bindings: &[&str]) -> Result<EventQueue, AmqpError> {
         let keys = bindings
             .iter()
             .map(|key| short("binding", key))
             .collect::<Result<Vec<_>, _>>()?;
-        self.declare_bound(keys).await
+        let (name, connection_id) = self.declare_bound(keys).await?;
+        Ok(EventQueue {
+            name,
+            connection_id,
+        })
+    }
+
+    /// The id of the current connection (it grows with every reconnect), `None` while
+    /// reconnecting.
+    pub fn connection_id(&self) -> Option<u64> {
+        self.inner
+            .link
+            .borrow()
+            .as_ref()
+            .map(|link| link.connection_id)
     }
 
     async fn declare_exclusive(&self, binding: Option<&str>) -> Result<String, AmqpError> {
         let keys = binding.map(|key| short("binding", key)).transpose()?;
-        self.declare_bound(keys.into_iter().collect()).await
+        Ok(self.declare_bound(keys.into_iter().collect()).await?.0)
     }
 
-    async fn declare_bound(&self, bindings: Vec<ShortString>) -> Result<String, AmqpError> {
+    /// Declares the queue and binds it; returns its name and the connection it lives on.
+    async fn declare_bound(&self, bindings: Vec<ShortString>) -> Result<(String, u64), AmqpError> {
         let work = async {
             let link = self.wait_for_link().await?;
             let channel = link
@@ -334,7 +358,7 @@ impl Broker {
                     .map_err(AmqpError::from_lapin)?;
             }
             let _ = channel.close(200, "declared".into()).await;
-            Ok(queue.name().to_string())
+            Ok((queue.name().to_string(), link.connection_id))
         };
         timeout(self.confirm_timeout(), work)
             .await

@@ -11,7 +11,7 @@ mod dead;
 mod names;
 pub mod topology;
 
-pub use broker::Broker;
+pub use broker::{Broker, EventQueue};
 pub use conn::{AmqpError, AmqpSettings, connect, delete_namespace, queue_exists};
 pub use consumer::{Consumer, DEAD_REASON_HEADER, Delivery, RETRIES_HEADER};
 pub use dead::{DeadMessage, DeadQueue};

@@ -145,8 +145,9 @@ impl Subscription {
 }
 
 /// Feeds `hub` from the `events` exchange until `shutdown`. When the broker
-/// connection is replaced, the exclusive queue is gone with the old connection: the
-/// feed declares a new one and ends the current streams so they resume.
+/// connection is replaced (a new connection id, not a moment in which the old one
+/// looks unusable), the exclusive queue is gone with the old connection: the feed
+/// declares a new one and ends the current streams so they resume.
 pub async fn run(broker: Broker, hub: EventHub, shutdown: CancellationToken) {
     while !shutdown.is_cancelled() {
         let queue = tokio::select! {
@@ -163,14 +164,14 @@ pub async fn run(broker: Broker, hub: EventHub, shutdown: CancellationToken) {
                 }
             }
         };
-        let mut consumer = broker.consume(&queue, 256);
+        let mut consumer = broker.consume(&queue.name, 256);
         let mut check = tokio::time::interval(LINK_CHECK);
         loop {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return,
                 _ = check.tick() => {
-                    if !broker.is_connected() {
+                    if broker.connection_id() != Some(queue.connection_id) {
                         break;
                     }
                 }
@@ -193,7 +194,10 @@ pub async fn run(broker: Broker, hub: EventHub, shutdown: CancellationToken) {
         }
         tracing::info!("the broker connection was replaced; declaring a new live event queue");
         // Wait for the new connection before declaring, then let streams resume.
-        while !broker.is_connected() {
+        while broker
+            .connection_id()
+            .is_none_or(|id| id == queue.connection_id)
+        {
             tokio::select! {
                 () = shutdown.cancelled() => return,
                 () = tokio::time::sleep(LINK_CHECK) => {}
