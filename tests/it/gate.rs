@@ -1093,6 +1093,70 @@ async fn a_gate_that_lost_its_state_is_rebuilt_from_the_database(redis: Redis) {
 
 on_both!(a_gate_that_lost_its_state_is_rebuilt_from_the_database);
 
+/// The workers' start log comes back with the rest of the state: a bank attempt begun
+/// before Redis lost its keys still fills its period, so the bank never sees more than
+/// `stagger.limit` starts in a period across the loss.
+async fn a_rebuild_restores_the_workers_start_log(redis: Redis) {
+    let app = redis
+        .app(&[("stagger.limit", "1"), ("stagger.period_secs", "60")])
+        .await;
+    let api = app.start_ingress().await;
+    let token = refresh_tests::dev_token(&app, Some("acme"), "api:stored_data");
+    let consent = api.seed_consent("acme", None, None).await;
+    let refresh: RefreshId = api
+        .refresh(&token, &consent.to_string())
+        .await
+        .parse()
+        .unwrap();
+    let gate = &api.services.gate;
+    // What a worker does before it calls the bank: take a start, then record it.
+    let attempt = format!("{refresh}:0");
+    let before = redis_ms(&app).await;
+    assert_eq!(
+        gate.take_start_slot("global", &attempt).await.unwrap(),
+        StartDecision::Go
+    );
+    let started = api
+        .services
+        .store
+        .start_attempt(refresh, 0, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(matches!(started, refresh_pg::AttemptStart::Started(_)));
+
+    refresh_redis::delete_namespace(&app.redis, &app.namespace)
+        .await
+        .unwrap();
+    let rebuild = refresh_admission::GateRebuild::new(api.services.store.clone(), gate.clone());
+    let report = rebuild
+        .rebuild_now()
+        .await
+        .unwrap()
+        .expect("the rebuild lock");
+    assert_eq!((report.locks, report.starts), (1, 1), "{report:?}");
+
+    // The attempt is still the one start of its period...
+    assert_eq!(
+        gate.take_start_slot("global", &attempt).await.unwrap(),
+        StartDecision::Go
+    );
+    // ...so another waits until it leaves the window.
+    let StartDecision::WaitUntil(until) =
+        gate.take_start_slot("global", "another:0").await.unwrap()
+    else {
+        panic!("a second start within the period after the rebuild");
+    };
+    let after = redis_ms(&app).await;
+    let window = 60_000 + refresh_redis::START_MARGIN_MS;
+    let until = until.timestamp_millis();
+    assert!(
+        (before + window - 1_000..=after + window + 1).contains(&until),
+        "{before} {until} {after}"
+    );
+}
+
+on_both!(a_rebuild_restores_the_workers_start_log);
+
 /// A small deterministic generator (xorshift64*), so a failing case can be replayed
 /// from its seed.
 struct Random(u64);

@@ -1,6 +1,7 @@
 //! Rebuilding the gate's Redis state from PostgreSQL once Redis has lost it (SPEC §2):
 //! quotas from the admissions still in their windows, in-flight locks from the
-//! `INITIALIZED` refreshes, the stagger from their start slots.
+//! `INITIALIZED` refreshes, the stagger from their start slots, the workers' start
+//! log from the bank attempts begun within a period.
 //!
 //! Whoever meets [`GateError::Rebuilding`] asks for a rebuild; the replica that gets
 //! the rebuild lock in Redis does it, the others keep answering 503 until the epochs
@@ -139,6 +140,7 @@ impl GateRebuild {
             quota_sets = report.quota_sets,
             locks = report.locks,
             slots = report.slots,
+            starts = report.starts,
             elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
             "redis had lost the gate's state; rebuilt it from the database"
         );
@@ -170,5 +172,6 @@ fn admitted(row: GateRow) -> AdmittedRefresh {
         admitted_at: row.date_requested,
         not_before: row.not_before,
         in_flight: row.in_flight,
+        last_attempt: row.last_attempt,
     }
 }

@@ -1,5 +1,6 @@
 //! What the admission gate's state is rebuilt from when Redis lost it (SPEC §2):
-//! the admissions still inside a quota window and every refresh in flight.
+//! the admissions still inside a quota window, every refresh in flight, and the
+//! latest bank attempt of each (the workers' start log).
 
 use chrono::{DateTime, Utc};
 use refresh_core::{ConsentId, ProviderId, RefreshId, RequestedBy, TenantId};
@@ -20,6 +21,8 @@ pub struct GateRow {
     pub not_before: DateTime<Utc>,
     /// Still `INITIALIZED`.
     pub in_flight: bool,
+    /// The latest bank attempt: its index (0 for the first) and when it began.
+    pub last_attempt: Option<(u32, DateTime<Utc>)>,
 }
 
 impl Store {
@@ -29,7 +32,8 @@ impl Store {
     pub async fn gate_rows(&self, since: DateTime<Utc>) -> Result<Vec<GateRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT r.refresh_id, r.consent_id, r.tenant_id, c.provider_id, r.requested_by, \
-                    r.initial, r.date_requested, r.not_before, r.status = 'INITIALIZED' AS in_flight \
+                    r.initial, r.date_requested, r.not_before, r.status = 'INITIALIZED' AS in_flight, \
+                    r.attempts, r.last_started_at \
              FROM refreshes r JOIN consents c USING (consent_id) \
              WHERE r.date_requested >= $1 OR r.status = 'INITIALIZED'",
         )
@@ -53,8 +57,24 @@ impl Store {
                     date_requested: row.try_get("date_requested")?,
                     not_before: row.try_get("not_before")?,
                     in_flight: row.try_get("in_flight")?,
+                    last_attempt: last_attempt(
+                        row.try_get("attempts")?,
+                        row.try_get("last_started_at")?,
+                    )?,
                 })
             })
             .collect()
     }
+}
+
+/// The attempt index the worker logged (`attempts - 1`) with its start time.
+fn last_attempt(
+    attempts: i32,
+    started: Option<DateTime<Utc>>,
+) -> Result<Option<(u32, DateTime<Utc>)>, StoreError> {
+    let Some(started) = started else {
+        return Ok(None);
+    };
+    let index = u32::try_from(attempts - 1).map_err(corrupt)?;
+    Ok(Some((index, started)))
 }

@@ -278,7 +278,7 @@ impl Store {
         row.map(|row| job_state(&row)).transpose()
     }
 
-    /// Records the start of bank attempt `seen + 1` (and the first start time),
+    /// Records the start of bank attempt `seen + 1` (its start time, and the first's),
     /// provided the refresh is still `INITIALIZED` with `seen` attempts.
     pub async fn start_attempt(
         &self,
@@ -287,7 +287,8 @@ impl Store {
         at: DateTime<Utc>,
     ) -> Result<AttemptStart, StoreError> {
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE refreshes SET attempts = attempts + 1, started_at = COALESCE(started_at, $3) \
+            "UPDATE refreshes SET attempts = attempts + 1, started_at = COALESCE(started_at, $3), \
+                    last_started_at = $3 \
              WHERE refresh_id = $1 AND status = 'INITIALIZED' AND attempts = $2 \
              RETURNING {REFRESH_COLUMNS}, initial, attempts"
         )))

@@ -226,6 +226,9 @@ pub struct AdmittedRefresh {
     pub not_before: DateTime<Utc>,
     /// Still `INITIALIZED`: it holds the lock and, until it starts, its slot.
     pub in_flight: bool,
+    /// Its latest bank attempt, `(index, start)`: the entry `<refresh id>:<index>` the
+    /// worker wrote in the start log ([`Gate::take_start_slot`]).
+    pub last_attempt: Option<(u32, DateTime<Utc>)>,
 }
 
 /// What a rebuild wrote.
@@ -234,6 +237,8 @@ pub struct RebuildReport {
     pub quota_sets: usize,
     pub locks: usize,
     pub slots: usize,
+    /// Bank starts put back in the workers' start log.
+    pub starts: usize,
     pub epochs: usize,
 }
 
@@ -583,10 +588,26 @@ impl Gate {
         let mut quota: HashMap<String, (i64, Vec<(i64, String)>)> = HashMap::new();
         let mut slots: HashMap<String, (i64, Vec<(i64, String)>)> = HashMap::new();
         let mut chains: HashMap<String, (i64, String)> = HashMap::new();
+        let mut starts: HashMap<String, (i64, Vec<(i64, String)>)> = HashMap::new();
+        let start_window = self.period_ms + START_MARGIN_MS;
         let mut writes = Vec::new();
         for refresh in refreshes {
             let id = refresh.refresh_id.to_string();
             let admitted = refresh.admitted_at.timestamp_millis();
+            if let Some((index, started)) = refresh.last_attempt {
+                // The start log keeps a start for its window (see `take_start_slot`).
+                let started = started.timestamp_millis();
+                if started + start_window >= now {
+                    let bucket = self
+                        .config
+                        .stagger
+                        .scope
+                        .bucket(&refresh.tenant_id, &refresh.provider_id);
+                    let entry = starts.entry(reply::starts_key(ns, &bucket)).or_default();
+                    entry.0 = entry.0.max(started + start_window + 1);
+                    entry.1.push((started, format!("{id}:{index}")));
+                }
+            }
             if !refresh.initial {
                 for index in self.rule_indices(refresh.requested_by) {
                     let Some(rule) = self.config.rules.get(index) else {
@@ -635,9 +656,10 @@ impl Gate {
             quota_sets: quota.len(),
             locks: writes.len(),
             slots: slots.values().map(|(_, s)| s.len()).sum(),
+            starts: starts.values().map(|(_, s)| s.len()).sum(),
             epochs: epoch::SLOTS,
         };
-        for (key, (expire_at, entries)) in quota.into_iter().chain(slots) {
+        for (key, (expire_at, entries)) in quota.into_iter().chain(slots).chain(starts) {
             if expire_at <= now {
                 continue;
             }
