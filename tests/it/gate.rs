@@ -1042,7 +1042,15 @@ async fn a_gate_that_lost_its_state_is_rebuilt_from_the_database(redis: Redis) {
     ));
     assert!(gate.end_rebuild("another replica").await.unwrap());
 
-    // The next request rebuilds and is decided on the rebuilt state.
+    // A read of the quota rebuilds too (as an admission would) and reads the rebuilt state.
+    let view = api.get(&format!("/v1/consents/{used_up}"), &token).await;
+    assert_eq!(view.status, 200, "{view:?}");
+    assert_eq!(
+        (&view.body["quota"]["limit"], &view.body["quota"]["used"]),
+        (&4.into(), &4.into()),
+        "{view:?}"
+    );
+    // The next request is decided on the rebuilt state.
     let after = api.post(&path(used_up), &token, None).await;
     assert_eq!(after.status, 429, "{after:?}");
     assert_eq!(after.body["code"], "daily_limit_reached");

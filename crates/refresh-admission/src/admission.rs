@@ -16,7 +16,7 @@ use refresh_core::{
     RejectedRequest, RequestedBy, TenantId, TraceContext, consent_refusal,
 };
 use refresh_pg::{ConsentRow, OutboxEvent, Store, StoreError};
-use refresh_redis::{Gate, GateDecision, GateError, GateRequest, Ticket};
+use refresh_redis::{Gate, GateDecision, GateError, GateRequest, QuotaStatus, Ticket};
 use tokio::sync::Notify;
 
 use crate::metrics::AdmissionMetrics;
@@ -180,8 +180,23 @@ impl Admitter {
         problem
     }
 
-    /// The gate's rebuild, for the other readers of the gate (a quota read, the
-    /// scheduler's in-flight check) that meet [`GateError::Rebuilding`].
+    /// The consent's quota for `source` as the gate counts it (`None` when the source
+    /// is exempt). Like an admission, a read that meets a lost gate state rebuilds it
+    /// (or waits a little for the replica that does) and reads again.
+    pub async fn quota(
+        &self,
+        consent: ConsentId,
+        source: RequestedBy,
+    ) -> Result<Option<QuotaStatus>, GateError> {
+        let quota = self.gate.quota(consent, source).await;
+        if matches!(quota, Err(GateError::Rebuilding)) && self.rebuild.recover().await {
+            return self.gate.quota(consent, source).await;
+        }
+        quota
+    }
+
+    /// The gate's rebuild, for the other readers of the gate (the scheduler's
+    /// in-flight check) that meet [`GateError::Rebuilding`].
     pub fn gate_rebuild(&self) -> &GateRebuild {
         &self.rebuild
     }

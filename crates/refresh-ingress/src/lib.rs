@@ -19,7 +19,7 @@ use refresh_admission::Admitter;
 use refresh_amqp::Broker;
 use refresh_ops::Registry;
 use refresh_pg::Store;
-use refresh_redis::{ConnectionManager, Gate};
+use refresh_redis::ConnectionManager;
 pub use routes::BODY_LIMIT;
 
 /// What the HTTP API needs besides the adapters.
@@ -44,7 +44,6 @@ pub struct HttpConfig {
 pub fn router(
     admitter: Admitter,
     store: Store,
-    gate: Gate,
     broker: Broker,
     redis: ConnectionManager,
     verifier: Verifier,
@@ -55,7 +54,6 @@ pub fn router(
     let state = state::AppState {
         admitter,
         store,
-        gate,
         broker,
         redis,
         verifier,

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use refresh_amqp::Broker;
 use refresh_pg::Store;
-use refresh_redis::Gate;
 
 use crate::auth::Verifier;
 use refresh_admission::Admitter;
@@ -16,7 +15,6 @@ use refresh_ops::Registry;
 pub(crate) struct AppState {
     pub(crate) admitter: Admitter,
     pub(crate) store: Store,
-    pub(crate) gate: Gate,
     pub(crate) broker: Broker,
     pub(crate) redis: refresh_redis::ConnectionManager,
     pub(crate) verifier: Verifier,

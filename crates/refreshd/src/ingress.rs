@@ -54,7 +54,6 @@ pub async fn start(
     let router = refresh_ingress::router(
         admitter.clone(),
         services.store.clone(),
-        services.gate.clone(),
         services.broker.clone(),
         services.redis.clone(),
         verifier,

@@ -337,7 +337,7 @@ async fn refresh(
         Decision::Refused(problem) => Ok(problem_response(&problem)),
         Decision::Admitted(record) => {
             let quota = state
-                .gate
+                .admitter
                 .quota(consent.consent_id, RequestedBy::Portal)
                 .await?;
             let body = json!({

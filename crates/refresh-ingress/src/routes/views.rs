@@ -46,7 +46,7 @@ pub(crate) async fn consent_view(
 ) -> Result<ConsentView, ApiError> {
     let in_flight = state.store.in_flight(consent.consent_id).await?;
     let quota = state
-        .gate
+        .admitter
         .quota(consent.consent_id, quota_source)
         .await?
         .map(|q| QuotaView {
