@@ -14,6 +14,7 @@ mod deploy;
 mod events;
 mod gate;
 mod harness;
+mod idempotency;
 mod ingress;
 mod pending;
 mod portal;

@@ -288,3 +288,251 @@ async fn another_tenants_token_never_sees_a_tenants_resources() {
         .unwrap();
     assert_eq!(rows, 1);
 }
+
+/// Sends raw bytes as the body with a content type.
+async fn send_raw(
+    api: &Api,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Answer {
+    let mut headers = vec![("content-type", content_type.to_owned())];
+    if let Some(token) = token {
+        headers.push(("authorization", format!("Bearer {token}")));
+    }
+    let mut request = api
+        .client
+        .request(method, format!("{}{path}", api.base))
+        .body(body);
+    for (name, value) in &headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn assert_problem_shape(answer: &Answer, status: u16, code: &str, what: &str) {
+    assert_eq!(answer.status, status, "{what}: {answer:?}");
+    assert_eq!(
+        answer.header("content-type"),
+        Some("application/problem+json"),
+        "{what}: {answer:?}"
+    );
+    assert_eq!(answer.body["code"], code, "{what}: {answer:?}");
+    assert_eq!(answer.body["status"], status, "{what}: {answer:?}");
+    assert!(answer.body["type"].is_string(), "{what}: {answer:?}");
+    assert!(answer.body["title"].is_string(), "{what}: {answer:?}");
+    let detail = answer.body["detail"].as_str().unwrap_or_default();
+    assert!(!detail.is_empty(), "{what}: {answer:?}");
+    // A person's words, never the parser's.
+    for internal in ["Failed to", "serde", "UTF-8 in `", "Invalid URL", "`"] {
+        assert!(!detail.contains(internal), "{what}: {detail}");
+    }
+}
+
+#[tokio::test]
+async fn what_the_router_rejects_is_answered_as_a_problem() {
+    let app = spawn_app().await;
+    let api = app.start_ingress().await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await;
+    let bad_path = "the path is not valid: its percent-escapes must decode to UTF-8 text";
+    let cases: Vec<(Method, String, u16, &str, Option<&str>)> = vec![
+        (
+            Method::GET,
+            "/v1/consents/%00%ff".into(),
+            400,
+            "bad_request",
+            Some(bad_path),
+        ),
+        (
+            Method::POST,
+            "/v1/consents/%ff%fe/refresh".into(),
+            400,
+            "bad_request",
+            Some(bad_path),
+        ),
+        (
+            Method::GET,
+            "/v1/refreshes/%c3%28".into(),
+            400,
+            "bad_request",
+            Some(bad_path),
+        ),
+        (
+            Method::GET,
+            "/v1/apps/%ff/settings".into(),
+            400,
+            "bad_request",
+            Some(bad_path),
+        ),
+        (
+            Method::GET,
+            "/v1/consents/not-a-uuid".into(),
+            400,
+            "bad_request",
+            Some("consentId \"not-a-uuid\" is not a UUID"),
+        ),
+        (
+            Method::GET,
+            "/v1/refreshes/42".into(),
+            400,
+            "bad_request",
+            Some("refreshId \"42\" is not a UUID"),
+        ),
+        (
+            Method::GET,
+            "/v1/consents?limit=many".into(),
+            400,
+            "bad_request",
+            Some("limit must be a whole number from 1 to 200"),
+        ),
+        (
+            Method::GET,
+            "/v1/consents?color=red".into(),
+            400,
+            "bad_request",
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/v1/consents/{consent}/transactions?from=yesterday"),
+            400,
+            "bad_request",
+            None,
+        ),
+        (
+            Method::DELETE,
+            format!("/v1/consents/{consent}"),
+            405,
+            "method_not_allowed",
+            None,
+        ),
+        (
+            Method::GET,
+            "/dashboard/logout".into(),
+            405,
+            "method_not_allowed",
+            None,
+        ),
+        (
+            Method::PUT,
+            "/dashboard/login".into(),
+            405,
+            "method_not_allowed",
+            None,
+        ),
+        (
+            Method::GET,
+            "/v2/anything".into(),
+            404,
+            "not_found",
+            Some("No such route"),
+        ),
+        (
+            Method::GET,
+            "/dashboard/nothing-here".into(),
+            404,
+            "not_found",
+            Some("No such route"),
+        ),
+    ];
+    for (method, path, status, code, detail) in cases {
+        let answer = api
+            .call(method.clone(), &path, Some(&token), None, &[])
+            .await;
+        let what = format!("{method} {path}");
+        assert_problem_shape(&answer, status, code, &what);
+        if let Some(detail) = detail {
+            assert_eq!(answer.body["detail"], detail, "{what}");
+        }
+        if status == 405 {
+            assert!(answer.header("allow").is_some(), "{what}: {answer:?}");
+        }
+    }
+
+    // Bodies: broken JSON, not JSON, the wrong shape, too large; a portal form sent
+    // as something else.
+    let register = "/v1/consents";
+    let bodies: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        (
+            register,
+            "application/json",
+            b"{".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            register,
+            "application/json",
+            b"\xff\xfe".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (register, "text/plain", b"{}".to_vec(), 400, "bad_request"),
+        (
+            register,
+            "application/json",
+            b"[1]".to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            register,
+            "application/json",
+            br#"{"providerId": 7}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            register,
+            "application/json",
+            vec![b' '; 70 * 1024],
+            413,
+            "payload_too_large",
+        ),
+        (
+            "/v1/apps/acme/settings",
+            "application/json",
+            br#"{"inactivationDays": "ninety"}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+        (
+            "/dashboard/login",
+            "application/json",
+            br#"{"token": "x"}"#.to_vec(),
+            400,
+            "bad_request",
+        ),
+    ];
+    for (path, content_type, body, status, code) in bodies {
+        let method = if path.ends_with("/settings") {
+            Method::PUT
+        } else {
+            Method::POST
+        };
+        let what = format!("{method} {path} as {content_type} ({} bytes)", body.len());
+        let answer = send_raw(&api, method, path, Some(&token), content_type, body).await;
+        assert_problem_shape(&answer, status, code, &what);
+    }
+    assert_eq!(
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM consents")
+            .fetch_one(&app.pg)
+            .await
+            .unwrap(),
+        1,
+        "nothing registered"
+    );
+}

@@ -76,3 +76,44 @@ impl IntoResponse for ApiError {
         problem_response(&self.0)
     }
 }
+
+/// Every error answer is a problem (SPEC §3), also those axum makes by itself: a
+/// rejection by one of its extractors (`text/plain`, with the parser's wording) or an
+/// empty one (a wrong method, an unknown route). Answers that already are a problem,
+/// a portal page (HTML) or a compatibility route's own JSON shape pass unchanged.
+pub(crate) async fn problem_for_rejections(response: Response) -> Response {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let content_type = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !(content_type.is_empty() || content_type.starts_with("text/plain")) {
+        return response;
+    }
+    let problem = match status {
+        StatusCode::NOT_FOUND => Problem::not_found("No such route"),
+        StatusCode::METHOD_NOT_ALLOWED => Problem::new(
+            ProblemCode::MethodNotAllowed,
+            "This route does not take this method; the Allow header lists those it takes",
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => Problem::payload_too_large(),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => Problem::bad_request(
+            "the body has a content type this route does not take (JSON routes take \
+             application/json, the portal's forms application/x-www-form-urlencoded)",
+        ),
+        s if s.is_client_error() => Problem::bad_request(
+            "the request is malformed: check its path, query string, headers and body",
+        ),
+        StatusCode::SERVICE_UNAVAILABLE => Problem::unavailable(),
+        _ => Problem::internal(),
+    };
+    let mut answer = problem_response(&problem);
+    if let Some(allow) = response.headers().get(header::ALLOW) {
+        answer.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    answer
+}
