@@ -28,6 +28,7 @@ fn routes(consent: &str, refresh: &str, tenant: &str) -> Vec<(Method, String)> {
             format!("/stored-data/v1/consents/{consent}/refresh"),
         ),
         (Method::POST, format!("/cfa/consent/{consent}/refresh")),
+        (Method::GET, format!("/v1/events?consentId={consent}")),
     ];
     for kind in [
         "accounts",
@@ -97,11 +98,8 @@ async fn seeded(app: &TestApp, api: &Api) -> (String, String) {
     (consent, refresh)
 }
 
-#[tokio::test]
-async fn every_route_refuses_every_bad_token_with_the_exact_problem() {
-    let app = spawn_app().await;
-    let api = app.start_ingress().await;
-    let (consent, refresh) = seeded(&app, &api).await;
+/// The bad `Authorization` values of the matrix and the problem each must get.
+fn bad_tokens(app: &TestApp) -> Vec<(&'static str, Option<String>, Expected)> {
     let secret = app
         .settings
         .auth
@@ -137,7 +135,7 @@ async fn every_route_refuses_every_bad_token_with_the_exact_problem() {
         )
     };
     let invalid = (401, "unauthorized", "The token is invalid");
-    let cases: Vec<(&str, Option<String>, Expected)> = vec![
+    vec![
         (
             "no token",
             None,
@@ -217,7 +215,15 @@ async fn every_route_refuses_every_bad_token_with_the_exact_problem() {
                 "The token's scope does not allow this operation",
             ),
         ),
-    ];
+    ]
+}
+
+#[tokio::test]
+async fn every_route_refuses_every_bad_token_with_the_exact_problem() {
+    let app = spawn_app().await;
+    let api = app.start_ingress().await;
+    let (consent, refresh) = seeded(&app, &api).await;
+    let cases = bad_tokens(&app);
     for (method, path) in routes(&consent, &refresh, "acme") {
         for (what, authorization, (status, code, detail)) in &cases {
             let answer = call(&api, &method, &path, authorization.as_deref()).await;
@@ -535,4 +541,454 @@ async fn what_the_router_rejects_is_answered_as_a_problem() {
         1,
         "nothing registered"
     );
+}
+
+const DEPLOYMENT_PRIVATE: &str = include_str!("../fixtures/jwt/deployment.private.pem");
+const DEPLOYMENT_PUBLIC: &str = include_str!("../fixtures/jwt/deployment.public.pem");
+const OTHER_PRIVATE: &str = include_str!("../fixtures/jwt/other.private.pem");
+
+fn rs256(private_pem: &str, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_rsa_pem(private_pem.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_rs256_deployment_takes_only_tokens_signed_by_its_key() {
+    let app =
+        refresh_tests::spawn_app_with(&[("auth.jwt_rs256_public_key_pem", DEPLOYMENT_PUBLIC)])
+            .await;
+    let api = app.start_ingress().await;
+    let consent = api.seed_consent("acme", None, None).await.to_string();
+    let claims =
+        json!({"scope": STORED, "tenant_id": "acme", "exp": Utc::now().timestamp() + 3600});
+    let hs256 = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+
+    let good = rs256(DEPLOYMENT_PRIVATE, &claims);
+    let answer = api.get(&format!("/v1/consents/{consent}"), &good).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert_eq!(answer.body["consentId"], consent.as_str());
+    let refresh = api.refresh(&good, &consent).await;
+
+    let invalid = (401, "unauthorized", "The token is invalid");
+    let cases: Vec<(&str, String)> = vec![
+        // The classic confusion: the public key, which is no secret, as an HMAC key.
+        (
+            "HS256 signed with the public key's PEM",
+            signed(DEPLOYMENT_PUBLIC.as_bytes(), &hs256, &claims),
+        ),
+        (
+            "HS256 signed with the dev secret",
+            signed(
+                app.settings
+                    .auth
+                    .jwt_hs256_secret
+                    .as_ref()
+                    .unwrap()
+                    .expose_secret()
+                    .as_bytes(),
+                &hs256,
+                &claims,
+            ),
+        ),
+        ("RS256 of another key", rs256(OTHER_PRIVATE, &claims)),
+    ];
+    for (method, path) in routes(&consent, &refresh, "acme") {
+        for (what, token) in &cases {
+            let answer = call(&api, &method, &path, Some(&format!("Bearer {token}"))).await;
+            let (status, code, detail) = invalid;
+            assert_refused(
+                &answer,
+                status,
+                code,
+                detail,
+                &format!("{method} {path}, {what}"),
+            );
+        }
+    }
+    // The portal signs in with the same verifier.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    for (token, expected) in [(&cases[0].1, 401), (&good, 303)] {
+        let (cookie, csrf) = login_form(&client, &api).await;
+        let response = client
+            .post(format!("{}/dashboard/login", api.base))
+            .header("cookie", cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form(&[("token", token.as_str()), ("csrf", csrf.as_str())]))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), expected);
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM refreshes")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(rows, 1, "only the RS256 token's refresh");
+}
+
+#[tokio::test]
+async fn an_hs256_deployment_refuses_rs256_tokens() {
+    let app = spawn_app().await;
+    let api = app.start_ingress().await;
+    let (consent, refresh) = seeded(&app, &api).await;
+    let claims =
+        json!({"scope": STORED, "tenant_id": "acme", "exp": Utc::now().timestamp() + 3600});
+    let token = rs256(DEPLOYMENT_PRIVATE, &claims);
+    for (method, path) in routes(&consent, &refresh, "acme") {
+        let answer = call(&api, &method, &path, Some(&format!("Bearer {token}"))).await;
+        assert_refused(
+            &answer,
+            401,
+            "unauthorized",
+            "The token is invalid",
+            &format!("{method} {path}, RS256 against HS256"),
+        );
+    }
+}
+
+/// The sign-in form's cookie and CSRF token.
+async fn login_form(client: &reqwest::Client, api: &Api) -> (String, String) {
+    let response = client
+        .get(format!("{}/dashboard/login", api.base))
+        .send()
+        .await
+        .unwrap();
+    let cookie = response
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .unwrap()
+        .to_owned();
+    let html = response.text().await.unwrap();
+    let csrf = html
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    (cookie, csrf)
+}
+
+/// An `application/x-www-form-urlencoded` body.
+fn form(pairs: &[(&str, &str)]) -> String {
+    let encode = |s: &str| {
+        s.bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+/// Posts the sign-in form with `token`: the answer.
+async fn post_login(client: &reqwest::Client, api: &Api, token: &str) -> reqwest::Response {
+    let (cookie, csrf) = login_form(client, api).await;
+    client
+        .post(format!("{}/dashboard/login", api.base))
+        .header("cookie", cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[("token", token), ("csrf", &csrf)]))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Signs in; the session cookie (`name=value`) and the page's CSRF token.
+async fn portal_session(client: &reqwest::Client, api: &Api, token: &str) -> (String, String) {
+    let signed = post_login(client, api, token).await;
+    assert_eq!(signed.status(), 303);
+    let session = signed
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|c| c.starts_with("refreshd_session="))
+        .and_then(|c| c.split(';').next())
+        .unwrap()
+        .to_owned();
+    let html = client
+        .get(format!("{}/dashboard", api.base))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let csrf = html
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    (session, csrf)
+}
+
+/// A portal answer as an [`Answer`] (JSON or problem bodies parsed, pages as text).
+async fn portal_answer(response: reqwest::Response) -> Answer {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// The portal's calls that need a session, sent with `cookie` (and a CSRF token).
+async fn portal_calls(
+    client: &reqwest::Client,
+    api: &Api,
+    cookie: &str,
+    csrf: &str,
+    consent: &str,
+) -> Vec<(String, Answer)> {
+    let base = &api.base;
+    let mut answers = Vec::new();
+    let get = |path: &str| client.get(format!("{base}{path}")).header("cookie", cookie);
+    for path in ["/dashboard", "/dashboard/events"] {
+        answers.push((
+            format!("GET {path}"),
+            portal_answer(get(path).send().await.unwrap()).await,
+        ));
+    }
+    let post = |path: &str| {
+        client
+            .post(format!("{base}{path}"))
+            .header("cookie", cookie)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-csrf-token", csrf)
+    };
+    for (path, body) in [
+        ("/dashboard/logout".to_owned(), form(&[("csrf", csrf)])),
+        (
+            "/dashboard/settings".to_owned(),
+            form(&[
+                ("csrf", csrf),
+                ("tenant", "acme"),
+                ("autosyncIntervalHours", "6"),
+                ("inactivationDays", "30"),
+            ]),
+        ),
+        (
+            format!("/dashboard/consents/{consent}/refresh"),
+            String::new(),
+        ),
+    ] {
+        let response = post(&path).body(body).send().await.unwrap();
+        answers.push((format!("POST {path}"), portal_answer(response).await));
+    }
+    answers
+}
+
+/// What a call without a valid session gets: the pages send to the sign-in page, the
+/// script's calls get 401.
+fn assert_signed_out(call: &str, what: &str, answer: &Answer) {
+    if call.starts_with("POST /dashboard/consents/") || call == "GET /dashboard/events" {
+        assert_refused(
+            answer,
+            401,
+            "unauthorized",
+            "The session has ended; sign in again",
+            what,
+        );
+    } else {
+        assert_eq!(answer.status, 303, "{what}: {answer:?}");
+        assert_eq!(
+            answer.header("location"),
+            Some("/dashboard/login"),
+            "{what}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_portal_refuses_every_bad_token_and_session_and_shows_a_tenant_only_its_own() {
+    let app = spawn_app().await;
+    let api = app.start_ingress().await;
+    let (consent, refresh) = seeded(&app, &api).await;
+    let client = no_redirects();
+
+    // Sign-in with each bad token: the form again with the problem's status and
+    // detail, and no session.
+    for (what, authorization, (status, _, detail)) in bad_tokens(&app) {
+        let Some(token) = authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+        else {
+            continue;
+        };
+        let response = post_login(&client, &api, token).await;
+        assert_eq!(response.status().as_u16(), status, "sign-in, {what}");
+        let cookies: Vec<String> = response
+            .headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok().map(str::to_owned))
+            .collect();
+        assert!(
+            !cookies.iter().any(|c| c.starts_with("refreshd_session=")),
+            "sign-in, {what}: {cookies:?}"
+        );
+        let html = response.text().await.unwrap();
+        let escaped = detail.replace('\'', "&#x27;");
+        assert!(
+            html.contains(detail)
+                || html.contains(&escaped)
+                || html.contains(&detail.replace('\'', "&#39;")),
+            "sign-in, {what}: the page says {detail:?}"
+        );
+    }
+    for token in ["", "not.a.jwt"] {
+        let response = post_login(&client, &api, token).await;
+        assert_eq!(response.status().as_u16(), 401, "sign-in with {token:?}");
+    }
+
+    // No session, a made-up one, a malformed cookie: nothing but the sign-in page.
+    let forged = format!("refreshd_session={}", "ab".repeat(32));
+    for cookie in [
+        "",
+        forged.as_str(),
+        "refreshd_session=%00%ff",
+        "refreshd_session",
+    ] {
+        for (what, answer) in portal_calls(&client, &api, cookie, &"cd".repeat(32), &consent).await
+        {
+            assert_signed_out(&what, &format!("{what} with {cookie:?}"), &answer);
+        }
+    }
+
+    // Another tenant's session: acme's consent is not found, its settings are not
+    // touched, its events never reach the stream.
+    let globex = dev_token(&app, Some("globex"), STORED);
+    let (session, csrf) = portal_session(&client, &api, &globex).await;
+    let page = client
+        .get(format!("{}/dashboard?tenant=acme", api.base))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !page.contains(&consent) && !page.contains(&refresh),
+        "acme's consent on globex's page"
+    );
+    let refused = portal_answer(
+        client
+            .post(format!("{}/dashboard/consents/{consent}/refresh", api.base))
+            .header("cookie", &session)
+            .header("x-csrf-token", &csrf)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_refused(
+        &refused,
+        404,
+        "consent_not_found",
+        &refresh_core::Problem::consent_not_found().detail,
+        "globex refreshes acme's consent",
+    );
+    let saved = client
+        .post(format!("{}/dashboard/settings", api.base))
+        .header("cookie", &session)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(form(&[
+            ("csrf", &csrf),
+            ("tenant", "acme"),
+            ("autosyncIntervalHours", "6"),
+            ("inactivationDays", "30"),
+        ]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(saved.status(), 303);
+    let tenants: Vec<String> = sqlx::query_scalar("SELECT tenant_id FROM tenant_settings")
+        .fetch_all(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(
+        tenants,
+        ["globex"],
+        "the tenant field names no other tenant"
+    );
+
+    let acme = dev_token(&app, Some("acme"), STORED);
+    let (acme_session, _) = portal_session(&client, &api, &acme).await;
+    let mut theirs = client
+        .get(format!("{}/dashboard/events?tenant=acme", api.base))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(theirs.status(), 200);
+    let mut mine = client
+        .get(format!("{}/dashboard/events", api.base))
+        .header("cookie", &acme_session)
+        .send()
+        .await
+        .unwrap();
+    let mut v1_theirs = api
+        .client
+        .get(format!("{}/v1/events", api.base))
+        .bearer_auth(&globex)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(v1_theirs.status(), 200);
+    api.complete(consent.parse().unwrap(), &refresh).await;
+    let second = api.refresh(&acme, &consent).await;
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !seen.contains(&second) {
+        let chunk = tokio::time::timeout_at(deadline, mine.chunk())
+            .await
+            .expect("acme's stream shows acme's refresh")
+            .unwrap()
+            .unwrap();
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    for (what, stream) in [
+        ("/dashboard/events", &mut theirs),
+        ("/v1/events", &mut v1_theirs),
+    ] {
+        let mut text = String::new();
+        let quiet = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(quiet, stream.chunk()).await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        assert!(
+            !text.contains(&consent) && !text.contains(&second),
+            "globex's {what} shows acme's events: {text}"
+        );
+    }
 }

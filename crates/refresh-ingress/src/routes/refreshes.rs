@@ -205,7 +205,7 @@ pub(crate) async fn refresh_answer(
     path = "/v1/consents/{consentId}/refresh",
     tag = "refreshes",
     summary = "Request a refresh",
-    params(("consentId" = String, Path, description = "The consent (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the first answer"), ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 60): hold the answer until the refresh is terminal"), ("traceparent" = Option<String>, Header, description = "W3C trace context (`00-{trace id}-{parent id}-{flags}`): the refresh keeps it and sends it to the bank, logs it and puts it on its events; missing or malformed starts a new trace")),
+    params(("consentId" = String, Path, description = "The consent (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the first answer when it was an admission or a refusal that cannot change (403 consent revoked, expired or inactive; 404); a 409, 429 or 503 is not remembered, so a retry with the key is decided afresh"), ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 60): hold the answer until the refresh is terminal"), ("traceparent" = Option<String>, Header, description = "W3C trace context (`00-{trace id}-{parent id}-{flags}`): the refresh keeps it and sends it to the bank, logs it and puts it on its events; missing or malformed starts a new trace")),
     responses(
         (status = 202, description = "Admitted (or still running after a wait); `Location` names the record", body = RefreshRecord),
         (status = 200, description = "UPDATED within the wait", body = RefreshRecord),
