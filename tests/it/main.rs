@@ -20,6 +20,7 @@ mod pending;
 mod portal;
 mod processes;
 mod purity;
+mod random_requests;
 mod refreshctl;
 mod scheduler;
 mod security;
