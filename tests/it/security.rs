@@ -615,7 +615,7 @@ async fn an_rs256_deployment_takes_only_tokens_signed_by_its_key() {
         .build()
         .unwrap();
     for (token, expected) in [(&cases[0].1, 401), (&good, 303)] {
-        let (cookie, csrf) = login_form(&client, &api).await;
+        let (cookie, csrf) = login_form(&client, &api.base).await;
         let response = client
             .post(format!("{}/dashboard/login", api.base))
             .header("cookie", cookie)
@@ -654,9 +654,9 @@ async fn an_hs256_deployment_refuses_rs256_tokens() {
 }
 
 /// The sign-in form's cookie and CSRF token.
-async fn login_form(client: &reqwest::Client, api: &Api) -> (String, String) {
+async fn login_form(client: &reqwest::Client, base: &str) -> (String, String) {
     let response = client
-        .get(format!("{}/dashboard/login", api.base))
+        .get(format!("{base}/dashboard/login"))
         .send()
         .await
         .unwrap();
@@ -704,10 +704,10 @@ fn no_redirects() -> reqwest::Client {
 }
 
 /// Posts the sign-in form with `token`: the answer.
-async fn post_login(client: &reqwest::Client, api: &Api, token: &str) -> reqwest::Response {
-    let (cookie, csrf) = login_form(client, api).await;
+async fn post_login(client: &reqwest::Client, base: &str, token: &str) -> reqwest::Response {
+    let (cookie, csrf) = login_form(client, base).await;
     client
-        .post(format!("{}/dashboard/login", api.base))
+        .post(format!("{base}/dashboard/login"))
         .header("cookie", cookie)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(form(&[("token", token), ("csrf", &csrf)]))
@@ -717,8 +717,8 @@ async fn post_login(client: &reqwest::Client, api: &Api, token: &str) -> reqwest
 }
 
 /// Signs in; the session cookie (`name=value`) and the page's CSRF token.
-async fn portal_session(client: &reqwest::Client, api: &Api, token: &str) -> (String, String) {
-    let signed = post_login(client, api, token).await;
+async fn portal_session(client: &reqwest::Client, base: &str, token: &str) -> (String, String) {
+    let signed = post_login(client, base, token).await;
     assert_eq!(signed.status(), 303);
     let session = signed
         .headers()
@@ -730,7 +730,7 @@ async fn portal_session(client: &reqwest::Client, api: &Api, token: &str) -> (St
         .unwrap()
         .to_owned();
     let html = client
-        .get(format!("{}/dashboard", api.base))
+        .get(format!("{base}/dashboard"))
         .header("cookie", &session)
         .send()
         .await
@@ -844,7 +844,7 @@ async fn the_portal_refuses_every_bad_token_and_session_and_shows_a_tenant_only_
         else {
             continue;
         };
-        let response = post_login(&client, &api, token).await;
+        let response = post_login(&client, &api.base, token).await;
         assert_eq!(response.status().as_u16(), status, "sign-in, {what}");
         let cookies: Vec<String> = response
             .headers()
@@ -866,7 +866,7 @@ async fn the_portal_refuses_every_bad_token_and_session_and_shows_a_tenant_only_
         );
     }
     for token in ["", "not.a.jwt"] {
-        let response = post_login(&client, &api, token).await;
+        let response = post_login(&client, &api.base, token).await;
         assert_eq!(response.status().as_u16(), 401, "sign-in with {token:?}");
     }
 
@@ -887,7 +887,7 @@ async fn the_portal_refuses_every_bad_token_and_session_and_shows_a_tenant_only_
     // Another tenant's session: acme's consent is not found, its settings are not
     // touched, its events never reach the stream.
     let globex = dev_token(&app, Some("globex"), STORED);
-    let (session, csrf) = portal_session(&client, &api, &globex).await;
+    let (session, csrf) = portal_session(&client, &api.base, &globex).await;
     let page = client
         .get(format!("{}/dashboard?tenant=acme", api.base))
         .header("cookie", &session)
@@ -943,7 +943,7 @@ async fn the_portal_refuses_every_bad_token_and_session_and_shows_a_tenant_only_
     );
 
     let acme = dev_token(&app, Some("acme"), STORED);
-    let (acme_session, _) = portal_session(&client, &api, &acme).await;
+    let (acme_session, _) = portal_session(&client, &api.base, &acme).await;
     let mut theirs = client
         .get(format!("{}/dashboard/events?tenant=acme", api.base))
         .header("cookie", &session)
@@ -991,4 +991,284 @@ async fn the_portal_refuses_every_bad_token_and_session_and_shows_a_tenant_only_
             "globex's {what} shows acme's events: {text}"
         );
     }
+}
+
+/// Every answer of a flow, as text: status, headers and body.
+struct Recorder {
+    client: reqwest::Client,
+    base: String,
+    token: String,
+    seen: String,
+}
+
+impl Recorder {
+    async fn call(&mut self, method: Method, path: &str, body: Option<&Value>) -> Value {
+        let mut request = self
+            .client
+            .request(method.clone(), format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
+            .header("prefer", "wait=20");
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        self.seen
+            .push_str(&format!("{method} {path} -> {status}\n"));
+        for (name, value) in response.headers() {
+            self.seen.push_str(&format!(
+                "{name}: {}\n",
+                String::from_utf8_lossy(value.as_bytes())
+            ));
+        }
+        let bytes = response.bytes().await.unwrap();
+        self.seen.push_str(&String::from_utf8_lossy(&bytes));
+        self.seen.push('\n');
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+    }
+}
+
+/// The namespace's tables whose rows, as text, contain `needle`.
+async fn tables_containing(app: &TestApp, needle: &str) -> Vec<String> {
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = $1")
+            .bind(&app.namespace)
+            .fetch_all(&app.pg)
+            .await
+            .unwrap();
+    assert!(tables.len() > 5, "the namespace's tables: {tables:?}");
+    let mut found = Vec::new();
+    for table in tables {
+        // The table names come from the catalogue, not from input.
+        let hits: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM \"{table}\" t WHERE strpos(t::text, $1) > 0"
+        )))
+        .bind(needle)
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+        if hits > 0 {
+            found.push(table);
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn bank_tokens_never_appear_in_a_response_a_log_line_or_the_database() {
+    let (app, _api, _bank) = refresh_tests::app_with_bank(&[]).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bind = format!("127.0.0.1:{port}");
+    // Both roles that handle the token, as the binary runs them, logging everything.
+    let mut ingress = refresh_tests::WorkerProcess::spawn_logged(
+        &app,
+        "ingress",
+        &[("http.bind", &bind)],
+        "trace",
+    );
+    let mut worker = refresh_tests::WorkerProcess::spawn_logged(&app, "worker", &[], "trace");
+    let token = dev_token(&app, Some("acme"), STORED);
+    let mut flow = Recorder {
+        client: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap(),
+        base: format!("http://{bind}"),
+        token: token.clone(),
+        seen: String::new(),
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while flow
+        .client
+        .get(format!("{}/readyz", flow.base))
+        .send()
+        .await
+        .map(|r| r.status() != 200)
+        .unwrap_or(true)
+    {
+        ingress.assert_running();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the ingress never became ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // The simulator knows a consent by this access token (SPEC §5).
+    let bank_token = format!("banktoken{}", uuid::Uuid::new_v4().simple());
+    let mut events = flow
+        .client
+        .get(format!("{}/v1/events", flow.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    let expires = (Utc::now() + chrono::TimeDelta::days(30)).to_rfc3339();
+    let registration = json!({"providerId": "sim", "bankConsentId": "bank-consent-1", "accessToken": bank_token, "expiresAt": expires});
+    let registered = flow
+        .call(Method::POST, "/v1/consents", Some(&registration))
+        .await;
+    let consent = registered["consentId"].as_str().unwrap().to_owned();
+    // The initial load, through the worker and the bank.
+    let mut initial = Value::Null;
+    while initial["status"] != "UPDATED" {
+        worker.assert_running();
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no initial load: {initial}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let history = flow
+            .call(
+                Method::GET,
+                &format!("/v1/consents/{consent}/refreshes"),
+                None,
+            )
+            .await;
+        initial = history["items"][0].clone();
+        assert_ne!(initial["status"], "ERROR", "{history}");
+    }
+    let accounts = flow
+        .call(
+            Method::GET,
+            &format!("/v1/consents/{consent}/accounts"),
+            None,
+        )
+        .await;
+    assert!(
+        accounts["items"].as_array().is_some_and(|a| !a.is_empty()),
+        "the bank was reached with the token: {accounts}"
+    );
+    // A refresh held until it is terminal, then everything the API shows.
+    let refreshed = flow
+        .call(
+            Method::POST,
+            &format!("/v1/consents/{consent}/refresh"),
+            None,
+        )
+        .await;
+    assert_eq!(refreshed["status"], "UPDATED", "{refreshed}");
+    let refresh = refreshed["refreshId"].as_str().unwrap().to_owned();
+    let mut paths = vec![
+        "/v1/consents".to_owned(),
+        format!("/v1/consents/{consent}"),
+        format!("/v1/refreshes/{refresh}"),
+        format!("/v1/refreshes/{refresh}/changes"),
+        format!(
+            "/v1/refreshes/{}/changes",
+            initial["refreshId"].as_str().unwrap()
+        ),
+        "/v1/apps/acme/settings".to_owned(),
+        "/openapi.json".to_owned(),
+        "/metrics".to_owned(),
+        "/readyz".to_owned(),
+    ];
+    for kind in [
+        "balances",
+        "transactions",
+        "parties",
+        "beneficiaries",
+        "direct-debits",
+        "standing-orders",
+        "scheduled-payments",
+        "statements",
+        "products",
+    ] {
+        paths.push(format!("/v1/consents/{consent}/{kind}"));
+    }
+    for path in &paths {
+        flow.call(Method::GET, path, None).await;
+    }
+    // The same registration again (409 names the existing consent), the compatibility
+    // routes, a revoke and the consent after it.
+    flow.call(Method::POST, "/v1/consents", Some(&registration))
+        .await;
+    flow.call(
+        Method::POST,
+        &format!("/stored-data/v1/consents/{consent}/refresh"),
+        None,
+    )
+    .await;
+    flow.call(
+        Method::POST,
+        &format!("/cfa/consent/{consent}/refresh"),
+        None,
+    )
+    .await;
+    flow.call(
+        Method::POST,
+        &format!("/v1/consents/{consent}/revoke"),
+        None,
+    )
+    .await;
+    flow.call(Method::GET, &format!("/v1/consents/{consent}"), None)
+        .await;
+    // The portal's page of the tenant.
+    let client = no_redirects();
+    let (session, _) = portal_session(&client, &flow.base, &token).await;
+    let page = client
+        .get(format!("{}/dashboard", flow.base))
+        .header("cookie", &session)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(page.contains(&consent));
+    flow.seen.push_str(&page);
+    // The event stream of the whole flow.
+    let quiet = tokio::time::Instant::now() + std::time::Duration::from_secs(3);
+    let mut stream = String::new();
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout_at(quiet, events.chunk()).await {
+        stream.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert!(
+        stream.contains(&refresh),
+        "the stream carried the flow: {stream}"
+    );
+    flow.seen.push_str(&stream);
+
+    assert!(flow.seen.contains(&consent));
+    assert!(
+        !flow.seen.contains(&bank_token),
+        "a response shows the bank token"
+    );
+
+    // The logs at trace, of both processes.
+    worker.assert_running();
+    ingress.assert_running();
+    // Each log covers the flow: the ingress stored the registration, the worker ran
+    // the refreshes.
+    for (role, process, mark) in [
+        ("ingress", &ingress, "INSERT INTO consents"),
+        ("worker", &worker, refresh.as_str()),
+    ] {
+        let log = process.log();
+        assert!(
+            log.contains(mark),
+            "the {role}'s trace log covers the flow ({} bytes)",
+            log.len()
+        );
+        assert!(log.contains("TRACE"), "the {role} logged at trace");
+        if let Some(line) = log.lines().find(|l| l.contains(&bank_token)) {
+            panic!("the {role} logged the bank token: {line}");
+        }
+    }
+
+    // At rest: no table holds the token as text, hex or base64.
+    use base64::Engine as _;
+    let hex: String = bank_token.bytes().map(|b| format!("{b:02x}")).collect();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&bank_token);
+    for needle in [bank_token.as_str(), hex.as_str(), b64.trim_end_matches('=')] {
+        let found = tables_containing(&app, needle).await;
+        assert!(found.is_empty(), "{needle:?} is stored in {found:?}");
+    }
+    // The search itself finds what is there.
+    let found = tables_containing(&app, "bank-consent-1").await;
+    assert!(found.contains(&"consents".to_owned()), "{found:?}");
 }
