@@ -325,3 +325,27 @@ pub(crate) fn replay(http_status: u16, body: Value) -> Response {
     headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(code: ProblemCode, expected: bool) {
+        let decision = Decision::Refused(Problem::new(code, "x"));
+        assert_eq!(remembered(&decision), expected, "{code:?}");
+    }
+
+    #[test]
+    fn only_refusals_that_cannot_change_are_remembered() {
+        check(ProblemCode::ConsentNotFound, true);
+        check(ProblemCode::ConsentRevoked, true);
+        check(ProblemCode::ConsentExpired, true);
+        check(ProblemCode::ConsentInactive, true);
+        check(ProblemCode::BadRequest, true);
+        check(ProblemCode::RefreshInProgress, false);
+        check(ProblemCode::DailyLimitReached, false);
+        check(ProblemCode::BacklogFull, false);
+        check(ProblemCode::Unavailable, false);
+        check(ProblemCode::Internal, false);
+    }
+}
