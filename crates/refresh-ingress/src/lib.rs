@@ -66,5 +66,9 @@ pub fn router(
         secure_cookies: config.secure_cookies,
     };
     // The portal has its own pages and headers; the API keeps the fallback.
-    portal::router(state.clone()).merge(routes::router(state))
+    portal::router(state.clone())
+        .merge(routes::router(state))
+        .layer(axum::middleware::map_response(
+            error::problem_for_rejections,
+        ))
 }

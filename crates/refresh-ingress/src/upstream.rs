@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use chrono::{TimeDelta, Utc};
+use chrono::Utc;
 use refresh_amqp::{Broker, Delivery};
 use refresh_core::{ConsentId, Outcome, Problem, RequestedBy, TenantId};
 use refresh_pg::{KeyReservation, Store};
@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::error_chain;
+use crate::routes::refreshes::{KEY_LEASE, KEY_TTL, remembered};
 use refresh_admission::{Admitter, Decision, RefreshRequest};
 
 /// The request message (wire type).
@@ -135,13 +136,14 @@ async fn handle(
         .as_deref()
         .filter(|k| !k.is_empty())
         .map(|k| format!("amqp {} {k}", message.consent_id));
+    let mut fence = None;
     if let Some(key) = &key {
         let now = Utc::now();
         match store
-            .reserve_key(&message.tenant_id, key, now, now - TimeDelta::hours(24))
+            .reserve_key(&message.tenant_id, key, now, now - KEY_TTL, now - KEY_LEASE)
             .await
         {
-            Ok(KeyReservation::Reserved) => {}
+            Ok(KeyReservation::Reserved(reserved)) => fence = Some((key, reserved)),
             Ok(KeyReservation::Done { response, .. }) => return (Outcome::Ack, Some(response)),
             Ok(KeyReservation::Pending) | Err(_) => {
                 return (
@@ -151,15 +153,12 @@ async fn handle(
             }
         }
     }
-    let reply = match admitter.request(&request).await {
-        Ok(Decision::Admitted(record)) => {
-            json!({ "accepted": true, "refreshId": record.refresh_id, "notBefore": record.not_before })
-        }
-        Ok(Decision::Refused(problem)) => json!({ "accepted": false, "problem": problem }),
+    let decision = match admitter.request(&request).await {
+        Ok(decision) => decision,
         Err(error) => {
             tracing::warn!(error = %error_chain(&error), "upstream request held back: a dependency is unavailable");
-            if let Some(key) = &key {
-                let _ = store.release_key(&message.tenant_id, key).await;
+            if let Some((key, fence)) = fence {
+                let _ = store.release_key(&message.tenant_id, key, fence).await;
             }
             return (
                 Outcome::retry(unavailable_backoff(delivery.retries())),
@@ -167,16 +166,29 @@ async fn handle(
             );
         }
     };
-    if let Some(key) = &key {
-        let status = if reply["accepted"] == json!(true) {
-            202
+    let remember = remembered(&decision);
+    let (status, reply) = match decision {
+        Decision::Admitted(record) => (
+            202,
+            json!({ "accepted": true, "refreshId": record.refresh_id, "notBefore": record.not_before }),
+        ),
+        Decision::Refused(problem) => (
+            problem.status,
+            json!({ "accepted": false, "problem": problem }),
+        ),
+    };
+    if let Some((key, fence)) = fence {
+        // A refusal that may change is not remembered: a redelivery or a retry with
+        // the same message id is decided afresh (SPEC §3's rule, on this channel too).
+        let recorded = if remember {
+            store
+                .complete_key(&message.tenant_id, key, fence, status, &reply)
+                .await
+                .map(|_| ())
         } else {
-            reply["problem"]["status"].as_u64().unwrap_or(400) as u16
+            store.release_key(&message.tenant_id, key, fence).await
         };
-        if let Err(error) = store
-            .complete_key(&message.tenant_id, key, status, &reply)
-            .await
-        {
+        if let Err(error) = recorded {
             tracing::warn!(error = %error_chain(&error), "cannot record the idempotent answer");
         }
     }

@@ -23,7 +23,7 @@ pub use pool::{
 };
 pub use read::{ChangePage, ItemKind, TxFilter, TxKey, TxPage, TxRow};
 pub use store::{
-    ClaimedEvents, ConsentRow, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
+    ClaimedEvents, ConsentRow, KeyFence, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
     PendingEvent, Registration, Store, StoreError, TenantSettingsRow,
 };
 pub use stored::{

@@ -1,7 +1,7 @@
 //! The ingress's view of the database: consents, refresh records and history,
 //! idempotency keys, tenant settings, and the event outbox.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound as _, Utc};
 use refresh_core::{
     ConsentId, ConsentStatus, EventId, ProblemCode, ProviderId, RefreshError, RefreshId,
     RefreshRecord, RefreshStatus, RefreshSummary, RequestedBy, TenantId, TraceContext,
@@ -130,13 +130,19 @@ pub struct TenantSettingsRow {
 /// What an idempotency key says about a request.
 #[derive(Clone, Debug, PartialEq)]
 pub enum KeyReservation {
-    /// The key is new and now reserved for this request.
-    Reserved,
+    /// The key is new (or its earlier reservation outlived its lease) and now
+    /// reserved for this request.
+    Reserved(KeyFence),
     /// A request with this key finished; here is its answer.
     Done { http_status: u16, response: Value },
     /// A request with this key is still being answered.
     Pending,
 }
+
+/// Which reservation of a key a request holds: a later takeover of the key (after the
+/// reservation's lease) makes the earlier holder's completion a no-op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyFence(DateTime<Utc>);
 
 /// Placeholder status of a reserved, unanswered idempotency key.
 const PENDING_STATUS: i32 = 0;
@@ -526,32 +532,40 @@ impl Store {
 
     // --- idempotency ----------------------------------------------------------------
 
-    /// Reserves `key` for this request unless a request with it was answered (or is
-    /// being answered) since `since` (24 h ago); an older row is replaced.
+    /// Reserves `key` for this request unless a request with it was answered since
+    /// `since` (24 h ago), or is being answered by a reservation made since
+    /// `pending_since` (the lease of a reservation: one older than that belongs to a
+    /// process that died before answering, and is taken over). An older row is
+    /// replaced.
     pub async fn reserve_key(
         &self,
         tenant: &TenantId,
         key: &str,
         now: DateTime<Utc>,
         since: DateTime<Utc>,
+        pending_since: DateTime<Utc>,
     ) -> Result<KeyReservation, StoreError> {
+        // PostgreSQL keeps microseconds: the fence must compare equal once stored.
+        let now = now.trunc_subsecs(6);
         let inserted = sqlx::query(
             "INSERT INTO idempotency_keys (tenant_id, key, created_at, http_status, response) \
              VALUES ($1, $2, $3, $4, 'null') \
              ON CONFLICT (tenant_id, key) DO UPDATE \
                SET created_at = EXCLUDED.created_at, http_status = EXCLUDED.http_status, \
                    response = EXCLUDED.response \
-               WHERE idempotency_keys.created_at < $5",
+               WHERE idempotency_keys.created_at < $5 \
+                  OR (idempotency_keys.http_status = $4 AND idempotency_keys.created_at < $6)",
         )
         .bind(tenant.as_str())
         .bind(key)
         .bind(now)
         .bind(PENDING_STATUS)
         .bind(since)
+        .bind(pending_since)
         .execute(&self.pool)
         .await?;
         if inserted.rows_affected() == 1 {
-            return Ok(KeyReservation::Reserved);
+            return Ok(KeyReservation::Reserved(KeyFence(now)));
         }
         let row = sqlx::query(
             "SELECT http_status, response FROM idempotency_keys WHERE tenant_id = $1 AND key = $2",
@@ -576,32 +590,47 @@ impl Store {
         })
     }
 
-    /// Records the answer given to the request that reserved `key`.
+    /// Records the answer given to the request that reserved `key` (if its
+    /// reservation was not taken over meanwhile, which answers `false`).
     pub async fn complete_key(
         &self,
         tenant: &TenantId,
         key: &str,
+        fence: KeyFence,
         http_status: u16,
         response: &Value,
-    ) -> Result<(), StoreError> {
-        sqlx::query("UPDATE idempotency_keys SET http_status = $3, response = $4 WHERE tenant_id = $1 AND key = $2")
-            .bind(tenant.as_str())
-            .bind(key)
-            .bind(i32::from(http_status))
-            .bind(response)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    /// Forgets a reservation whose request failed before it was answered, so a retry
-    /// with the same key is handled afresh.
-    pub async fn release_key(&self, tenant: &TenantId, key: &str) -> Result<(), StoreError> {
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE tenant_id = $1 AND key = $2 AND http_status = $3",
+    ) -> Result<bool, StoreError> {
+        let updated = sqlx::query(
+            "UPDATE idempotency_keys SET http_status = $4, response = $5 \
+             WHERE tenant_id = $1 AND key = $2 AND created_at = $3 AND http_status = $6",
         )
         .bind(tenant.as_str())
         .bind(key)
+        .bind(fence.0)
+        .bind(i32::from(http_status))
+        .bind(response)
+        .bind(PENDING_STATUS)
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Forgets a reservation whose request was not answered with something to
+    /// remember (a dependency failed, or the answer may change), so a retry with the
+    /// same key is decided afresh.
+    pub async fn release_key(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        fence: KeyFence,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys \
+             WHERE tenant_id = $1 AND key = $2 AND created_at = $3 AND http_status = $4",
+        )
+        .bind(tenant.as_str())
+        .bind(key)
+        .bind(fence.0)
         .bind(PENDING_STATUS)
         .execute(&self.pool)
         .await?;

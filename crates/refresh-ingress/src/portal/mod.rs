@@ -8,7 +8,7 @@ mod pages;
 mod session;
 
 use axum::Json;
-use axum::extract::{Form, Path, State};
+use axum::extract::{Form, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -20,7 +20,7 @@ use serde_json::json;
 use self::session::{LOGIN_COOKIE, LOGIN_FORM_SECS, SESSION_COOKIE, Session};
 use crate::error::{ApiError, problem_response};
 use crate::routes::events::{StreamFilter, last_event_id, open_stream};
-use crate::routes::extract::{consent_id, param, query_pairs, visible_consent};
+use crate::routes::extract::{ApiPath, consent_id, param, query_pairs, visible_consent};
 use crate::state::AppState;
 use refresh_admission::{Decision, RefreshRequest};
 
@@ -312,7 +312,7 @@ async fn save_settings(
 async fn refresh(
     State(state): State<AppState>,
     headers: HeaderMap,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
 ) -> Result<Response, ApiError> {
     session::check_origin(&headers)?;
     let Some((_, session)) = session::current(&state, &headers).await? else {

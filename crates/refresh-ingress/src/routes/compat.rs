@@ -1,6 +1,6 @@
 //! The compatibility routes of the two reference platforms (SPEC §3).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use refresh_core::{Problem, RequestedBy};
@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::extract::{Traceparent, consent_id, json_response, refresh_location, source};
+use super::extract::{ApiPath, Traceparent, consent_id, json_response, refresh_location, source};
 use super::refreshes::wait_terminal;
 use crate::auth::Principal;
 use crate::error::{ApiError, problem_response};
@@ -42,7 +42,7 @@ pub(crate) struct CompatMessage {
 pub(crate) async fn sync_refresh(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
     Traceparent(traceparent): Traceparent,
 ) -> Result<Response, ApiError> {
     let id = consent_id(&raw)?;
@@ -120,7 +120,7 @@ pub(crate) async fn sync_refresh(
 pub(crate) async fn async_refresh(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
     Traceparent(traceparent): Traceparent,
 ) -> Result<Response, ApiError> {
     let id = consent_id(&raw)?;

@@ -1,6 +1,6 @@
 //! Consent routes: register, read, revoke.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::Response;
 use chrono::{DateTime, Utc};
@@ -14,7 +14,8 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use super::extract::{
-    ApiJson, Traceparent, consent_id, json_response, param, query_pairs, source, visible_consent,
+    ApiJson, ApiPath, Traceparent, consent_id, json_response, param, query_pairs, source,
+    visible_consent,
 };
 use super::views::{ConsentView, consent_view};
 use crate::auth::Principal;
@@ -167,7 +168,7 @@ pub(crate) async fn register_consent(
 pub(crate) async fn get_consent(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
 ) -> Result<Response, ApiError> {
     let consent = visible_consent(&state, &principal, consent_id(&raw)?).await?;
     let view = consent_view(&state, consent, source(&principal, RequestedBy::Api)).await?;
@@ -191,7 +192,7 @@ pub(crate) async fn get_consent(
 pub(crate) async fn revoke(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
 ) -> Result<Response, ApiError> {
     let consent = visible_consent(&state, &principal, consent_id(&raw)?).await?;
     state

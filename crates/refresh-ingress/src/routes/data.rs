@@ -3,7 +3,7 @@
 //! change set.
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::extract::{param, query_pairs};
+use super::extract::{ApiPath, param, query_pairs};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -188,7 +188,7 @@ fn ok(body: &impl Serialize) -> Response {
 pub(crate) async fn accounts(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
 ) -> Result<Response, ApiError> {
     let consent = readable_consent(&state, &principal, &raw).await?;
     let items = state.store.stored_accounts(consent).await?;
@@ -219,7 +219,7 @@ pub(crate) async fn accounts(
 pub(crate) async fn balances(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(&uri, &["accountId"])?;
@@ -260,7 +260,7 @@ pub(crate) async fn balances(
 pub(crate) async fn transactions(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(&uri, &["accountId", "from", "to", "cursor", "limit"])?;
@@ -333,7 +333,7 @@ pub(crate) struct ChangeSet {
 pub(crate) async fn changes(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let pairs = query_pairs(&uri, &["cursor", "limit"])?;
@@ -396,7 +396,7 @@ macro_rules! item_route {
         pub(crate) async fn $name(
             State(state): State<AppState>,
             principal: Principal,
-            Path(raw): Path<String>,
+            ApiPath(raw): ApiPath,
         ) -> Result<Response, ApiError> {
             items(&state, &principal, &raw, $kind).await
         }

@@ -3,7 +3,9 @@
 
 use axum::Json;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -27,6 +29,31 @@ impl FromRequestParts<AppState> for Principal {
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok());
         state.verifier.verify(header).map_err(ApiError::from)
+    }
+}
+
+/// The one path parameter of a route (an id, a tenant), raw: the handler parses it
+/// into its type with a detail naming it. A segment whose percent-escapes do not
+/// decode to UTF-8 (`%00%ff`) is a 400 problem, not axum's plain-text rejection.
+pub(crate) struct ApiPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for ApiPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(raw)) => Ok(Self(raw)),
+            Err(PathRejection::FailedToDeserializePathParams(error))
+                if matches!(error.kind(), ErrorKind::InvalidUtf8InPathParam { .. }) =>
+            {
+                Err(ApiError::from(Problem::bad_request(
+                    "the path is not valid: its percent-escapes must decode to UTF-8 text",
+                )))
+            }
+            Err(_) => Err(ApiError::from(Problem::bad_request(
+                "the path does not name a resource of this API",
+            ))),
+        }
     }
 }
 

@@ -12,12 +12,12 @@ pub(crate) mod refreshes;
 pub(crate) mod settings;
 pub(crate) mod views;
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use axum::{Router, routing::get, routing::post};
-use refresh_core::{Problem, ProblemCode};
+use refresh_core::Problem;
 
-use crate::error::{ApiError, problem_response};
+use crate::error::ApiError;
 use crate::state::AppState;
 
 /// Largest accepted request body (SPEC §3).
@@ -87,7 +87,6 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/v1/events", get(events::events))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
-        .layer(axum::middleware::map_response(method_not_allowed))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }
@@ -99,24 +98,6 @@ async fn openapi() -> Response {
         HeaderValue::from_static("application/json"),
     );
     response
-}
-
-/// axum answers a wrong method with an empty 405 (and adds `Allow` afterwards, at
-/// the router); SPEC §3 wants a problem.
-async fn method_not_allowed(response: Response) -> Response {
-    if response.status() != StatusCode::METHOD_NOT_ALLOWED
-        || response.headers().get(header::CONTENT_TYPE).is_some()
-    {
-        return response;
-    }
-    let mut problem = problem_response(&Problem::new(
-        ProblemCode::MethodNotAllowed,
-        "This route does not take this method; the Allow header lists those it takes",
-    ));
-    if let Some(allow) = response.headers().get(header::ALLOW) {
-        problem.headers_mut().insert(header::ALLOW, allow.clone());
-    }
-    problem
 }
 
 async fn not_found() -> ApiError {

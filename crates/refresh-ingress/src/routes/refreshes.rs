@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{TimeDelta, Utc};
@@ -18,7 +18,8 @@ use utoipa::ToSchema;
 
 use super::BODY_LIMIT;
 use super::extract::{
-    consent_id, json_response, refresh_id, refresh_location, source, traceparent, visible_consent,
+    ApiPath, consent_id, json_response, refresh_id, refresh_location, source, traceparent,
+    visible_consent,
 };
 use crate::auth::Principal;
 use crate::error::{ApiError, problem_response};
@@ -29,6 +30,32 @@ use refresh_admission::{Decision, RefreshRequest};
 const MAX_WAIT_SECS: u64 = 60;
 /// How long a repeated Idempotency-Key waits for the first request's answer.
 const KEY_WAIT: Duration = Duration::from_secs(10);
+/// How long a reservation of an idempotency key stands without an answer: longer
+/// than any answer takes (the longest `Prefer: wait` plus the admission's own
+/// timeouts). A reservation older than this belongs to a process that died before it
+/// answered, and the next request with the key takes it over.
+pub(crate) const KEY_LEASE: TimeDelta = TimeDelta::seconds(90);
+/// How long an answer stays remembered for its key (SPEC §3).
+pub(crate) const KEY_TTL: TimeDelta = TimeDelta::hours(24);
+
+/// Whether a decision is remembered for its idempotency key (SPEC §3): an admission,
+/// or a refusal that cannot change (the consent is unknown, or revoked, expired or
+/// inactive, which no later request undoes; a request the gate finds malformed). A
+/// refusal that may change (`refresh_in_progress`, `daily_limit_reached`,
+/// `backlog_full`, `unavailable`) is not: a retry with the same key is decided afresh.
+pub(crate) fn remembered(decision: &Decision) -> bool {
+    match decision {
+        Decision::Admitted(_) => true,
+        Decision::Refused(problem) => matches!(
+            problem.code,
+            ProblemCode::ConsentNotFound
+                | ProblemCode::ConsentRevoked
+                | ProblemCode::ConsentExpired
+                | ProblemCode::ConsentInactive
+                | ProblemCode::BadRequest
+        ),
+    }
+}
 
 /// `{items}`: a consent's refresh history.
 #[derive(Debug, Serialize, ToSchema)]
@@ -53,7 +80,7 @@ pub(crate) struct History {
 pub(crate) async fn history(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
 ) -> Result<Response, ApiError> {
     let consent = visible_consent(&state, &principal, consent_id(&raw)?).await?;
     let since = Utc::now() - TimeDelta::days(state.retention_days.into());
@@ -78,7 +105,7 @@ pub(crate) async fn history(
 pub(crate) async fn get_refresh(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
 ) -> Result<Response, ApiError> {
     let id = refresh_id(&raw)?;
     match state.store.refresh(id).await? {
@@ -142,14 +169,15 @@ pub(crate) fn admitted_response(record: &RefreshRecord) -> Response {
     response
 }
 
-/// Runs one refresh request to its HTTP answer.
+/// Runs one refresh request to its HTTP answer, and says whether that answer is
+/// [`remembered`] for an idempotency key.
 pub(crate) async fn refresh_answer(
     state: &AppState,
     principal: &Principal,
     id: ConsentId,
     wait: Option<Duration>,
     traceparent: TraceContext,
-) -> Result<Response, ApiError> {
+) -> Result<(Response, bool), ApiError> {
     let request = RefreshRequest {
         consent_id: id,
         tenant: principal.scope_tenant().cloned(),
@@ -157,16 +185,19 @@ pub(crate) async fn refresh_answer(
         initial: false,
         traceparent,
     };
-    match state.admitter.request(&request).await? {
-        Decision::Refused(problem) => Ok(problem_response(&problem)),
+    let decision = state.admitter.request(&request).await?;
+    let remember = remembered(&decision);
+    let response = match decision {
+        Decision::Refused(problem) => problem_response(&problem),
         Decision::Admitted(record) => {
             let record = match wait {
                 Some(wait) => wait_terminal(state, record, wait).await?,
                 None => record,
             };
-            Ok(admitted_response(&record))
+            admitted_response(&record)
         }
-    }
+    };
+    Ok((response, remember))
 }
 
 #[utoipa::path(
@@ -174,7 +205,7 @@ pub(crate) async fn refresh_answer(
     path = "/v1/consents/{consentId}/refresh",
     tag = "refreshes",
     summary = "Request a refresh",
-    params(("consentId" = String, Path, description = "The consent (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the first answer"), ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 60): hold the answer until the refresh is terminal"), ("traceparent" = Option<String>, Header, description = "W3C trace context (`00-{trace id}-{parent id}-{flags}`): the refresh keeps it and sends it to the bank, logs it and puts it on its events; missing or malformed starts a new trace")),
+    params(("consentId" = String, Path, description = "The consent (UUID)"), ("Idempotency-Key" = Option<String>, Header, description = "A repeat within 24 h returns the first answer when it was an admission or a refusal that cannot change (403 consent revoked, expired or inactive; 404); a 409, 429 or 503 is not remembered, so a retry with the key is decided afresh"), ("Prefer" = Option<String>, Header, description = "`wait=N` (N ≤ 60): hold the answer until the refresh is terminal"), ("traceparent" = Option<String>, Header, description = "W3C trace context (`00-{trace id}-{parent id}-{flags}`): the refresh keeps it and sends it to the bank, logs it and puts it on its events; missing or malformed starts a new trace")),
     responses(
         (status = 202, description = "Admitted (or still running after a wait); `Location` names the record", body = RefreshRecord),
         (status = 200, description = "UPDATED within the wait", body = RefreshRecord),
@@ -191,7 +222,7 @@ pub(crate) async fn refresh_answer(
 pub(crate) async fn request_refresh(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = consent_id(&raw)?;
@@ -207,7 +238,7 @@ pub(crate) async fn request_refresh(
         }
     };
     let Some(key) = key else {
-        return refresh_answer(&state, &principal, id, wait, trace).await;
+        return Ok(refresh_answer(&state, &principal, id, wait, trace).await?.0);
     };
     // Keys are per tenant (operators share one space) and per consent.
     let key_tenant = match principal.scope_tenant() {
@@ -216,11 +247,11 @@ pub(crate) async fn request_refresh(
     };
     let key = format!("POST /v1/consents/{id}/refresh {key}");
     let deadline = tokio::time::Instant::now() + KEY_WAIT;
-    loop {
+    let fence = loop {
         let now = Utc::now();
         match state
             .store
-            .reserve_key(&key_tenant, &key, now, now - TimeDelta::hours(24))
+            .reserve_key(&key_tenant, &key, now, now - KEY_TTL, now - KEY_LEASE)
             .await?
         {
             KeyReservation::Done {
@@ -236,30 +267,35 @@ pub(crate) async fn request_refresh(
                     "A request with this Idempotency-Key is still being processed",
                 )));
             }
-            KeyReservation::Reserved => break,
+            KeyReservation::Reserved(fence) => break fence,
         }
-    }
-    let answer = refresh_answer(&state, &principal, id, wait, trace).await;
-    match answer {
-        Ok(response) if response.status() != StatusCode::SERVICE_UNAVAILABLE => {
+    };
+    match refresh_answer(&state, &principal, id, wait, trace).await {
+        Ok((response, true)) => {
             let status = response.status();
             let (parts, body) = response.into_parts();
             let bytes = axum::body::to_bytes(body, BODY_LIMIT * 16)
                 .await
                 .unwrap_or_default();
             let stored: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            state
+            if !state
                 .store
-                .complete_key(&key_tenant, &key, status.as_u16(), &stored)
-                .await?;
+                .complete_key(&key_tenant, &key, fence, status.as_u16(), &stored)
+                .await?
+            {
+                tracing::warn!(
+                    "an idempotency key's reservation was taken over before its answer was recorded"
+                );
+            }
             Ok(Response::from_parts(parts, axum::body::Body::from(bytes)))
         }
         other => {
-            // 503 or an error: nothing was admitted; a retry with this key starts afresh.
-            if let Err(error) = state.store.release_key(&key_tenant, &key).await {
+            // Not an answer to remember (it may change, or a dependency failed): a
+            // retry with this key is decided afresh.
+            if let Err(error) = state.store.release_key(&key_tenant, &key, fence).await {
                 tracing::warn!(error = %error, "cannot release an idempotency key");
             }
-            other
+            other.map(|(response, _)| response)
         }
     }
 }
@@ -288,4 +324,28 @@ pub(crate) fn replay(http_status: u16, body: Value) -> Response {
     }
     headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(code: ProblemCode, expected: bool) {
+        let decision = Decision::Refused(Problem::new(code, "x"));
+        assert_eq!(remembered(&decision), expected, "{code:?}");
+    }
+
+    #[test]
+    fn only_refusals_that_cannot_change_are_remembered() {
+        check(ProblemCode::ConsentNotFound, true);
+        check(ProblemCode::ConsentRevoked, true);
+        check(ProblemCode::ConsentExpired, true);
+        check(ProblemCode::ConsentInactive, true);
+        check(ProblemCode::BadRequest, true);
+        check(ProblemCode::RefreshInProgress, false);
+        check(ProblemCode::DailyLimitReached, false);
+        check(ProblemCode::BacklogFull, false);
+        check(ProblemCode::Unavailable, false);
+        check(ProblemCode::Internal, false);
+    }
 }

@@ -1,6 +1,6 @@
 //! A tenant's auto-sync and inactivation settings (SPEC §6).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::Utc;
@@ -8,7 +8,7 @@ use refresh_core::{Problem, TenantId};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::extract::{ApiJson, json_response};
+use super::extract::{ApiJson, ApiPath, json_response};
 use crate::auth::Principal;
 use crate::error::ApiError;
 use crate::state::AppState;
@@ -88,7 +88,7 @@ fn settings_response(settings: AppSettings) -> Response {
 pub(crate) async fn get_settings(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
 ) -> Result<Response, ApiError> {
     let tenant = settings_tenant(&principal, &raw)?;
     Ok(settings_response(load(&state, &tenant).await?))
@@ -152,7 +152,7 @@ pub(crate) async fn save(
 pub(crate) async fn put_settings(
     State(state): State<AppState>,
     principal: Principal,
-    Path(raw): Path<String>,
+    ApiPath(raw): ApiPath,
     ApiJson(settings): ApiJson<AppSettings>,
 ) -> Result<Response, ApiError> {
     let tenant = settings_tenant(&principal, &raw)?;
