@@ -1341,3 +1341,138 @@ fn reply_instant(ms: i64) -> chrono::DateTime<chrono::Utc> {
 }
 
 on_both!(the_admit_script_decides_as_the_pure_model);
+
+/// Moves a stagger bucket's state `by` ms into the past, which to its scripts is the
+/// clock stepping `by` forward (they only compare stored slots with Redis time).
+/// Expiry is kept: a key then lives longer than it needs, which never changes a
+/// decision (see `refresh_core::stagger_model`).
+async fn step_bucket(app: &TestApp, bucket: &str, by: i64) {
+    let mut conn = app.redis.clone();
+    let base = format!("{}:{{stagger:{bucket}}}", app.namespace);
+    let slots_key = format!("{base}:slots");
+    let slots: Vec<(String, i64)> = conn.zrange_withscores(&slots_key, 0, -1).await.unwrap();
+    for (member, score) in slots {
+        let _: () = conn.zadd(&slots_key, member, score - by).await.unwrap();
+    }
+    for chain in [base.clone(), format!("{base}:autosync")] {
+        let value: Option<String> = conn.get(&chain).await.unwrap();
+        if let Some(value) = value {
+            let (ms, owner) = value.split_once(':').unwrap();
+            let ms: i64 = ms.parse().unwrap();
+            let _: () = redis::cmd("SET")
+                .arg(&chain)
+                .arg(format!("{}:{owner}", ms - by))
+                .arg("KEEPTTL")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Model-based: on random stagger settings (limit, period, horizon, auto-sync share)
+/// and random sequences of requests (`APP`, `API`, `AUTOSYNC`) with clock steps
+/// between them (the bucket's state moved into the past), the `take_slot` script hands
+/// out exactly the slots (or the `backlog_full` waits) of
+/// `refresh_core::stagger_model::StaggerModel` for the same instant.
+async fn the_take_slot_script_decides_as_the_pure_model(redis: Redis) {
+    use refresh_core::StaggerSettings;
+    use refresh_core::stagger_model::{SlotClass, SlotDecision, StaggerModel};
+
+    let app = redis.app(&[]).await;
+    gate(&app).await;
+    let seed = 0x5EED_0000_0000_0002_u64;
+    let mut random = Random(seed);
+    let mut seen = std::collections::BTreeMap::<&str, u32>::new();
+    let shares = [0.5, 0.3, 0.75, 1.0];
+    for case in 0..30 {
+        let stagger = StaggerSettings {
+            limit: 2 + random.below(7) as u32,
+            period_secs: 1 + random.below(4),
+            max_delay_secs: random.below(12),
+            scope: refresh_core::StaggerScope::Tenant,
+            autosync_share: shares[random.below(4) as usize],
+        };
+        let mut config = config(&app);
+        config.stagger = stagger.clone();
+        let gate = Gate::new(app.redis.clone(), config);
+        // A bucket of its own per case.
+        let tenant = TenantId::parse(&format!("model{case}")).unwrap();
+        let bucket = stagger
+            .scope
+            .bucket(&tenant, &ProviderId::parse("sim").unwrap());
+        let mut model = StaggerModel::new(&stagger);
+        let period_ms = stagger.period_secs as i64 * 1000;
+        // Model time = Redis time + offset (the clock steps made so far).
+        let mut offset = 0_i64;
+        for step in 0..30 {
+            if random.below(3) == 0 {
+                let by = match random.below(3) {
+                    0 => random.below(50) as i64,
+                    1 => random.below(2_000) as i64,
+                    _ => random.below(2 * period_ms as u64) as i64,
+                };
+                step_bucket(&app, &bucket, by).await;
+                offset += by;
+                *seen.entry("step").or_default() += 1;
+            }
+            let source = [RequestedBy::App, RequestedBy::Api, RequestedBy::Autosync]
+                [random.below(3) as usize];
+            let class = if source == RequestedBy::Autosync {
+                SlotClass::Autosync
+            } else {
+                SlotClass::OnDemand
+            };
+            let req = GateRequest {
+                tenant_id: tenant.clone(),
+                ..request(new_consent(), source)
+            };
+            let before = redis_ms(&app).await;
+            let decision = gate.admit(&req).await.unwrap();
+            let after = redis_ms(&app).await;
+            let context = format!(
+                "seed {seed:#x} case {case} step {step}: {stagger:?}, {source:?} between {before} and {after} (offset {offset}), model {model:?}"
+            );
+            // The script ran at some instant in [before, after]: the model must agree
+            // at one of them, and goes on from there.
+            let agrees = |expected: &dyn Fn(SlotDecision) -> bool| {
+                (before..=after).find_map(|t| {
+                    let mut m = model.clone();
+                    let d = m.take(class, t + offset);
+                    expected(d).then_some(m)
+                })
+            };
+            match decision {
+                GateDecision::Admitted(ticket) => {
+                    let slot = ticket.not_before.timestamp_millis() + offset;
+                    model = agrees(&|d| d == SlotDecision::Slot(slot))
+                        .unwrap_or_else(|| panic!("{context}: script slot {slot}"));
+                    *seen
+                        .entry(if class == SlotClass::Autosync {
+                            "autosync"
+                        } else {
+                            "on_demand"
+                        })
+                        .or_default() += 1;
+                }
+                GateDecision::Refused(problem) => {
+                    assert_eq!(problem.code, ProblemCode::BacklogFull, "{context}");
+                    let seconds = problem.retry_after_seconds.unwrap();
+                    model = agrees(&|d| match d {
+                        SlotDecision::Full { over_ms } => {
+                            (over_ms as u64).div_ceil(1000).max(1) == seconds
+                        }
+                        SlotDecision::Slot(_) => false,
+                    })
+                    .unwrap_or_else(|| panic!("{context}: script full, retry after {seconds} s"));
+                    *seen.entry("full").or_default() += 1;
+                }
+            }
+        }
+    }
+    for kind in ["autosync", "on_demand", "full", "step"] {
+        assert!(seen.get(kind).copied().unwrap_or(0) >= 10, "{seen:?}");
+    }
+}
+
+on_both!(the_take_slot_script_decides_as_the_pure_model);

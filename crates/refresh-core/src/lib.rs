@@ -28,6 +28,7 @@ pub mod record;
 pub mod requested_by;
 pub mod settings;
 pub mod stagger;
+pub mod stagger_model;
 pub mod status;
 pub mod time;
 pub mod trace;
@@ -75,6 +76,8 @@ mod purity {
         ("requested_by.rs", include_str!("requested_by.rs")),
         ("settings.rs", include_str!("settings.rs")),
         ("stagger.rs", include_str!("stagger.rs")),
+        ("stagger_model.rs", include_str!("stagger_model.rs")),
+        ("gate_model.rs", include_str!("gate_model.rs")),
         ("status.rs", include_str!("status.rs")),
         ("window.rs", include_str!("window.rs")),
         ("time.rs", include_str!("time.rs")),

@@ -1009,4 +1009,225 @@ mod tests {
         );
         assert_eq!(serde_json::from_value::<Transaction>(json).unwrap(), t);
     }
+
+    /// Properties of the merge rules on random stored sets and batches: merging the
+    /// same batch twice changes nothing, and the stored set after a merge is what a
+    /// plain model of SPEC §5 says.
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn transaction() -> impl Strategy<Value = Transaction> {
+            (
+                0_usize..2,
+                prop::option::weighted(0.6, 0_u8..6),
+                0_u32..5,
+                0_u32..24,
+                any::<bool>(),
+                prop::sample::select(vec!["1.00", "2.50", "10", "-3.14"]),
+                prop::option::of(prop::sample::select(vec!["coffee", "rent"])),
+            )
+                .prop_map(|(account, id, day, hour, booked, amount, description)| {
+                    let booking_date =
+                        NaiveDate::from_ymd_opt(2026, 11, 20 + day).expect("a valid date");
+                    Transaction {
+                        account_id: format!("acc{account}"),
+                        transaction_id: id.map(|i| format!("t{i}")),
+                        booking_date,
+                        booking_date_time: booking_date
+                            .and_hms_opt(hour, 0, 0)
+                            .expect("a valid time")
+                            .and_utc(),
+                        status: if booked {
+                            TxStatus::Booked
+                        } else {
+                            TxStatus::Pending
+                        },
+                        amount: Amount::parse(amount).expect("a valid amount"),
+                        currency: "GBP".to_owned(),
+                        credit_debit: CreditDebit::Debit,
+                        description: description.map(str::to_owned),
+                        raw: serde_json::Value::Null,
+                    }
+                })
+        }
+
+        /// Stored rows, unique by (account, transaction id) as the database keeps them.
+        fn stored() -> impl Strategy<Value = Vec<StoredTransaction>> {
+            prop::collection::vec(transaction(), 0..14).prop_map(|txs| {
+                let mut keys = BTreeSet::new();
+                txs.into_iter()
+                    .filter(|t| match &t.transaction_id {
+                        Some(id) => keys.insert((t.account_id.clone(), id.clone())),
+                        None => true,
+                    })
+                    .zip(1_i64..)
+                    .map(|(tx, row_id)| StoredTransaction { row_id, tx })
+                    .collect()
+            })
+        }
+
+        fn window() -> impl Strategy<Value = MergeWindow> {
+            (0_u32..6, any::<bool>(), any::<bool>()).prop_map(|(day, a0, a1)| MergeWindow {
+                from: NaiveDate::from_ymd_opt(2026, 11, 20 + day)
+                    .expect("a valid date")
+                    .and_hms_opt(0, 0, 0)
+                    .expect("midnight")
+                    .and_utc(),
+                accounts: [(a0, "acc0"), (a1, "acc1")]
+                    .into_iter()
+                    .filter(|(on, _)| *on)
+                    .map(|(_, a)| a.to_owned())
+                    .collect(),
+            })
+        }
+
+        /// The rows after applying `plan`; new rows get ids after `next_id`.
+        fn apply(stored: &[StoredTransaction], plan: &MergePlan<'_>) -> Vec<StoredTransaction> {
+            let deleted: BTreeSet<i64> = plan.deletes.iter().copied().collect();
+            let updated: BTreeMap<i64, &Transaction> = plan.updates.iter().copied().collect();
+            let next_id = stored.iter().map(|r| r.row_id).max().unwrap_or(0) + 1;
+            stored
+                .iter()
+                .filter(|r| !deleted.contains(&r.row_id))
+                .map(|r| StoredTransaction {
+                    row_id: r.row_id,
+                    tx: updated
+                        .get(&r.row_id)
+                        .map_or_else(|| r.tx.clone(), |t| (*t).clone()),
+                })
+                .chain(
+                    plan.inserts
+                        .iter()
+                        .zip(next_id..)
+                        .map(|(t, row_id)| StoredTransaction {
+                            row_id,
+                            tx: (*t).clone(),
+                        }),
+                )
+                .collect()
+        }
+
+        /// SPEC §5 stated plainly, without plans: the stored set after a refresh.
+        fn model(
+            stored: &[StoredTransaction],
+            fetched: &[Transaction],
+            rejected: &[(String, String)],
+            window: &MergeWindow,
+        ) -> Vec<Transaction> {
+            let key = |t: &Transaction| (t.account_id.clone(), t.transaction_id.clone());
+            let fetched_ids: BTreeSet<_> = fetched
+                .iter()
+                .filter(|t| t.transaction_id.is_some())
+                .map(key)
+                .collect();
+            let fetched_dates: BTreeSet<_> = fetched
+                .iter()
+                .filter(|t| t.transaction_id.is_none())
+                .map(|t| (t.account_id.clone(), t.booking_date))
+                .collect();
+            let rejected: BTreeSet<_> = rejected
+                .iter()
+                .map(|(a, i)| (a.clone(), Some(i.clone())))
+                .collect();
+            let mut out: Vec<Transaction> = stored
+                .iter()
+                .map(|r| &r.tx)
+                .filter(|t| match &t.transaction_id {
+                    // Replaced by the batch, rejected, or a pending one the bank dropped.
+                    Some(_) => {
+                        let dropped = t.status == TxStatus::Pending && window.covers(t);
+                        !(fetched_ids.contains(&key(t)) || rejected.contains(&key(t)) || dropped)
+                    }
+                    // Its date replaced by the batch, or a pending one dropped.
+                    None => {
+                        let dropped = t.status == TxStatus::Pending && window.covers(t);
+                        !(fetched_dates.contains(&(t.account_id.clone(), t.booking_date))
+                            || dropped)
+                    }
+                })
+                .cloned()
+                .collect();
+            // With an id, the last of a key in the batch wins.
+            let mut last: BTreeMap<_, &Transaction> = BTreeMap::new();
+            for t in fetched.iter().filter(|t| t.transaction_id.is_some()) {
+                last.insert(key(t), t);
+            }
+            out.extend(last.into_values().cloned());
+            out.extend(
+                fetched
+                    .iter()
+                    .filter(|t| t.transaction_id.is_none())
+                    .cloned(),
+            );
+            out
+        }
+
+        fn sorted(mut txs: Vec<Transaction>) -> Vec<String> {
+            let mut out: Vec<String> = txs.drain(..).map(|t| format!("{t:?}")).collect();
+            out.sort();
+            out
+        }
+
+        /// Stored rows, a batch, the keys the bank reports rejected, the window.
+        type Case = (
+            Vec<StoredTransaction>,
+            Vec<Transaction>,
+            Vec<(String, String)>,
+            MergeWindow,
+        );
+
+        fn case() -> impl Strategy<Value = Case> {
+            (
+                stored(),
+                prop::collection::vec(transaction(), 0..12),
+                prop::collection::vec((0_usize..2, 0_u8..6), 0..3),
+                window(),
+            )
+                .prop_map(|(stored, fetched, rejected, window)| {
+                    // A bank does not both return and reject one transaction.
+                    let returned: BTreeSet<(String, String)> = fetched
+                        .iter()
+                        .filter_map(|t| Some((t.account_id.clone(), t.transaction_id.clone()?)))
+                        .collect();
+                    let rejected = rejected
+                        .into_iter()
+                        .map(|(a, i)| (format!("acc{a}"), format!("t{i}")))
+                        .filter(|k| !returned.contains(k))
+                        .collect();
+                    (stored, fetched, rejected, window)
+                })
+        }
+
+        proptest! {
+            /// The stored set after a merge equals the model's, and the summary
+            /// counts exactly the rows the plan touches.
+            #[test]
+            fn a_merge_stores_what_the_model_says((stored, fetched, rejected, window) in case()) {
+                let plan = plan_refresh_merge(&stored, &fetched, &rejected, &window);
+                prop_assert_eq!(plan.summary.added, plan.inserts.len() as u64);
+                prop_assert_eq!(plan.summary.updated, plan.updates.len() as u64);
+                prop_assert_eq!(plan.summary.removed, plan.deletes.len() as u64);
+                let after = apply(&stored, &plan);
+                prop_assert_eq!(
+                    sorted(after.into_iter().map(|r| r.tx).collect()),
+                    sorted(model(&stored, &fetched, &rejected, &window))
+                );
+            }
+
+            /// Merging the same batch again changes nothing and counts nothing.
+            #[test]
+            fn merging_the_same_batch_twice_changes_nothing(
+                (stored, fetched, rejected, window) in case()
+            ) {
+                let once = apply(&stored, &plan_refresh_merge(&stored, &fetched, &rejected, &window));
+                let twice = plan_refresh_merge(&once, &fetched, &rejected, &window);
+                prop_assert!(twice.is_empty(), "{:?}", twice);
+                prop_assert_eq!(twice.summary, TxSummary::default());
+                let plain = plan_transaction_merge(&once, &fetched);
+                prop_assert!(plain.is_empty(), "{:?}", plain);
+            }
+        }
+    }
 }

@@ -596,4 +596,163 @@ mod tests {
         check(QuotaWindow::Rolling24h, "rolling_24h");
         check(QuotaWindow::CalendarDay, "calendar_day");
     }
+
+    /// Properties of the arithmetic around DST transitions (and a skipped day), each
+    /// checked by evaluating the model (`gate_model::rule_standing`) at the instants
+    /// the answers name.
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::gate_model::{RuleStanding, rule_standing};
+
+        /// Zones with DST, a 30-minute DST, transitions at midnight, and a skipped day.
+        const ZONES: [Tz; 7] = [
+            UTC,
+            Europe::London,
+            America::New_York,
+            chrono_tz::Australia::Lord_Howe,
+            America::Sao_Paulo,
+            chrono_tz::Asia::Beirut,
+            Pacific::Apia,
+        ];
+
+        /// Instants near the zones' transitions.
+        const NEAR: [&str; 8] = [
+            "2024-03-31T01:00:00Z",
+            "2024-10-27T01:00:00Z",
+            "2024-03-10T07:00:00Z",
+            "2024-11-03T06:00:00Z",
+            "2018-11-04T03:00:00Z",
+            "2024-03-30T22:00:00Z",
+            "2011-12-30T10:00:00Z",
+            "2024-04-06T15:00:00Z",
+        ];
+
+        const DAY_MS: i64 = 86_400_000;
+
+        fn instant() -> impl Strategy<Value = DateTime<Utc>> {
+            (0..NEAR.len(), -2 * DAY_MS..2 * DAY_MS)
+                .prop_map(|(i, off)| at(NEAR[i]) + TimeDelta::milliseconds(off))
+        }
+
+        fn zone() -> impl Strategy<Value = Tz> {
+            (0..ZONES.len()).prop_map(|i| ZONES[i])
+        }
+
+        fn window() -> impl Strategy<Value = QuotaWindow> {
+            prop_oneof![
+                Just(QuotaWindow::Rolling24h),
+                Just(QuotaWindow::CalendarDay)
+            ]
+        }
+
+        /// A rule and up to 8 admissions of the last 30 h before `now`.
+        fn case() -> impl Strategy<Value = (QuotaRule, Vec<DateTime<Utc>>, DateTime<Utc>, Tz)> {
+            (
+                window(),
+                1_u32..5,
+                prop::collection::vec(0_i64..30 * 3_600_000, 0..8),
+                instant(),
+                zone(),
+            )
+                .prop_map(|(window, limit, ages, now, tz)| {
+                    let rule = QuotaRule {
+                        sources: vec![RequestedBy::Api],
+                        limit,
+                        window,
+                    };
+                    let history = ages
+                        .iter()
+                        .map(|age| now - TimeDelta::milliseconds(*age))
+                        .collect();
+                    (rule, history, now, tz)
+                })
+        }
+
+        /// `Try again in {H}h{MM}.` as a duration.
+        fn text_wait(detail: &str) -> TimeDelta {
+            let rest = detail
+                .split("Try again in ")
+                .nth(1)
+                .and_then(|r| r.strip_suffix('.'))
+                .unwrap();
+            let (h, m) = rest.split_once('h').unwrap();
+            assert_eq!(m.len(), 2, "{detail}");
+            TimeDelta::hours(h.parse().unwrap()) + TimeDelta::minutes(m.parse().unwrap())
+        }
+
+        proptest! {
+            /// A refusal names when a request is admitted again: at that instant,
+            /// at the instant its text names (rounded up to minutes) and at the one
+            /// its `Retry-After` seconds name, the model admits; a millisecond
+            /// before `nextRefreshPossibleAt` it still refuses (the wait is not
+            /// overstated).
+            #[test]
+            fn the_retry_after_never_names_an_instant_still_refused(
+                (rule, history, now, tz) in case()
+            ) {
+                let RuleStanding::Refuses { used, next } = rule_standing(&rule, &history, now, tz)
+                else {
+                    return Ok(());
+                };
+                prop_assert!(next > now, "{next} after {now}");
+                prop_assert!(used >= rule.limit);
+                let problem = crate::Problem::daily_limit_reached(
+                    rule.limit, used, rule.window, next - now, next,
+                );
+                let admits = |t: DateTime<Utc>| {
+                    matches!(rule_standing(&rule, &history, t, tz), RuleStanding::Admits { .. })
+                };
+                let said = now + text_wait(&problem.detail);
+                let header = now + TimeDelta::seconds(
+                    i64::try_from(problem.retry_after_seconds.unwrap()).unwrap(),
+                );
+                prop_assert!(admits(next), "refused at nextRefreshPossibleAt {next}");
+                prop_assert!(admits(said), "{:?} names {said}, still refused", problem.detail);
+                prop_assert!(admits(header), "Retry-After names {header}, still refused");
+                prop_assert!(said >= next && said - next < TimeDelta::minutes(1));
+                prop_assert!(
+                    !admits(next - TimeDelta::milliseconds(1)),
+                    "admits before {next}: the wait is overstated"
+                );
+            }
+
+            /// A calendar day starts at the first instant of its local date (also on
+            /// a day whose midnight does not exist) and the next starts later, on a
+            /// later local date, within a day and a few hours.
+            #[test]
+            fn local_days_follow_the_zone(now in instant(), tz in zone()) {
+                let start = start_of_current_day(now, tz);
+                let next = next_midnight(now, tz);
+                prop_assert!(start <= now && now < next, "{start} {now} {next}");
+                prop_assert_eq!(start.with_timezone(&tz).date_naive(), now.with_timezone(&tz).date_naive());
+                prop_assert!(next.with_timezone(&tz).date_naive() > now.with_timezone(&tz).date_naive());
+                let before = next - TimeDelta::seconds(1);
+                prop_assert!(before.with_timezone(&tz).date_naive() < next.with_timezone(&tz).date_naive());
+                prop_assert!(next - now <= TimeDelta::hours(26));
+                prop_assert_eq!(window_start(QuotaWindow::CalendarDay, now, tz), start);
+                prop_assert_eq!(
+                    window_start(QuotaWindow::Rolling24h, now, tz),
+                    now - ROLLING_WINDOW
+                );
+            }
+
+            /// Counting is monotone in time: once a rule admits again (and nothing
+            /// new is admitted), it keeps admitting.
+            #[test]
+            fn once_admitting_a_rule_keeps_admitting(
+                (rule, history, now, tz) in case(),
+                later in 0_i64..DAY_MS,
+            ) {
+                if let RuleStanding::Refuses { next, .. } = rule_standing(&rule, &history, now, tz) {
+                    let t = next + TimeDelta::milliseconds(later);
+                    prop_assert!(
+                        matches!(rule_standing(&rule, &history, t, tz), RuleStanding::Admits { .. }),
+                        "refused again at {t}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -136,6 +136,38 @@ impl StaggerSettings {
 }
 
 /// Seconds from configuration as a duration, saturating far beyond any sensible value.
+/// The largest span the gate hands its scripts (about 35 years of milliseconds).
+pub const STAGGER_MAX_MS: i64 = 1 << 50;
+
+/// Whole milliseconds, rounded up.
+fn millis_ceil(d: TimeDelta) -> i64 {
+    let ms = d.num_milliseconds();
+    if d > TimeDelta::milliseconds(ms) {
+        ms.saturating_add(1)
+    } else {
+        ms
+    }
+}
+
+impl StaggerSettings {
+    /// The spacings the `take_slot` script works with, in whole milliseconds:
+    /// `(any two slots of a bucket, the auto-sync chain)`. Both are rounded up, so
+    /// `limit + 1` slots (or more auto-syncs than their share) never fit in one
+    /// period. When auto-syncs take at most half of the limit, their chain is also
+    /// at least two spacings apart: an on-demand slot then always fits between two
+    /// auto-sync slots. (Rounding alone can leave that gap a millisecond short — 6
+    /// per 2 s gives 334 and 667 — and an on-demand request would be pushed past
+    /// every queued auto-sync.)
+    pub fn slot_spacings_ms(&self) -> (i64, i64) {
+        let spacing = millis_ceil(self.spacing()).clamp(1, STAGGER_MAX_MS);
+        let mut autosync = millis_ceil(self.autosync_spacing()).clamp(spacing, STAGGER_MAX_MS);
+        if 2 * u64::from(self.autosync_limit()) <= u64::from(self.limit) {
+            autosync = autosync.max(spacing.saturating_mul(2).min(STAGGER_MAX_MS));
+        }
+        (spacing, autosync)
+    }
+}
+
 fn secs(s: u64) -> TimeDelta {
     i64::try_from(s)
         .ok()
@@ -155,6 +187,29 @@ mod tests {
             scope: StaggerScope::Global,
             autosync_share: 0.5,
         }
+    }
+
+    #[test]
+    fn slot_spacings_leave_room_for_on_demand_between_autosyncs() {
+        let check = |limit: u32, period_secs: u64, share: f64, expected: (i64, i64)| {
+            let s = StaggerSettings {
+                autosync_share: share,
+                ..settings(limit, period_secs, 0)
+            };
+            assert_eq!(
+                s.slot_spacings_ms(),
+                expected,
+                "{limit}/{period_secs}s × {share}"
+            );
+        };
+        check(30, 60, 0.5, (2_000, 4_000));
+        // 333.3… and 666.6… ms: rounding alone would give 334 and 667.
+        check(6, 2, 0.5, (334, 668));
+        check(18, 60, 0.5, (3_334, 6_668));
+        check(7, 60, 0.5, (8_572, 20_000));
+        // Above half the limit, the auto-sync chain is only rounded.
+        check(6, 2, 0.75, (334, 500));
+        check(4, 4, 1.0, (1_000, 1_000));
     }
 
     #[test]

@@ -294,10 +294,9 @@ pub struct Gate {
 
 impl Gate {
     pub fn new(conn: ConnectionManager, config: GateConfig) -> Self {
-        // Rounded up, so `limit + 1` slots never fit in one period.
-        let spacing_ms = reply::millis_ceil(config.stagger.spacing()).clamp(1, MAX_MS);
-        let autosync_spacing_ms =
-            reply::millis_ceil(config.stagger.autosync_spacing()).clamp(spacing_ms, MAX_MS);
+        // Rounded up, so `limit + 1` slots never fit in one period; an on-demand slot
+        // fits between two auto-sync slots (see `slot_spacings_ms`).
+        let (spacing_ms, autosync_spacing_ms) = config.stagger.slot_spacings_ms();
         let max_delay_ms = secs_to_ms(config.stagger.max_delay_secs);
         let period_ms = secs_to_ms(config.stagger.period_secs).max(1);
         let lease_ms = i64::try_from(config.lease.as_millis())

@@ -71,16 +71,6 @@ pub(super) fn instant(ms: i64) -> Result<DateTime<Utc>, String> {
     DateTime::from_timestamp_millis(ms).ok_or_else(|| format!("time {ms} ms is out of range"))
 }
 
-/// Whole milliseconds of a duration, rounded up, saturating.
-pub(super) fn millis_ceil(d: TimeDelta) -> i64 {
-    let ms = d.num_milliseconds();
-    if d > TimeDelta::milliseconds(ms) {
-        ms.saturating_add(1)
-    } else {
-        ms
-    }
-}
-
 /// The reply of the admission script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum AdmitReply {
@@ -519,16 +509,6 @@ mod tests {
         // Samoa skipped 2011-12-30: an empty interval, which no time falls into.
         let b = day_boundaries(at("2011-12-29T20:00:00Z"), Pacific::Apia);
         assert!(b.windows(2).any(|w| w[0] == w[1]), "{b:?}");
-    }
-
-    #[test]
-    fn millis_round_up() {
-        let check = |d: TimeDelta, expected: i64| assert_eq!(millis_ceil(d), expected, "{d}");
-        check(TimeDelta::seconds(2), 2_000);
-        check(TimeDelta::nanoseconds(8_571_428_572), 8_572);
-        check(TimeDelta::nanoseconds(1), 1);
-        check(TimeDelta::zero(), 0);
-        check(TimeDelta::MAX, i64::MAX);
     }
 
     #[test]
