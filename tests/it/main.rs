@@ -16,6 +16,7 @@ mod gate;
 mod harness;
 mod idempotency;
 mod ingress;
+mod keys;
 mod pending;
 mod portal;
 mod processes;

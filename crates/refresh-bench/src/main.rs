@@ -5,7 +5,8 @@
 //! stdout, and every figure with the machine to `target/bench/results.json`.
 //!
 //! `refresh-bench [SCENARIO…]` runs the named scenarios only (`admission`,
-//! `upstream`, `worker`, `merge`, `scaleout`, `e2e`, `rebuild`); none named runs them all.
+//! `upstream`, `worker`, `merge`, `scaleout`, `e2e`, `rebuild`, `rekey`); none named runs
+//! them all.
 
 #![allow(
     clippy::print_stdout,
@@ -24,6 +25,7 @@ mod e2e;
 mod machine;
 mod merge;
 mod rebuild;
+mod rekey;
 mod report;
 mod scaleout;
 mod stats;
@@ -57,6 +59,7 @@ const SCENARIOS: &[&str] = &[
     "scaleout",
     "e2e",
     "rebuild",
+    "rekey",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -97,6 +100,10 @@ fn main() -> anyhow::Result<()> {
         if wanted("rebuild") {
             let outcome = rebuild::run(&mut report).await;
             report.failed_if("rebuild", outcome);
+        }
+        if wanted("rekey") {
+            let outcome = rekey::run(&mut report).await;
+            report.failed_if("rekey", outcome);
         }
         report.set_total(started.elapsed());
     });

@@ -11,10 +11,11 @@ mod lifecycle;
 mod list;
 mod pool;
 mod read;
+mod rekey;
 mod store;
 mod stored;
 
-pub use crypto::{CryptoError, TokenCipher};
+pub use crypto::{CryptoError, KeyId, SealedWith, TokenCipher};
 pub use gate_state::GateRow;
 pub use lifecycle::{AutosyncClaim, RemovedData, Retained, StalledCandidate};
 pub use list::{ConsentCursor, ConsentFilter, ReplayedEvent};
@@ -22,6 +23,7 @@ pub use pool::{
     DatabaseSettings, PgError, Schema, check_migrated, connect, drop_schema, health, migrate,
 };
 pub use read::{ChangePage, ItemKind, TxFilter, TxKey, TxPage, TxRow};
+pub use rekey::{RekeyBatch, TokenKeys};
 pub use store::{
     ClaimedEvents, ConsentRow, KeyFence, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
     PendingEvent, Registration, Store, StoreError, TenantSettingsRow,

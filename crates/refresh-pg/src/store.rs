@@ -360,7 +360,11 @@ impl Store {
         row.as_ref().map(consent_row).transpose()
     }
 
-    /// The decrypted bank access token (for the connector only; never log it).
+    /// The decrypted bank access token (for the connector only; never log it), `None`
+    /// when there is nothing to call the bank with: the consent is gone, or its token
+    /// cannot be decrypted with `crypto.key` nor any of `crypto.retired_keys`. In that
+    /// case no retry can help, so the consent's refresh in flight is ended `ERROR`
+    /// `internal_error` naming the cause (see [`Store::end_undecryptable`]).
     pub async fn access_token(
         &self,
         consent_id: ConsentId,
@@ -370,13 +374,24 @@ impl Store {
                 .bind(consent_id.as_uuid())
                 .fetch_optional(&self.pool)
                 .await?;
-        sealed
-            .map(|sealed| {
-                self.cipher
-                    .decrypt(&sealed, consent_id.as_uuid().as_bytes())
-            })
-            .transpose()
-            .map_err(StoreError::from)
+        let Some(sealed) = sealed else {
+            return Ok(None);
+        };
+        match self
+            .cipher
+            .decrypt(&sealed, consent_id.as_uuid().as_bytes())
+        {
+            Ok(token) => Ok(Some(token)),
+            Err(error) => {
+                self.end_undecryptable(consent_id, &error).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The cipher of the bank tokens.
+    pub fn cipher(&self) -> &TokenCipher {
+        &self.cipher
     }
 
     // --- refreshes ------------------------------------------------------------------

@@ -5,7 +5,8 @@
 //! inactive consents in bounded batches; end refreshes that stalled (still
 //! `INITIALIZED` long after their start slot with no worker holding their lock); ask
 //! for the due auto-syncs through the shared [`Admitter`]; remove history, published
-//! outbox rows and idempotency keys past their age.
+//! outbox rows and idempotency keys past their age; re-encrypt a bounded batch of
+//! stored bank tokens sealed with a retired key (`crypto.rekey_batch_size`).
 //!
 //! Several replicas may tick at once. Every sweep claims its rows in PostgreSQL with
 //! `FOR UPDATE SKIP LOCKED` in short transactions that hold no lock across a call to
@@ -19,13 +20,13 @@
 mod metrics;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use futures_util::StreamExt as _;
 use refresh_admission::{Admitter, Decision, RefreshRequest};
-use refresh_core::{EventId, RefreshError, RequestedBy, error_chain};
+use refresh_core::{ConsentId, EventId, RefreshError, RequestedBy, error_chain};
 use refresh_pg::{AutosyncClaim, Finish, RemovedData, Retained, Store, StoreError};
 use refresh_redis::Gate;
 use tokio::sync::Notify;
@@ -60,6 +61,8 @@ pub struct SchedulerConfig {
     pub retention_days: u32,
     /// `scheduler.stalled_after_secs`.
     pub stalled_after: Duration,
+    /// `crypto.rekey_batch_size`: tokens re-encrypted per tick at most.
+    pub rekey_batch_size: u32,
 }
 
 /// Stored data rows removed per table and transaction.
@@ -92,6 +95,12 @@ pub struct TickReport {
     pub retained: Retained,
     /// Stalled refreshes ended `ERROR`.
     pub stalled: u64,
+    /// Bank tokens re-encrypted with `crypto.key`.
+    pub rekeyed: u64,
+    /// Tokens of this tick's batch that no configured key decrypts (left as they are).
+    pub undecryptable: u64,
+    /// Tokens still sealed otherwise than with `crypto.key` after the tick.
+    pub to_rekey: u64,
 }
 
 /// One scheduler replica.
@@ -104,6 +113,9 @@ pub struct Scheduler {
     metrics: SchedulerMetrics,
     /// Wakes the outbox relay after lifecycle events were written.
     outbox: Arc<Notify>,
+    /// Where the next re-encryption batch starts (after this consent), so tokens no
+    /// key opens never hold up the others.
+    rekey_after: Arc<Mutex<Option<ConsentId>>>,
 }
 
 impl Scheduler {
@@ -122,6 +134,7 @@ impl Scheduler {
             config,
             metrics,
             outbox,
+            rekey_after: Arc::default(),
         }
     }
 
@@ -206,7 +219,52 @@ impl Scheduler {
         if stop.is_cancelled() {
             return Ok(());
         }
-        self.retention(now, stop, report).await
+        self.retention(now, stop, report).await?;
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        self.rekey(report).await
+    }
+
+    /// Re-encrypts one batch of bank tokens sealed otherwise than with `crypto.key`
+    /// (a retired key, or the format before tokens named their key), continuing where
+    /// the last tick's batch ended, and counts what is left.
+    async fn rekey(&self, report: &mut TickReport) -> Result<(), StoreError> {
+        let after = *self
+            .rekey_after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let limit = i64::from(self.config.rekey_batch_size);
+        let batch = self.store.rekey_batch(after, limit).await?;
+        let next = if batch.examined < u64::from(self.config.rekey_batch_size) {
+            None
+        } else {
+            batch.last
+        };
+        *self
+            .rekey_after
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        report.rekeyed = batch.rekeyed;
+        report.undecryptable = batch.undecryptable;
+        self.metrics.rekeyed.inc_by(batch.rekeyed);
+        if let Some((consent_id, reason)) = &batch.first_undecryptable {
+            tracing::warn!(%consent_id, undecryptable = batch.undecryptable, reason = %reason, "stored bank tokens cannot be re-encrypted: no configured key decrypts them");
+        }
+        if batch.rekeyed > 0 {
+            tracing::info!(rekeyed = batch.rekeyed, key = %self.store.cipher().key_id(), "re-encrypted stored bank tokens");
+        }
+        // A batch from the first consent that found nothing: nothing is left (the
+        // common case, outside a rotation), without counting every row.
+        report.to_rekey = if after.is_none() && batch.examined == 0 {
+            0
+        } else {
+            self.store.token_keys().await?.to_rekey
+        };
+        self.metrics
+            .to_rekey
+            .set(i64::try_from(report.to_rekey).unwrap_or(i64::MAX));
+        Ok(())
     }
 
     /// Runs `batch` until it says nothing is left, [`MAX_BATCHES`] times at most or

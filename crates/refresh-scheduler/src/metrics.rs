@@ -1,6 +1,7 @@
 //! The scheduler's Prometheus metrics (SPEC §6): due consents, auto-syncs requested and
 //! refused by code, consents expired and inactivated, rows removed by kind, stalled
-//! refreshes ended, and how long each tick took and when the last one ended.
+//! refreshes ended, bank tokens re-encrypted and left to re-encrypt, and how long each
+//! tick took and when the last one ended.
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -20,6 +21,8 @@ pub struct SchedulerMetrics {
     pub(crate) inactivated: Counter,
     pub(crate) removed: Family<Labels, Counter>,
     pub(crate) stalled: Counter,
+    pub(crate) rekeyed: Counter,
+    pub(crate) to_rekey: Gauge,
     pub(crate) tick_seconds: Histogram,
     pub(crate) last_tick: Gauge,
 }
@@ -40,6 +43,8 @@ impl Default for SchedulerMetrics {
             inactivated: Counter::default(),
             removed: Family::default(),
             stalled: Counter::default(),
+            rekeyed: Counter::default(),
+            to_rekey: Gauge::default(),
             tick_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             last_tick: Gauge::default(),
         }
@@ -83,6 +88,16 @@ impl SchedulerMetrics {
             "scheduler_stalled_refreshes",
             "Refreshes ended ERROR internal_error because no worker held them long after their start slot",
             self.stalled.clone(),
+        );
+        registry.register(
+            "scheduler_tokens_rekeyed",
+            "Stored bank tokens re-encrypted with crypto.key",
+            self.rekeyed.clone(),
+        );
+        registry.register(
+            "scheduler_tokens_to_rekey",
+            "Stored bank tokens not yet sealed with crypto.key at the last tick (a retired key, or none named)",
+            self.to_rekey.clone(),
         );
         registry.register(
             "scheduler_tick_seconds",

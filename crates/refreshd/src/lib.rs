@@ -2,6 +2,7 @@
 //! integration tests call, so both exercise the same code.
 
 pub mod ingress;
+pub mod rekey;
 pub mod scheduler;
 pub mod services;
 pub mod settings;
@@ -29,6 +30,8 @@ pub enum Role {
     Migrate,
     /// Every role in one process, for local use.
     Dev,
+    /// Re-encrypts every stored bank token with `crypto.key`, then exits.
+    Rekey,
 }
 
 impl Role {
@@ -40,6 +43,7 @@ impl Role {
             Self::BankSim => "bank-sim",
             Self::Migrate => "migrate",
             Self::Dev => "dev",
+            Self::Rekey => "rekey",
         }
     }
 
@@ -50,11 +54,10 @@ impl Role {
 
     /// Roles that encrypt or decrypt bank access tokens.
     pub(crate) fn handles_tokens(self) -> bool {
-        // The scheduler connects like the others (and re-encrypts nothing yet, but
-        // shares their store).
+        // The scheduler re-encrypts tokens sealed with a retired key.
         matches!(
             self,
-            Self::Ingress | Self::Worker | Self::Scheduler | Self::Dev
+            Self::Ingress | Self::Worker | Self::Scheduler | Self::Dev | Self::Rekey
         )
     }
 
@@ -106,6 +109,7 @@ pub async fn run(
         Role::Worker => worker::run(&settings, shutdown).await,
         Role::Dev => dev(&settings, shutdown).await,
         Role::Scheduler => scheduler::run(&settings, shutdown).await,
+        Role::Rekey => rekey::run(&settings, &shutdown).await,
     }
 }
 

@@ -21,6 +21,7 @@ pub fn config(settings: &Settings) -> SchedulerConfig {
         batch_size: settings.scheduler.batch_size,
         retention_days: settings.history.retention_days,
         stalled_after: Duration::from_secs(settings.scheduler.stalled_after_secs),
+        rekey_batch_size: settings.crypto.rekey_batch_size,
     }
 }
 

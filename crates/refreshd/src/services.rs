@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use refresh_amqp::Broker;
-use refresh_pg::{Schema, Store, TokenCipher};
+use refresh_pg::{Schema, Store};
 use refresh_redis::{ConnectionManager, Gate, GateConfig};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,10 +30,10 @@ impl Services {
         let schema = Schema::parse(&settings.namespace)?;
         let pool = refresh_pg::connect(&settings.database, &schema)?;
         refresh_pg::check_migrated(&pool, &schema).await?;
-        let key = settings
-            .crypto_key()
+        let cipher = settings
+            .token_cipher()
             .map_err(|e| RunError::Role("settings", Box::new(e)))?;
-        let store = Store::new(pool, TokenCipher::new(&key));
+        let store = Store::new(pool, cipher);
         let redis = refresh_redis::connect(&settings.redis)
             .await
             .map_err(|e| RunError::Role("redis", Box::new(e)))?;

@@ -136,8 +136,15 @@ pub const MIN_HS256_SECRET_BYTES: usize = 32;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CryptoSettings {
-    /// 32 bytes, base64.
+    /// 32 bytes, base64: encrypts (and decrypts) bank tokens.
     pub key: Option<SecretString>,
+    /// Earlier keys, 32 bytes base64 each: decrypt only, until every token is
+    /// re-encrypted with `key`.
+    #[serde(default)]
+    pub retired_keys: Vec<SecretString>,
+    /// Tokens re-encrypted with `key` per scheduler tick and replica at most (one
+    /// transaction), and per batch of `refreshd rekey`.
+    pub rekey_batch_size: u32,
 }
 
 /// `providers.{id}.kind`: the connectors' own type, so a kind is named once.
@@ -171,7 +178,10 @@ pub enum SettingsError {
     #[error("{0}")]
     Load(#[from] config::ConfigError),
     #[error("{key}: {problem}")]
-    Invalid { key: &'static str, problem: String },
+    Invalid {
+        key: std::borrow::Cow<'static, str>,
+        problem: String,
+    },
     #[error(
         "{} not found: the dev environment reads its settings from it; run from the repository's root or set REFRESHD_CONFIG_DIR to its config folder",
         path.display()
@@ -179,9 +189,12 @@ pub enum SettingsError {
     DevFileMissing { path: PathBuf },
 }
 
-fn invalid(key: &'static str, problem: impl Into<String>) -> SettingsError {
+fn invalid(
+    key: impl Into<std::borrow::Cow<'static, str>>,
+    problem: impl Into<String>,
+) -> SettingsError {
     SettingsError::Invalid {
-        key,
+        key: key.into(),
         problem: problem.into(),
     }
 }
@@ -210,7 +223,10 @@ impl Settings {
                 Environment::with_prefix("REFRESHD")
                     .prefix_separator("__")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    // A list of base64 keys from one variable (a secret), comma-separated.
+                    .list_separator(",")
+                    .with_list_parse_key("crypto.retired_keys"),
             );
         }
         for (key, value) in &options.overrides {
@@ -282,7 +298,7 @@ impl Settings {
             ),
         ];
         if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err(invalid(key, "must be at least 1"));
+            return Err(invalid(*key, "must be at least 1"));
         }
         if self.worker.overlap_days > self.worker.history_days {
             return Err(invalid(
@@ -355,6 +371,10 @@ impl Settings {
         if role.handles_tokens() {
             self.crypto_key()?;
         }
+        self.retired_keys()?;
+        if self.crypto.rekey_batch_size == 0 {
+            return Err(invalid("crypto.rekey_batch_size", "must be at least 1"));
+        }
         Ok(())
     }
 
@@ -385,6 +405,36 @@ impl Settings {
         bytes
             .try_into()
             .map_err(|_| invalid("crypto.key", "must decode to exactly 32 bytes"))
+    }
+
+    /// The retired keys, each named by its place in the list when it is bad.
+    pub fn retired_keys(&self) -> Result<Vec<[u8; 32]>, SettingsError> {
+        let mut keys = Vec::with_capacity(self.crypto.retired_keys.len());
+        for (i, key) in self.crypto.retired_keys.iter().enumerate() {
+            // An empty variable (`REFRESHD__CRYPTO__RETIRED_KEYS=`) names no key.
+            if key.expose_secret().trim().is_empty() {
+                continue;
+            }
+            let name = || format!("crypto.retired_keys[{i}]");
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(key.expose_secret().trim())
+                .map_err(|_| invalid(name(), "must be base64"))?;
+            keys.push(
+                bytes
+                    .try_into()
+                    .map_err(|_| invalid(name(), "must decode to exactly 32 bytes"))?,
+            );
+        }
+        Ok(keys)
+    }
+
+    /// The cipher of bank tokens: `crypto.key` encrypts, it and `crypto.retired_keys`
+    /// decrypt.
+    pub fn token_cipher(&self) -> Result<refresh_pg::TokenCipher, SettingsError> {
+        Ok(refresh_pg::TokenCipher::with_retired(
+            &self.crypto_key()?,
+            &self.retired_keys()?,
+        ))
     }
 }
 
@@ -463,10 +513,7 @@ mod tests {
         let worker = load(&short).unwrap().validate(Role::Worker);
         assert!(!matches!(
             worker,
-            Err(SettingsError::Invalid {
-                key: "auth.jwt_hs256_secret",
-                ..
-            })
+            Err(SettingsError::Invalid { key, .. }) if key == "auth.jwt_hs256_secret"
         ));
         let empty = load(&[
             ("auth.jwt_hs256_secret", &"x".repeat(40)),
@@ -539,6 +586,41 @@ mod tests {
         );
         check("namespace", "ok", Role::Ingress, "auth:");
         check("namespace", "ok", Role::Worker, "crypto.key: required");
+    }
+
+    #[test]
+    fn a_bad_retired_key_is_named_by_its_place() {
+        const GOOD: &str = "ZGV2LWtleS1ub3QtZm9yLXByb2R1Y3Rpb24tMzJieXQ=";
+        let check = |retired: &[&str], expected: Option<&str>| {
+            let mut s = load(&[("crypto.key", GOOD)]).unwrap();
+            s.crypto.retired_keys = retired.iter().map(|k| SecretString::from(*k)).collect();
+            match (s.validate(Role::Migrate), expected) {
+                (Ok(()), None) => assert_eq!(s.retired_keys().unwrap().len(), retired.len()),
+                (Err(e), Some(text)) => assert_eq!(e.to_string(), text, "{retired:?}"),
+                (got, want) => panic!("{retired:?}: {got:?}, expected {want:?}"),
+            }
+        };
+        check(&[], None);
+        check(&[GOOD], None);
+        let mut s = load(&[("crypto.key", GOOD)]).unwrap();
+        s.crypto.retired_keys = vec![SecretString::from("")];
+        assert_eq!(
+            s.retired_keys().unwrap(),
+            Vec::<[u8; 32]>::new(),
+            "blank: none"
+        );
+        check(
+            &[GOOD, "bm90LTMy"],
+            Some("crypto.retired_keys[1]: must decode to exactly 32 bytes"),
+        );
+        check(
+            &["not base64!"],
+            Some("crypto.retired_keys[0]: must be base64"),
+        );
+        check(
+            &["c2hvcnQ="],
+            Some("crypto.retired_keys[0]: must decode to exactly 32 bytes"),
+        );
     }
 
     #[test]
