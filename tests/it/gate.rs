@@ -1127,7 +1127,7 @@ async fn a_rebuild_restores_the_workers_start_log(redis: Redis) {
     let started = api
         .services
         .store
-        .start_attempt(refresh, 0, chrono::Utc::now())
+        .start_attempt(refresh, 0, chrono::Utc::now(), Duration::from_secs(120))
         .await
         .unwrap();
     assert!(matches!(started, refresh_pg::AttemptStart::Started(_)));
@@ -1476,3 +1476,44 @@ async fn the_take_slot_script_decides_as_the_pure_model(redis: Redis) {
 }
 
 on_both!(the_take_slot_script_decides_as_the_pure_model);
+
+on_both!(a_refresh_admitted_to_a_later_start_keeps_its_lock_until_then);
+/// A refresh whose start slot lies beyond its lease (the stagger queued it) holds the
+/// consent's lock until that start and a full lease after it, so no second refresh of
+/// the consent is admitted while the first waits.
+async fn a_refresh_admitted_to_a_later_start_keeps_its_lock_until_then(redis: Redis) {
+    let app = redis
+        .app(&[
+            ("stagger.limit", "1"),
+            ("stagger.period_secs", "60"),
+            ("stagger.max_delay_secs", "600"),
+            ("lock.lease_secs", "5"),
+        ])
+        .await;
+    let gate = gate(&app).await;
+    let mut redis = app.redis.clone();
+    // The first takes the bucket's next slot (now), the second one 60 s later.
+    admitted(
+        gate.admit(&request(new_consent(), RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    let consent = new_consent();
+    let queued = request(consent, RequestedBy::Api);
+    let ticket = admitted(gate.admit(&queued).await.unwrap());
+    let wait = (ticket.not_before - ticket.now).num_milliseconds();
+    assert!((59_000..=60_000).contains(&wait), "{wait} ms");
+
+    let lock = format!("{}:{{c:{consent}}}:lock", app.namespace);
+    let pttl: i64 = redis.pttl(&lock).await.unwrap();
+    assert!(
+        (wait + 4_000..=wait + 5_000).contains(&pttl),
+        "the lock lasts the wait plus a lease: {pttl} ms for a {wait} ms wait"
+    );
+    let again = refused(
+        gate.admit(&request(consent, RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(again.refresh_id, Some(queued.refresh_id));
+}

@@ -630,3 +630,127 @@ async fn a_revoke_while_the_bank_is_called_stores_nothing_and_ends_consent_revok
             .unwrap();
     assert_eq!(last, None);
 }
+
+/// The consent's lock outlives a bank retry's wait: a job waiting out its backoff
+/// (here longer than the lease) still holds it, so no other refresh of the consent
+/// is admitted meanwhile; the retry then refreshes.
+#[tokio::test]
+async fn a_job_waiting_out_a_bank_retry_longer_than_its_lease_keeps_its_lock() {
+    let (app, api, bank) =
+        app_with_bank(&[("stagger.limit", "600"), ("lock.lease_secs", "5")]).await;
+    let mut config = fast_worker_config(&app);
+    // Equal jitter: every wait is between 6 and 12 s, above the 5 s lease.
+    config.backoff_base = Duration::from_secs(12);
+    config.backoff_max = Duration::from_secs(12);
+    start_worker(&app, &api, config);
+    let token = dev_token(&app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await;
+    let key = format!("token-{consent}");
+    bank.scenario(&key, &json!({"failNext": {"count": 1, "status": 503}}))
+        .await;
+
+    let refresh = api.refresh(&token, &consent.to_string()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while bank.calls(&key).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bank was never called"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past a whole lease after the failed attempt, the job is still waiting.
+    tokio::time::sleep(Duration::from_millis(5_500)).await;
+    let holder = api.services.gate.in_flight(consent).await.unwrap();
+    assert_eq!(holder.map(|id| id.to_string()), Some(refresh.clone()));
+    let second = api
+        .post(&format!("/v1/consents/{consent}/refresh"), &token, None)
+        .await;
+    assert_eq!(second.status, 409, "{second:?}");
+    assert_eq!(second.body["code"], "refresh_in_progress");
+
+    let record = api.wait_terminal(&token, &refresh).await;
+    assert_eq!(record["status"], "UPDATED", "{record}");
+    assert_eq!(
+        count(
+            &app,
+            "SELECT max(attempts)::bigint FROM refreshes WHERE consent_id = $1",
+            &consent.to_string()
+        )
+        .await,
+        2
+    );
+}
+
+/// A job delivered again while its first delivery is still calling the bank (as the
+/// broker does when a channel closes under a worker that keeps running) is deferred:
+/// the bank is called once, the refresh has one attempt and ends once.
+#[tokio::test]
+async fn a_second_delivery_of_a_running_refresh_never_calls_the_bank() {
+    use refresh_core::{Job, ProviderId, RefreshId, RequestedBy, TenantId};
+    let (app, api, bank) = started(5).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await;
+    let key = format!("token-{consent}");
+    bank.scenario(&key, &json!({"latencyMs": 400})).await;
+
+    let refresh = api.refresh(&token, &consent.to_string()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while bank.calls(&key).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bank was never called"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The same job again, while the first delivery waits for the bank.
+    let job = Job {
+        refresh_id: RefreshId::from_uuid(uuid::Uuid::parse_str(&refresh).unwrap()),
+        consent_id: consent,
+        tenant_id: TenantId::parse("acme").unwrap(),
+        provider_id: ProviderId::parse("sim").unwrap(),
+        requested_by: RequestedBy::Api,
+        initial: false,
+        not_before: Utc::now(),
+        traceparent: None,
+    };
+    api.services
+        .broker
+        .publish_job(&job.to_bytes(), &refresh, None)
+        .await
+        .unwrap();
+
+    let record = api.wait_terminal(&token, &refresh).await;
+    assert_eq!(record["status"], "UPDATED", "{record}");
+    // The duplicate was deferred while the first ran (it comes back later, finds the
+    // refresh ended, and is acked without a call); had it not been, it would have
+    // called the bank by now.
+    let metrics = api
+        .call(reqwest::Method::GET, "/metrics", None, None, &[])
+        .await;
+    let text = metrics.body.as_str().unwrap().to_owned();
+    assert!(
+        text.contains("refreshd_duplicate_deliveries_deferred_total 1"),
+        "{text}"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let first_pages = bank
+        .calls(&key)
+        .await
+        .iter()
+        .filter(|call| {
+            call["path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("/accounts"))
+        })
+        .count();
+    assert_eq!(first_pages, 1, "{:?}", bank.calls(&key).await);
+    assert_eq!(
+        count(
+            &app,
+            "SELECT max(attempts)::bigint FROM refreshes WHERE consent_id = $1",
+            &consent.to_string()
+        )
+        .await,
+        1
+    );
+}

@@ -38,7 +38,8 @@ pub enum AttemptStart {
     Started(JobState),
     /// The refresh is terminal (or gone): nothing to do.
     Finished,
-    /// Another delivery of the same job started this attempt first.
+    /// Another delivery of the same job started this attempt first, or still holds
+    /// a live lease on the running one: this delivery must not call the bank.
     Raced,
 }
 
@@ -278,23 +279,29 @@ impl Store {
         row.map(|row| job_state(&row)).transpose()
     }
 
-    /// Records the start of bank attempt `seen + 1` (its start time, and the first's),
-    /// provided the refresh is still `INITIALIZED` with `seen` attempts.
+    /// Records the start of bank attempt `seen + 1` (its start time, and the first's)
+    /// and leases it to the caller until `lease` after `at`, provided the refresh is
+    /// still `INITIALIZED` with `seen` attempts and no other delivery holds a live
+    /// attempt lease.
     pub async fn start_attempt(
         &self,
         refresh_id: RefreshId,
         seen: u32,
         at: DateTime<Utc>,
+        lease: std::time::Duration,
     ) -> Result<AttemptStart, StoreError> {
+        let until = at + chrono::TimeDelta::from_std(lease).map_err(corrupt)?;
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "UPDATE refreshes SET attempts = attempts + 1, started_at = COALESCE(started_at, $3), \
-                    last_started_at = $3 \
+                    last_started_at = $3, attempt_until = $4 \
              WHERE refresh_id = $1 AND status = 'INITIALIZED' AND attempts = $2 \
+               AND (attempt_until IS NULL OR attempt_until <= $3) \
              RETURNING {REFRESH_COLUMNS}, initial, attempts"
         )))
         .bind(refresh_id.as_uuid())
         .bind(i32::try_from(seen).map_err(corrupt)?)
         .bind(at)
+        .bind(until)
         .fetch_optional(self.pool())
         .await?;
         if let Some(row) = row {
@@ -304,6 +311,41 @@ impl Store {
             Some(state) if state.record.status == RefreshStatus::Initialized => AttemptStart::Raced,
             _ => AttemptStart::Finished,
         })
+    }
+
+    /// Extends the lease of the running attempt `attempt` (its number, from 1) to
+    /// `until`; false if the attempt is no longer the refresh's running one.
+    pub async fn renew_attempt(
+        &self,
+        refresh_id: RefreshId,
+        attempt: u32,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE refreshes SET attempt_until = $3 \
+             WHERE refresh_id = $1 AND status = 'INITIALIZED' AND attempts = $2 \
+               AND attempt_until IS NOT NULL",
+        )
+        .bind(refresh_id.as_uuid())
+        .bind(i32::try_from(attempt).map_err(corrupt)?)
+        .bind(until)
+        .execute(self.pool())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Ends the lease of attempt `attempt` without a terminal status (a bank retry, an
+    /// attempt abandoned), so the job's next delivery may start the next attempt.
+    pub async fn end_attempt(&self, refresh_id: RefreshId, attempt: u32) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE refreshes SET attempt_until = NULL \
+             WHERE refresh_id = $1 AND attempts = $2",
+        )
+        .bind(refresh_id.as_uuid())
+        .bind(i32::try_from(attempt).map_err(corrupt)?)
+        .execute(self.pool())
+        .await?;
+        Ok(())
     }
 
     /// Ends the refresh as `ERROR` (the consent becoming `consent_status` if given),

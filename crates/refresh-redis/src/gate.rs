@@ -370,7 +370,24 @@ impl Gate {
             .bucket(&req.tenant_id, &req.provider_id);
         let autosync = req.requested_by == RequestedBy::Autosync;
         match self.take_slot(&bucket, req.refresh_id, autosync).await {
-            Ok(SlotReply::Slot { slot, previous, .. }) => {
+            Ok(SlotReply::Slot {
+                slot,
+                previous,
+                now: slot_now,
+            }) => {
+                // A start further off than half a lease: the lock must outlive the
+                // wait, or another refresh of the consent could be admitted meanwhile.
+                if slot - slot_now > self.lease_ms / 2 {
+                    let wait = Duration::from_millis(u64::try_from(slot - slot_now).unwrap_or(0));
+                    if let Err(error) = self
+                        .hold_lock_across(req.consent_id, req.refresh_id, wait)
+                        .await
+                    {
+                        self.forget_quietly(req.consent_id, req.refresh_id, &counted)
+                            .await;
+                        return Err(error);
+                    }
+                }
                 let times = reply::instant(now).and_then(|n| Ok((n, reply::instant(slot)?)));
                 match times {
                     Ok((now, not_before)) => Ok(GateDecision::Admitted(Ticket {
@@ -437,12 +454,35 @@ impl Gate {
         consent: ConsentId,
         refresh: RefreshId,
     ) -> Result<bool, GateError> {
+        self.pexpire_lock(consent, refresh, self.lease_ms).await
+    }
+
+    /// Extends the lock to `wait` plus a full `lease` if `refresh` still holds it: a
+    /// job that waits (for its `notBefore`, its start slot, a bank retry) keeps its
+    /// consent locked until it runs, however long the wait.
+    pub async fn hold_lock_across(
+        &self,
+        consent: ConsentId,
+        refresh: RefreshId,
+        wait: Duration,
+    ) -> Result<bool, GateError> {
+        let wait_ms = i64::try_from(wait.as_millis()).unwrap_or(i64::MAX);
+        self.pexpire_lock(consent, refresh, self.lease_ms.saturating_add(wait_ms))
+            .await
+    }
+
+    async fn pexpire_lock(
+        &self,
+        consent: ConsentId,
+        refresh: RefreshId,
+        ttl_ms: i64,
+    ) -> Result<bool, GateError> {
         let mut invocation = lua::RENEW_LOCK_SCRIPT.prepare_invoke();
         invocation
             .key(reply::lock_key(&self.config.namespace, consent))
             .key(self.consent_epoch(consent))
             .arg(refresh.to_string())
-            .arg(self.lease_ms);
+            .arg(ttl_ms);
         self.eval_flag("renew_lock", &invocation).await
     }
 

@@ -12,7 +12,7 @@ use refresh_core::{
     error_chain, fetch_scope,
 };
 use refresh_pg::{AttemptStart, Finish, JobState, Store, StoreError};
-use refresh_redis::{Gate, GateError, StartDecision};
+use refresh_redis::{GateError, StartDecision};
 use secrecy::ExposeSecret as _;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -159,7 +159,7 @@ async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<
     let not_before = job.not_before.max(state.record.not_before);
     if not_before > now() {
         let wait = until(not_before).min(config.max_wait_hop);
-        return Ok(Step::Settle(Outcome::retry(wait)));
+        return wait_holding_lock(deps, job, wait).await;
     }
     // Keep the lock alive across waits (each hop is shorter than the lease).
     let locked = deps.gate.renew_lock(job.consent_id, refresh_id).await?;
@@ -199,13 +199,11 @@ async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<
     let attempt_id = format!("{refresh_id}:{}", state.attempts);
     if let StartDecision::WaitUntil(t) = deps.gate.take_start_slot(&bucket, &attempt_id).await? {
         deps.metrics.waited_for_start();
-        return Ok(Step::Settle(Outcome::retry(
-            until(t).min(config.max_wait_hop),
-        )));
+        return wait_holding_lock(deps, job, until(t).min(config.max_wait_hop)).await;
     }
     let started = match deps
         .store
-        .start_attempt(refresh_id, state.attempts, now())
+        .start_attempt(refresh_id, state.attempts, now(), config.lease)
         .await?
     {
         AttemptStart::Started(started) => started,
@@ -214,13 +212,17 @@ async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<
             return Ok(Step::Settle(Outcome::Ack));
         }
         AttemptStart::Raced => {
-            // Another delivery of this job runs this attempt; look again after it
-            // finished or its lease ran out.
+            // Another delivery of this job runs this attempt (the broker delivered it
+            // again under a worker that is still at it): never call the bank twice.
+            // Look again after it finished or its lease ran out.
+            deps.metrics.duplicate_delivery_deferred();
+            info!(%refresh_id, "another delivery of this job is running it; deferring this one");
             return Ok(Step::Settle(Outcome::retry(
                 config.lease.min(config.max_wait_hop),
             )));
         }
     };
+    let attempt = started.attempts;
     let Some(token) = deps.store.access_token(job.consent_id).await? else {
         return Ok(Step::Settle(Outcome::Ack));
     };
@@ -240,26 +242,57 @@ async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<
         &access,
         consent.last_refreshed_at,
     );
-    tokio::select! {
+    let step = tokio::select! {
         step = work => step,
-        () = keep_lock(&deps.gate, job, config.lease, locked) => {
+        () = keep_alive(deps, job, attempt, config.lease, locked) => {
             warn!(%refresh_id, "lost the consent's lock while refreshing; abandoning this attempt");
             Ok(Step::Settle(Outcome::retry(Duration::from_secs(1))))
         }
+    };
+    // Anything but a terminal status frees the attempt for the job's next delivery
+    // (a terminal one fences it anyway). A failure here leaves the lease to expire.
+    if !matches!(step, Ok(Step::Settle(Outcome::Ack)))
+        && let Err(error) = deps.store.end_attempt(refresh_id, attempt).await
+    {
+        warn!(%refresh_id, error = %error_chain(&error), "cannot end the attempt's lease; it expires by itself");
     }
+    step
 }
 
-/// Renews the lock every third of the lease; returns only if it was held and is lost
-/// (renewal refused, or Redis unreachable for a whole lease).
-async fn keep_lock(gate: &Gate, job: &Job, lease: Duration, held: bool) {
-    if !held {
-        return std::future::pending().await;
+/// Settles the delivery to come back after `wait`, with the consent's lock extended
+/// to cover the wait and a full lease after it, so no other refresh of the consent
+/// is admitted while this one waits in a wait queue.
+async fn wait_holding_lock(deps: &WorkerDeps, job: &Job, wait: Duration) -> Result<Step, Failure> {
+    if !deps
+        .gate
+        .hold_lock_across(job.consent_id, job.refresh_id, wait)
+        .await?
+    {
+        debug!(refresh_id = %job.refresh_id, "the consent's lock is not held; the database fence guards the refresh");
     }
+    Ok(Step::Settle(Outcome::retry(wait)))
+}
+
+/// Renews the attempt's lease and the consent's lock every third of the lease while
+/// the attempt runs; returns only if the lock was held and is lost (renewal refused,
+/// or Redis unreachable for a whole lease).
+async fn keep_alive(deps: &WorkerDeps, job: &Job, attempt: u32, lease: Duration, held: bool) {
     let every = (lease / 3).max(Duration::from_millis(100));
     let mut last_ok = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(every).await;
-        match gate.renew_lock(job.consent_id, job.refresh_id).await {
+        let until = now() + chrono::TimeDelta::from_std(lease).unwrap_or_default();
+        if let Err(error) = deps
+            .store
+            .renew_attempt(job.refresh_id, attempt, until)
+            .await
+        {
+            warn!(error = %error_chain(&error), "cannot renew the attempt's lease");
+        }
+        if !held {
+            continue;
+        }
+        match deps.gate.renew_lock(job.consent_id, job.refresh_id).await {
             Ok(true) => last_ok = tokio::time::Instant::now(),
             Ok(false) => return,
             Err(error) => {
@@ -401,6 +434,14 @@ async fn retry_bank(
         ..job.clone()
     };
     let hop = delay.min(config.max_wait_hop);
+    // The consent stays locked while the job waits out its backoff.
+    if let Err(error) = deps
+        .gate
+        .hold_lock_across(job.consent_id, job.refresh_id, delay)
+        .await
+    {
+        warn!(error = %error_chain(&error), "cannot extend the consent's lock over the retry's wait");
+    }
     match deps
         .broker
         .publish_job(&next.to_bytes(), &job.refresh_id.to_string(), Some(hop))

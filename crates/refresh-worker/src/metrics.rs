@@ -1,6 +1,6 @@
 //! The worker's Prometheus metrics: refreshes by outcome and their duration, bank call
 //! latency and errors by provider, retries, dead-letters, deviations read past, start
-//! slot waits, and the refreshes in flight.
+//! slot waits, duplicate deliveries deferred, and the refreshes in flight.
 
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ pub struct WorkerMetrics {
     retries: Counter,
     dead_letters: Counter,
     start_waits: Counter,
+    duplicates_deferred: Counter,
     in_flight: Gauge,
 }
 
@@ -49,6 +50,7 @@ impl Default for WorkerMetrics {
             retries: Counter::default(),
             dead_letters: Counter::default(),
             start_waits: Counter::default(),
+            duplicates_deferred: Counter::default(),
             in_flight: Gauge::default(),
         }
     }
@@ -96,6 +98,11 @@ impl WorkerMetrics {
             "start_slot_waits",
             "Times a job waited for a start slot at the bank (the stagger)",
             self.start_waits.clone(),
+        );
+        registry.register(
+            "duplicate_deliveries_deferred",
+            "Deliveries of a job deferred because another delivery of it was running its bank attempt",
+            self.duplicates_deferred.clone(),
         );
         registry.register(
             "refreshes_in_flight",
@@ -148,6 +155,10 @@ impl WorkerMetrics {
 
     pub(crate) fn waited_for_start(&self) {
         self.start_waits.inc();
+    }
+
+    pub(crate) fn duplicate_delivery_deferred(&self) {
+        self.duplicates_deferred.inc();
     }
 
     pub(crate) fn in_flight(&self) -> &Gauge {
