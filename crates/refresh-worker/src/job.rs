@@ -1,6 +1,7 @@
 //! One job, from delivery to outcome: the pipeline of SPEC §5 and the bank-outcome
 //! table, decided as an [`Outcome`] that the messaging adapter carries out.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -66,14 +67,25 @@ pub(crate) async fn handle(
     delivery: Delivery,
     abort: &CancellationToken,
 ) {
+    // The bank attempt this delivery runs, once started (0: none).
+    let running = AtomicU32::new(0);
     let step = tokio::select! {
         biased;
         () = abort.cancelled() => None,
-        step = process(deps, config, &delivery.body) => Some(step),
+        step = process(deps, config, &delivery.body, &running) => Some(step),
     };
     let outcome = match step {
         None => {
             debug!("handing an interrupted job back to the broker");
+            // Its attempt stopped with this future: free its lease so that the next
+            // delivery need not wait for it to run out.
+            let attempt = running.load(Ordering::Relaxed);
+            if attempt > 0
+                && let Some(refresh_id) = Job::refresh_id_of(&delivery.body)
+                && let Err(error) = deps.store.end_attempt(refresh_id, attempt).await
+            {
+                warn!(%refresh_id, error = %error_chain(&error), "cannot end the interrupted attempt's lease; it expires by itself");
+            }
             return;
         }
         Some(Step::Settle(outcome)) => outcome,
@@ -84,7 +96,12 @@ pub(crate) async fn handle(
     }
 }
 
-async fn process(deps: &WorkerDeps, config: &WorkerConfig, body: &[u8]) -> Step {
+async fn process(
+    deps: &WorkerDeps,
+    config: &WorkerConfig,
+    body: &[u8],
+    running: &AtomicU32,
+) -> Step {
     let job = match Job::parse(body) {
         Ok(job) => job,
         Err(error) => {
@@ -105,7 +122,7 @@ async fn process(deps: &WorkerDeps, config: &WorkerConfig, body: &[u8]) -> Step 
     if let Some(trace) = &job.traceparent {
         span.record("trace_id", trace.trace_id());
     }
-    match run_job(deps, config, &job).instrument(span).await {
+    match run_job(deps, config, &job, running).instrument(span).await {
         Ok(step) => step,
         Err(error) => {
             warn!(refresh_id = %job.refresh_id, error = %error_chain(&error), "a dependency failed; retrying the job");
@@ -139,7 +156,12 @@ async fn committed_job_state(
     Ok(deps.store.job_state(refresh_id).await?)
 }
 
-async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<Step, Failure> {
+async fn run_job(
+    deps: &WorkerDeps,
+    config: &WorkerConfig,
+    job: &Job,
+    running: &AtomicU32,
+) -> Result<Step, Failure> {
     let refresh_id = job.refresh_id;
     let Some(state) = committed_job_state(deps, refresh_id).await? else {
         // Still no record: the admission is slow to commit, or failed after the
@@ -223,6 +245,7 @@ async fn run_job(deps: &WorkerDeps, config: &WorkerConfig, job: &Job) -> Result<
         }
     };
     let attempt = started.attempts;
+    running.store(attempt, Ordering::Relaxed);
     let Some(token) = deps.store.access_token(job.consent_id).await? else {
         return Ok(Step::Settle(Outcome::Ack));
     };
