@@ -754,3 +754,77 @@ async fn a_second_delivery_of_a_running_refresh_never_calls_the_bank() {
         1
     );
 }
+
+/// An admission that failed after the gate and whose undo never ran (Redis down as
+/// well, or the process killed in between) leaves a quota entry with no record: it
+/// counts for at most a lease, then the next refusal forgets it and admits; entries
+/// of admissions that committed are kept.
+#[tokio::test]
+async fn a_failed_undo_frees_the_quota_within_a_lease() {
+    use refresh_core::{ProviderId, RefreshId, RequestedBy, TenantId};
+    use refresh_redis::{GateDecision, GateRequest};
+    let (app, api, _bank) =
+        app_with_bank(&[("stagger.limit", "600"), ("lock.lease_secs", "10")]).await;
+    start_worker(&app, &api, fast_worker_config(&app));
+    let token = dev_token(&app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await;
+    let gate = &api.services.gate;
+    // Three admissions the gate counted that never committed, their undo lost;
+    // their locks lapsed.
+    for _ in 0..3 {
+        let phantom = GateRequest {
+            consent_id: consent,
+            tenant_id: TenantId::parse("acme").unwrap(),
+            provider_id: ProviderId::parse("sim").unwrap(),
+            requested_by: RequestedBy::Api,
+            refresh_id: RefreshId::from_uuid(uuid::Uuid::now_v7()),
+            count_quota: true,
+        };
+        let decision = gate.admit(&phantom).await.unwrap();
+        assert!(
+            matches!(decision, GateDecision::Admitted(_)),
+            "{decision:?}"
+        );
+        assert!(
+            gate.release_lock(consent, phantom.refresh_id)
+                .await
+                .unwrap()
+        );
+    }
+    let phantoms_at = std::time::Instant::now();
+    // One real refresh: the fourth of the limit.
+    let real = api.refresh(&token, &consent.to_string()).await;
+    assert_eq!(api.wait_terminal(&token, &real).await["status"], "UPDATED");
+
+    // Within a lease the phantoms may still be admissions about to commit: refused.
+    let path = format!("/v1/consents/{consent}/refresh");
+    let refused = api.post(&path, &token, None).await;
+    assert!(
+        phantoms_at.elapsed() < Duration::from_secs(10),
+        "the setup took a lease"
+    );
+    assert_eq!(refused.status, 429, "{refused:?}");
+    assert_eq!(refused.body["code"], "daily_limit_reached");
+
+    // A lease later they are known to have failed: forgotten, and the request admitted.
+    tokio::time::sleep(
+        Duration::from_secs(10).saturating_sub(phantoms_at.elapsed()) + Duration::from_millis(500),
+    )
+    .await;
+    let admitted = api.post(&path, &token, None).await;
+    assert_eq!(admitted.status, 202, "{admitted:?}");
+    let quota = gate
+        .quota(consent, RequestedBy::Api)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(quota.used, 2, "the two real refreshes still count");
+    let metrics = api
+        .call(reqwest::Method::GET, "/metrics", None, None, &[])
+        .await;
+    let text = metrics.body.as_str().unwrap().to_owned();
+    assert!(
+        text.contains("refreshd_quota_entries_healed_total 3"),
+        "{text}"
+    );
+}

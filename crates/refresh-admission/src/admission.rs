@@ -130,6 +130,14 @@ impl Admitter {
         {
             decision = self.admit(&gate_request).await?;
         }
+        if let GateDecision::Refused(problem) = &decision
+            && problem.code == ProblemCode::DailyLimitReached
+            && self
+                .heal_quota(consent.consent_id, request.requested_by)
+                .await?
+        {
+            decision = self.admit(&gate_request).await?;
+        }
         let ticket = match decision {
             GateDecision::Admitted(ticket) => ticket,
             GateDecision::Refused(problem) => {
@@ -226,6 +234,42 @@ impl Admitter {
             .await
             .map_err(Unavailable::Redis)?;
         Ok(true)
+    }
+
+    /// A quota that refuses may be counting admissions that failed after the gate
+    /// and whose undo never ran (Redis down too, or the process died in between):
+    /// any counted refresh admitted more than a lease ago without a record is such
+    /// a one (an admission commits within seconds or not at all). Forgets those and
+    /// says whether there were any, so that the gate is asked again.
+    async fn heal_quota(
+        &self,
+        consent: ConsentId,
+        source: RequestedBy,
+    ) -> Result<bool, Unavailable> {
+        let counted = self
+            .gate
+            .counted_before(consent, source, self.gate.lease())
+            .await
+            .map_err(Unavailable::Redis)?;
+        if counted.is_empty() {
+            return Ok(false);
+        }
+        let recorded = self
+            .store
+            .recorded_refreshes(&counted)
+            .await
+            .map_err(Unavailable::Database)?;
+        let mut healed = false;
+        for refresh in counted.into_iter().filter(|id| !recorded.contains(id)) {
+            self.gate
+                .forget_admission(consent, refresh)
+                .await
+                .map_err(Unavailable::Redis)?;
+            tracing::warn!(%consent, %refresh, "forgot a quota entry of an admission that never committed");
+            self.metrics.healed();
+            healed = true;
+        }
+        Ok(healed)
     }
 
     /// Record + event (transaction left open), confirmed publish, commit.

@@ -1,5 +1,5 @@
 //! Prometheus metrics of admission: admissions and refusals by code and source, gate
-//! and publish latency.
+//! and publish latency, quota entries of failed admissions forgotten.
 
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ pub struct AdmissionMetrics {
     refusals: Family<Labels, Counter>,
     gate_seconds: Histogram,
     publish_seconds: Histogram,
+    healed: Counter,
 }
 
 impl std::fmt::Debug for AdmissionMetrics {
@@ -33,6 +34,7 @@ impl Default for AdmissionMetrics {
             refusals: Family::default(),
             gate_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             publish_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+            healed: Counter::default(),
         }
     }
 }
@@ -60,6 +62,15 @@ impl AdmissionMetrics {
             "Latency of a confirmed job publish",
             self.publish_seconds.clone(),
         );
+        registry.register(
+            "quota_entries_healed",
+            "Quota entries of admissions that never committed and whose undo never ran, forgotten after a lease",
+            self.healed.clone(),
+        );
+    }
+
+    pub(crate) fn healed(&self) {
+        self.healed.inc();
     }
 
     pub(crate) fn admitted(&self, source: RequestedBy) {

@@ -445,6 +445,20 @@ impl Store {
         row.as_ref().map(refresh_record).transpose()
     }
 
+    /// Which of `ids` have a refresh record (an admission that committed).
+    pub async fn recorded_refreshes(
+        &self,
+        ids: &[RefreshId],
+    ) -> Result<std::collections::HashSet<RefreshId>, StoreError> {
+        let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
+        let found: Vec<uuid::Uuid> =
+            sqlx::query_scalar("SELECT refresh_id FROM refreshes WHERE refresh_id = ANY($1)")
+                .bind(&uuids)
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(found.into_iter().map(RefreshId::from_uuid).collect())
+    }
+
     /// The consent's refreshes requested since `since`, newest first.
     pub async fn history(
         &self,

@@ -544,6 +544,60 @@ impl Gate {
         }
     }
 
+    /// The refreshes the consent's quota counts against `source` that were admitted
+    /// at least `age` ago (by Redis time). An admission whose record is still missing
+    /// after a lease has failed, and its undo did not run (Redis was down too, or the
+    /// process died): see [`Self::forget_admission`].
+    pub async fn counted_before(
+        &self,
+        consent: ConsentId,
+        source: RequestedBy,
+        age: Duration,
+    ) -> Result<Vec<RefreshId>, GateError> {
+        let indices = self.rule_indices(source);
+        if indices.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut invocation = lua::COUNTED_BEFORE_SCRIPT.prepare_invoke();
+        for &index in &indices {
+            invocation.key(reply::quota_key(&self.config.namespace, consent, index));
+        }
+        invocation.arg(i64::try_from(age.as_millis()).unwrap_or(i64::MAX));
+        let value = self.eval("counted_before", &invocation).await?;
+        let Value::Array(members) = value else {
+            return Err(GateError::reply("counted_before", format!("{value:?}")));
+        };
+        members
+            .iter()
+            .map(|member| match member {
+                Value::BulkString(bytes) => std::str::from_utf8(bytes)
+                    .ok()
+                    .and_then(|text| text.parse().ok())
+                    .ok_or_else(|| {
+                        GateError::reply("counted_before", format!("member {member:?}"))
+                    }),
+                other => Err(GateError::reply("counted_before", format!("{other:?}"))),
+            })
+            .collect()
+    }
+
+    /// Undoes what an admission of `refresh` left in the consent's gate state — its
+    /// lock if it still holds it, its entry in every quota set — when the admission
+    /// is known to have failed (no record after a lease). Idempotent.
+    pub async fn forget_admission(
+        &self,
+        consent: ConsentId,
+        refresh: RefreshId,
+    ) -> Result<(), GateError> {
+        let all: Vec<usize> = (0..self.config.rules.len()).collect();
+        self.forget(consent, refresh, &all).await
+    }
+
+    /// The lock's lease (`lock.lease_secs`).
+    pub fn lease(&self) -> Duration {
+        self.config.lease
+    }
+
     /// Worker side (SPEC §2 hard invariant at the bank): across all replicas at most `stagger.limit` bank refresh starts in any `stagger.period_secs` window of the bucket (`StaggerScope::bucket`), counting retries; idempotent per `attempt_id` (taking it twice for the same attempt counts once). Go → the start is recorded; WaitUntil(t) → nothing recorded, try again at t.
     ///
     /// Times are whole milliseconds of Redis `TIME`; a start occupies its period

@@ -101,6 +101,24 @@ for i = 2, #KEYS do redis.call('ZREM', KEYS[i], ARGV[1]) end
 return released
 ";
 
+/// The admissions a consent's quota sets count that are at least an age old: the
+/// candidates for healing an undo that never ran (see `Gate::counted_before`).
+const COUNTED_BEFORE: &str = r"
+-- KEYS: quota sets of one consent. ARGV[1]: age (ms). Members (refresh ids) scored
+-- at or before now - age, each once.
+local cutoff = now_ms() - tonumber(ARGV[1])
+local seen, out = {}, {}
+for i = 1, #KEYS do
+  for _, member in ipairs(redis.call('ZRANGE', KEYS[i], '-inf', cutoff, 'BYSCORE')) do
+    if not seen[member] then
+      seen[member] = true
+      table.insert(out, member)
+    end
+  end
+end
+return out
+";
+
 /// Admission rule 5 with the fair share of SPEC §6: the next start slot of a stagger
 /// bucket for one class of request (on-demand, or auto-sync).
 ///
@@ -263,6 +281,8 @@ pub(super) static ADMIT_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRELUDE, QUOTA, ADMIT]));
 pub(super) static RELEASE_ADMISSION_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[RELEASE_ADMISSION]));
+pub(super) static COUNTED_BEFORE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[PRELUDE, COUNTED_BEFORE]));
 pub(super) static TAKE_SLOT_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRELUDE, TAKE_SLOT]));
 pub(super) static RETURN_SLOT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[RETURN_SLOT]));
