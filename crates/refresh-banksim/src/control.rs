@@ -100,6 +100,9 @@ async fn patch_scenario(
             fail.status
         ));
     }
+    if patch.fail_percent.is_some_and(|p| p > 100) {
+        return bad_request(format_args!("invalid scenario: failPercent must be 0-100"));
+    }
     if patch.latency_ms.is_some_and(|l| l > MAX_LATENCY_MS) {
         return bad_request(format_args!(
             "invalid scenario: latencyMs must be at most {MAX_LATENCY_MS}"

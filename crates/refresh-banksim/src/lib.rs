@@ -17,7 +17,7 @@
 //! | --- | --- |
 //! | `GET /sim/consents/{bankConsentId}` | the dataset: `{accounts, balances, transactions, parties, beneficiaries, directDebits, standingOrders, scheduledPayments, statements, products}`, items in OBIE shapes each with its `AccountId` |
 //! | `PUT /sim/consents/{bankConsentId}` | replace the dataset (same shape); 204 |
-//! | `GET`/`PATCH /sim/consents/{bankConsentId}/scenario` | `{revoked, mfaRequired, latencyMs, failNext: {count, status}, hangNext}`; a patch's fields replace, the others stay |
+//! | `GET`/`PATCH /sim/consents/{bankConsentId}/scenario` | `{revoked, mfaRequired, latencyMs, failNext: {count, status}, hangNext, failPercent}` (`failPercent`: that share of the data calls fails, half 503, half never answered, from a fixed sequence); a patch's fields replace, the others stay |
 //! | `GET /sim/calls?since=RFC3339&bankConsentId=` | data calls, in arrival order: `[{at, bankConsentId, method, path, query, status, traceparent, requestId}]` (`status` is `null` for a held call; `traceparent` and `requestId` (`x-fapi-interaction-id` / `X-Request-ID`) as received, `null` when absent) |
 
 mod api;

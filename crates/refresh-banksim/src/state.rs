@@ -48,6 +48,36 @@ pub(crate) struct Scenario {
     pub(crate) fail_next: FailNext,
     /// The next `hang_next` data calls never answer.
     pub(crate) hang_next: u32,
+    /// This share (0–100) of the data calls fails, drawn from a fixed sequence: half
+    /// of those answer 503, half never answer (a timeout at the client).
+    pub(crate) fail_percent: u8,
+    /// Draws made for `fail_percent` so far.
+    #[serde(skip)]
+    pub(crate) draws: u64,
+}
+
+impl Scenario {
+    /// The next draw for `fail_percent`: a failure (503 or a hang, alternately by
+    /// draw) or none. The sequence is fixed (a SplitMix64 of the draw number), so a
+    /// run is repeatable.
+    fn draw_failure(&mut self) -> Option<Action> {
+        if self.fail_percent == 0 {
+            return None;
+        }
+        self.draws += 1;
+        let mut z = self.draws.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        if z % 100 >= u64::from(self.fail_percent) {
+            return None;
+        }
+        Some(if (z / 100).is_multiple_of(2) {
+            Action::Fail(503)
+        } else {
+            Action::Hang
+        })
+    }
 }
 
 /// `failNext`.
@@ -76,6 +106,7 @@ pub(crate) struct ScenarioPatch {
     pub(crate) latency_ms: Option<u64>,
     pub(crate) fail_next: Option<FailNext>,
     pub(crate) hang_next: Option<u32>,
+    pub(crate) fail_percent: Option<u8>,
 }
 
 /// What a data call gets, decided when it arrives. Injected faults go first
@@ -236,6 +267,9 @@ impl Consent {
         if let Some(v) = patch.hang_next {
             s.hang_next = v;
         }
+        if let Some(v) = patch.fail_percent {
+            s.fail_percent = v;
+        }
         s.clone()
     }
 
@@ -249,6 +283,8 @@ impl Consent {
         } else if s.fail_next.count > 0 {
             s.fail_next.count -= 1;
             Action::Fail(s.fail_next.status)
+        } else if let Some(action) = s.draw_failure() {
+            action
         } else if s.revoked {
             Action::Revoked
         } else if s.mfa_required {
@@ -278,6 +314,27 @@ mod tests {
     }
 
     #[test]
+    fn a_fail_percent_fails_that_share_half_503_half_hanging_repeatably() {
+        let c = consent();
+        c.patch(patch(r#"{"failPercent": 30}"#));
+        let drawn = actions(&c, 10_000);
+        let fails = drawn.iter().filter(|a| **a == Action::Fail(503)).count();
+        let hangs = drawn.iter().filter(|a| **a == Action::Hang).count();
+        let served = drawn.iter().filter(|a| **a == Action::Serve).count();
+        assert_eq!(fails + hangs + served, 10_000);
+        assert!(
+            (2_700..=3_300).contains(&(fails + hangs)),
+            "{fails} + {hangs}"
+        );
+        assert!(fails.abs_diff(hangs) < 400, "{fails} vs {hangs}");
+        let again = consent();
+        again.patch(patch(r#"{"failPercent": 30}"#));
+        assert_eq!(actions(&again, 10_000), drawn);
+        c.patch(patch(r#"{"failPercent": 0}"#));
+        assert_eq!(actions(&c, 3), [Action::Serve; 3]);
+    }
+
+    #[test]
     fn faults_are_used_up_in_order() {
         use Action::*;
         let c = consent();
@@ -297,7 +354,8 @@ mod tests {
         assert_eq!(
             serde_json::to_value(c.scenario()).unwrap(),
             serde_json::json!({"revoked": false, "mfaRequired": false, "latencyMs": 25,
-                               "failNext": {"count": 0, "status": 500}, "hangNext": 0})
+                               "failNext": {"count": 0, "status": 500}, "hangNext": 0,
+                               "failPercent": 0})
         );
     }
 
