@@ -1042,8 +1042,19 @@ async fn a_gate_that_lost_its_state_is_rebuilt_from_the_database(redis: Redis) {
     ));
     assert!(gate.end_rebuild("another replica").await.unwrap());
 
-    // A read of the quota rebuilds too (as an admission would) and reads the rebuilt state.
-    let view = api.get(&format!("/v1/consents/{used_up}"), &token).await;
+    // A read of the quota rebuilds too (as an admission would) and reads the rebuilt
+    // state; a request waits 2 s for the rebuild, then is answered 503 while the
+    // rebuild goes on (the cluster's 16 384 epoch keys take longer on a busy machine).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let view = loop {
+        let view = api.get(&format!("/v1/consents/{used_up}"), &token).await;
+        if view.status == 200 || std::time::Instant::now() > deadline {
+            break view;
+        }
+        assert_eq!(view.status, 503, "{view:?}");
+        assert_eq!(view.body["code"], "unavailable");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(view.status, 200, "{view:?}");
     assert_eq!(
         (&view.body["quota"]["limit"], &view.body["quota"]["used"]),
