@@ -12,6 +12,7 @@ mod changes;
 mod data;
 mod deploy;
 mod events;
+mod faults;
 mod gate;
 mod harness;
 mod idempotency;
