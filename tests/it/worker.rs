@@ -828,3 +828,32 @@ async fn a_failed_undo_frees_the_quota_within_a_lease() {
         "{text}"
     );
 }
+
+/// A plain refresh that ran as the consent's initial load (none had succeeded yet)
+/// was counted against the quota at admission, so a gate rebuilt from the records
+/// still counts it.
+#[tokio::test]
+async fn a_plain_refresh_run_as_the_initial_load_still_counts_after_a_gate_rebuild() {
+    let (app, api, _bank) = started(5).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await;
+    let refresh = api.refresh(&token, &consent.to_string()).await;
+    assert_eq!(
+        api.wait_terminal(&token, &refresh).await["status"],
+        "UPDATED"
+    );
+    let loaded = count(
+        &app,
+        "SELECT count(*) FROM consents WHERE consent_id = $1 AND initial_loaded_at IS NOT NULL",
+        &consent.to_string(),
+    )
+    .await;
+    assert_eq!(loaded, 1, "the refresh ran as the initial load");
+
+    refresh_redis::delete_namespace(&app.redis, &app.namespace)
+        .await
+        .unwrap();
+    let view = api.get(&format!("/v1/consents/{consent}"), &token).await;
+    assert_eq!(view.status, 200, "{view:?}");
+    assert_eq!(view.body["quota"]["used"], 1, "{view:?}");
+}

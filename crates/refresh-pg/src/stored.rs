@@ -408,11 +408,10 @@ impl Store {
             .map_err(corrupt)?;
         write_terminal(&mut tx, &record, trace, None, event_id, at).await?;
         if data.initial {
-            // Also a refresh requested as a plain one, when no initial load had succeeded.
-            sqlx::query("UPDATE refreshes SET initial = true WHERE refresh_id = $1")
-                .bind(refresh_id.as_uuid())
-                .execute(&mut *tx)
-                .await?;
+            // Also a refresh requested as a plain one, when no initial load had
+            // succeeded. Its record keeps `initial = false`: that column says the
+            // admission was not counted against a quota (the gate rebuild reads it),
+            // and this one was.
             sqlx::query("UPDATE consents SET initial_loaded_at = $2 WHERE consent_id = $1")
                 .bind(consent)
                 .bind(at)
