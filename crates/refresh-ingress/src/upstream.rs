@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::error_chain;
-use crate::routes::refreshes::{KEY_LEASE, KEY_TTL, remembered};
+use crate::routes::refreshes::{KEY_LEASE, KEY_TTL, release_key, remembered};
 use refresh_admission::{Admitter, Decision, RefreshRequest};
 
 /// The request message (wire type).
@@ -158,7 +158,7 @@ async fn handle(
         Err(error) => {
             tracing::warn!(error = %error_chain(&error), "upstream request held back: a dependency is unavailable");
             if let Some((key, fence)) = fence {
-                let _ = store.release_key(&message.tenant_id, key, fence).await;
+                release_key(store, &message.tenant_id, key, fence).await;
             }
             return (
                 Outcome::retry(unavailable_backoff(delivery.retries())),
@@ -186,7 +186,8 @@ async fn handle(
                 .await
                 .map(|_| ())
         } else {
-            store.release_key(&message.tenant_id, key, fence).await
+            release_key(store, &message.tenant_id, key, fence).await;
+            Ok(())
         };
         if let Err(error) = recorded {
             tracing::warn!(error = %error_chain(&error), "cannot record the idempotent answer");

@@ -37,6 +37,38 @@ const KEY_WAIT: Duration = Duration::from_secs(10);
 pub(crate) const KEY_LEASE: TimeDelta = TimeDelta::seconds(90);
 /// How long an answer stays remembered for its key (SPEC §3).
 pub(crate) const KEY_TTL: TimeDelta = TimeDelta::hours(24);
+/// How often a release that failed is tried again, within the reservation's lease.
+const RELEASE_RETRY: Duration = Duration::from_millis(500);
+
+/// Releases the reservation of an idempotency key whose request was not decided for
+/// good, so that a retry with the key is decided afresh. When the database is what
+/// failed the request, the release fails too: it is then tried again in the
+/// background every [`RELEASE_RETRY`] until it succeeds or the lease runs out (the
+/// release is fenced by the reservation's time, so it never touches a later holder's).
+/// Without that, a retry after an outage of a few seconds would find the key still
+/// reserved, and wait or back off until the lease ran out.
+pub(crate) async fn release_key(
+    store: &refresh_pg::Store,
+    tenant: &TenantId,
+    key: &str,
+    fence: refresh_pg::KeyFence,
+) {
+    let Err(error) = store.release_key(tenant, key, fence).await else {
+        return;
+    };
+    tracing::warn!(error = %error, "cannot release an idempotency key yet; trying again");
+    let (store, tenant, key) = (store.clone(), tenant.clone(), key.to_owned());
+    let deadline = tokio::time::Instant::now() + KEY_LEASE.to_std().unwrap_or_default();
+    tokio::spawn(async move {
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(RELEASE_RETRY).await;
+            if store.release_key(&tenant, &key, fence).await.is_ok() {
+                return;
+            }
+        }
+        tracing::warn!("an idempotency key stays reserved until its lease ends");
+    });
+}
 
 /// Whether a decision is remembered for its idempotency key (SPEC §3): an admission,
 /// or a refusal that cannot change (the consent is unknown, or revoked, expired or
@@ -292,9 +324,7 @@ pub(crate) async fn request_refresh(
         other => {
             // Not an answer to remember (it may change, or a dependency failed): a
             // retry with this key is decided afresh.
-            if let Err(error) = state.store.release_key(&key_tenant, &key, fence).await {
-                tracing::warn!(error = %error, "cannot release an idempotency key");
-            }
+            release_key(&state.store, &key_tenant, &key, fence).await;
             other.map(|(response, _)| response)
         }
     }
