@@ -25,6 +25,7 @@ mod ingress;
 pub mod json;
 mod process;
 mod proxy;
+mod services;
 mod worker;
 pub use cluster::RedisCluster;
 pub use ingress::{Answer, Api, dev_token, ingress_with};
@@ -33,6 +34,7 @@ pub use process::{
     worker_command,
 };
 pub use proxy::Proxy;
+pub use services::{PrivatePostgres, PrivateRabbit, free_port};
 pub use worker::{Bank, app_with_bank, fast_worker_config, start_worker};
 
 /// The repository's root folder.
@@ -130,7 +132,15 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         self.shutdown.cancel();
         let namespace = self.namespace.clone();
-        let settings = test_settings(&namespace, &[]);
+        // The services the app was given (a test may use private servers).
+        let settings = test_settings(
+            &namespace,
+            &[
+                ("database.url", &self.settings.database.url),
+                ("redis.url", &self.settings.redis.url),
+                ("amqp.url", &self.settings.amqp.url),
+            ],
+        );
         let outcome = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
