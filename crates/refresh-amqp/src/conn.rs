@@ -110,6 +110,13 @@ pub async fn connect(settings: &AmqpSettings) -> Result<Connection, AmqpError> {
 /// Whether a queue exists (a passive declare, on a throwaway channel since a failed
 /// passive declare closes its channel).
 pub async fn queue_exists(conn: &Connection, queue: &str) -> Result<bool, AmqpError> {
+    Ok(queue_depth(conn, queue).await?.is_some())
+}
+
+/// How many messages a queue holds ready for delivery (not those delivered and not yet
+/// acknowledged), or `None` if it does not exist. A passive declare on a throwaway
+/// channel, like [`queue_exists`].
+pub async fn queue_depth(conn: &Connection, queue: &str) -> Result<Option<u32>, AmqpError> {
     let channel = conn
         .create_channel()
         .await
@@ -125,11 +132,11 @@ pub async fn queue_exists(conn: &Connection, queue: &str) -> Result<bool, AmqpEr
         )
         .await;
     match declared {
-        Ok(_) => {
+        Ok(declared) => {
             let _ = channel.close(200, "done".into()).await;
-            Ok(true)
+            Ok(Some(declared.message_count()))
         }
-        Err(e) if e.is_amqp_soft_error() => Ok(false),
+        Err(e) if e.is_amqp_soft_error() => Ok(None),
         Err(e) => Err(AmqpError::Unavailable(e)),
     }
 }

@@ -12,7 +12,7 @@ mod names;
 pub mod topology;
 
 pub use broker::{Broker, EventQueue};
-pub use conn::{AmqpError, AmqpSettings, connect, delete_namespace, queue_exists};
+pub use conn::{AmqpError, AmqpSettings, connect, delete_namespace, queue_depth, queue_exists};
 pub use consumer::{Consumer, DEAD_REASON_HEADER, Delivery, RETRIES_HEADER};
 pub use dead::{DeadMessage, DeadQueue};
 /// An open broker connection (lapin's), handed out by [`connect`].
