@@ -402,12 +402,6 @@ struct Scenario<'a> {
     /// after an outage (2 s doubling), or the lease of an idempotency reservation left
     /// by a killed ingress (90 s) plus a backoff.
     decided_within: Duration,
-    /// Refreshes a consent may get past its quota: 0, except when Redis loses the
-    /// gate's state. Then an admission past the gate whose record commits after the
-    /// rebuild read the records has no quota entry until the next rebuild, and the
-    /// consent can be admitted once more (docs/RELIABILITY.md, known gaps; seen once
-    /// in about ten runs).
-    quota_slack: usize,
 }
 
 impl<'a> Scenario<'a> {
@@ -428,7 +422,6 @@ impl<'a> Scenario<'a> {
             processes: None,
             cut_offs: false,
             decided_within: Duration::from_secs(60),
-            quota_slack: 0,
         }
     }
 
@@ -718,7 +711,6 @@ async fn account(
         per_consent.entry(row.consent_id).or_default().push(row);
     }
     let mut most = 0;
-    let mut over_quota = 0;
     for (consent, list) in &mut per_consent {
         list.sort_by_key(|r| r.date_requested);
         for pair in list.windows(2) {
@@ -729,13 +721,9 @@ async fn account(
                 pair[1].refresh_id
             );
         }
-        // The quota: 4 on-demand refreshes per rolling 24 h (the test lasts seconds),
-        // and the known gap of a Redis loss (see `quota_slack`).
-        if list.len() > 4 {
-            over_quota += 1;
-        }
+        // The quota: 4 on-demand refreshes per rolling 24 h (the test lasts seconds).
         assert!(
-            list.len() <= 4 + scenario.quota_slack,
+            list.len() <= 4,
             "{name}: consent {consent} got {} refreshes: {:#?}",
             list.len(),
             list.iter()
@@ -800,7 +788,6 @@ async fn account(
     ));
     lines.push(("terminal events published twice".to_owned(), repeated));
     lines.push(("most refreshes of one consent".to_owned(), most));
-    lines.push(("consents over their quota".to_owned(), over_quota));
     lines.push((
         "transactions stored twice".to_owned(),
         usize::try_from(doubled).unwrap_or(usize::MAX),
@@ -851,10 +838,7 @@ async fn redis_losing_its_keys_mid_stream_loses_and_doubles_nothing() {
                 .expect("delete the namespace's keys");
         }),
     );
-    let consents = seed(&rig.direct, CONSENTS).await;
-    let mut scenario = rig.scenario("redis keys deleted", consents);
-    scenario.quota_slack = 1;
-    scenario.run(vec![lose]).await;
+    rig.run("redis keys deleted", vec![lose]).await;
 }
 
 /// An outage of one service for [`OUTAGE`] in the middle of the stream.

@@ -295,7 +295,13 @@ impl Admitter {
         );
         let pending = match self
             .store
-            .begin_admission(&record, request.initial, Some(&request.traceparent), &event)
+            .begin_admission(
+                &record,
+                request.initial,
+                Some(&request.traceparent),
+                &event,
+                ticket.epoch,
+            )
             .await
         {
             Ok(pending) => pending,
