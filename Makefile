@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 CARGO ?= cargo
 
-.PHONY: help run test tools services build lint bench
+.PHONY: help run test tools services build lint bench soak
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -29,3 +29,6 @@ lint: ## rustfmt check and clippy with warnings denied
 
 bench: services ## run the load scenarios (release) against the local services; table on stdout, JSON in target/bench/results.json
 	$(CARGO) build --release -p refreshd -p refresh-bench && target/release/refresh-bench $(SCENARIOS)
+
+soak: services ## 10 min (SOAK_MINUTES) of steady mixed load on ingress, worker and scheduler processes; a row per minute, fails if RSS, fds, queues or p99 grow steadily
+	$(CARGO) build --release -p refreshd -p refresh-bench && target/release/refresh-bench soak

@@ -6,7 +6,9 @@
 //!
 //! `refresh-bench [SCENARIO…]` runs the named scenarios only (`admission`,
 //! `upstream`, `worker`, `merge`, `scaleout`, `e2e`, `rebuild`, `rekey`); none named runs
-//! them all.
+//! them all. `refresh-bench soak` (`make soak`) runs the soak alone: minutes of steady
+//! mixed load with a table row per minute, `target/bench/soak.json`, and a non-zero exit
+//! when a series grows steadily (see `soak.rs`); it is never part of the default list.
 
 #![allow(
     clippy::print_stdout,
@@ -28,6 +30,7 @@ mod rebuild;
 mod rekey;
 mod report;
 mod scaleout;
+mod soak;
 mod stats;
 mod workers;
 
@@ -62,17 +65,37 @@ const SCENARIOS: &[&str] = &[
     "rekey",
 ];
 
+/// Where the JSON documents go: `target/bench/` of the workspace.
+fn bench_dir() -> anyhow::Result<PathBuf> {
+    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench"));
+    std::fs::create_dir_all(&path)?;
+    Ok(path)
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    for arg in &args {
-        if !SCENARIOS.contains(&arg.as_str()) {
-            anyhow::bail!("unknown scenario {arg:?}; known: {}", SCENARIOS.join(", "));
-        }
-    }
-    let wanted = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    if args.iter().any(|a| a == soak::NAME) {
+        anyhow::ensure!(
+            args.len() == 1,
+            "the soak runs alone: `refresh-bench {}`",
+            soak::NAME
+        );
+        let minutes = soak::minutes_from_env()?;
+        return runtime.block_on(soak::run(minutes, &bench_dir()?));
+    }
+    for arg in &args {
+        if !SCENARIOS.contains(&arg.as_str()) {
+            anyhow::bail!(
+                "unknown scenario {arg:?}; known: {}, and {} (alone)",
+                SCENARIOS.join(", "),
+                soak::NAME
+            );
+        }
+    }
+    let wanted = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
     let mut report = Report::new(machine::describe());
     runtime.block_on(async {
         let started = std::time::Instant::now();
@@ -114,9 +137,7 @@ fn main() -> anyhow::Result<()> {
     }
     report.judge();
     print!("{}", report.table());
-    let path = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/bench"));
-    std::fs::create_dir_all(&path)?;
-    let file = path.join("results.json");
+    let file = bench_dir()?.join("results.json");
     std::fs::write(&file, serde_json::to_string_pretty(&report.json())?)?;
     progress(&format!("results written to {}", file.display()));
     Ok(())
@@ -124,9 +145,19 @@ fn main() -> anyhow::Result<()> {
 
 /// Stops the roles a scenario started, then removes its namespace (on drop).
 pub(crate) async fn stop(app: refresh_tests::TestApp, api: refresh_tests::Api) {
+    halt(&app).await;
+    drop(api);
+    drop(app);
+}
+
+/// [`stop`] for a scenario that started no in-process ingress.
+pub(crate) async fn stop_app(app: refresh_tests::TestApp) {
+    halt(&app).await;
+    drop(app);
+}
+
+async fn halt(app: &refresh_tests::TestApp) {
     app.shutdown.cancel();
     app.tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), app.tracker.wait()).await;
-    drop(api);
-    drop(app);
 }

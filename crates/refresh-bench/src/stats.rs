@@ -1,4 +1,4 @@
-//! Percentiles and a paced (open-loop) schedule.
+//! Percentiles, and what /proc tells about a process (CPU, memory, open files).
 
 use std::time::Duration;
 
@@ -31,15 +31,30 @@ pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
 
 /// Peak resident set size (VmHWM) of a process, in MiB.
 pub(crate) fn peak_rss_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmHWM:")
+}
+
+/// Resident set size now (VmRSS) of a process, in MiB.
+pub(crate) fn rss_mib(pid: u32) -> Option<f64> {
+    status_mib(pid, "VmRSS:")
+}
+
+/// A `kB` field of /proc/{pid}/status, in MiB.
+fn status_mib(pid: u32, field: &str) -> Option<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: f64 = status
         .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
         .ok()?;
     Some(kib / 1024.0)
+}
+
+/// File descriptors a process has open (the entries of /proc/{pid}/fd).
+pub(crate) fn open_fds(pid: u32) -> Option<usize> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
 /// CPU time of the whole machine (all cores, busy), from /proc/stat.

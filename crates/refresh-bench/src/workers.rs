@@ -38,7 +38,7 @@ pub(crate) fn refreshd_binary() -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// A `refreshd worker` child; SIGKILLed when dropped.
+/// A `refreshd {role}` child (a worker unless named otherwise); SIGKILLed when dropped.
 pub(crate) struct Worker(Child);
 
 impl Worker {
@@ -48,18 +48,33 @@ impl Worker {
 
     /// A worker with the dev settings plus `overrides` (as `("worker.concurrency", "4")`).
     pub(crate) fn spawn_with(app: &TestApp, overrides: &[(&str, &str)]) -> Result<Self> {
-        let mut command = refresh_tests::worker_command(&refreshd_binary()?, app, overrides);
+        Self::spawn_role(app, "worker", overrides)
+    }
+
+    /// `refreshd {role}` (`ingress`, `scheduler`, `bank-sim`, …) on `app`'s namespace,
+    /// configured like a worker.
+    pub(crate) fn spawn_role(
+        app: &TestApp,
+        role: &str,
+        overrides: &[(&str, &str)],
+    ) -> Result<Self> {
+        let mut command = refresh_tests::role_command(&refreshd_binary()?, role, app, overrides);
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .context("spawn `refreshd worker`")?;
+            .with_context(|| format!("spawn `refreshd {role}`"))?;
         Ok(Self(child))
     }
 
     pub(crate) fn pid(&self) -> u32 {
         self.0.id()
+    }
+
+    /// How the process ended, if it has.
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.try_wait().ok().flatten()
     }
 }
 
