@@ -584,8 +584,16 @@ mod tests {
         check(array(vec![]), Err("empty"));
         check(Value::Int(1), Err("expected an array"));
         check(
-            array(vec![bulk("ok"), bulk("x")]),
+            array(vec![bulk("ok"), bulk("x"), bulk("1")]),
             Err("expected an integer"),
+        );
+        check(
+            array(vec![bulk("ok"), Value::Int(1), bulk("x")]),
+            Err("expected an integer"),
+        );
+        check(
+            array(vec![bulk("ok"), Value::Int(1)]),
+            Err("\"ok\" reply with 1 values"),
         );
     }
 
