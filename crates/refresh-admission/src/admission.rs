@@ -295,13 +295,7 @@ impl Admitter {
         );
         let pending = match self
             .store
-            .begin_admission(
-                &record,
-                request.initial,
-                Some(&request.traceparent),
-                &event,
-                ticket.epoch,
-            )
+            .begin_admission(&record, request.initial, Some(&request.traceparent), &event)
             .await
         {
             Ok(pending) => pending,

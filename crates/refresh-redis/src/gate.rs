@@ -96,9 +96,6 @@ pub struct Ticket {
     pub not_before: DateTime<Utc>,
     /// Redis `TIME` at the decision: the admission time the quota counted.
     pub now: DateTime<Utc>,
-    /// The stamp of the rebuild whose state decided (the consent's epoch key): the
-    /// record's commit checks that no rebuild began since (`Store::begin_admission`).
-    pub epoch: i64,
     /// Indices in `quota.rules` of the rules that counted the admission.
     counted: Vec<usize>,
     bucket: String,
@@ -342,8 +339,8 @@ impl Gate {
             .eval("admit", &invocation)
             .await
             .and_then(|value| reply::parse_admit(value).map_err(|e| GateError::reply("admit", e)));
-        let (now, epoch) = match decided {
-            Ok(AdmitReply::Admitted { now, epoch }) => (now, epoch),
+        let now = match decided {
+            Ok(AdmitReply::Admitted { now }) => now,
             Ok(AdmitReply::Locked { holder, .. }) => {
                 let holder: RefreshId = holder
                     .parse()
@@ -398,7 +395,6 @@ impl Gate {
                         consent_id: req.consent_id,
                         not_before,
                         now,
-                        epoch,
                         counted,
                         bucket,
                         autosync,
@@ -679,15 +675,7 @@ impl Gate {
     /// removes (a lock only if none is held, a chain only forward), so a rebuild
     /// racing admissions on slots that kept their state, or another rebuild,
     /// changes nothing they decided.
-    ///
-    /// `epoch` stamps the state (Redis time in ms when the rebuild began, from
-    /// [`Gate::redis_now`]): every epoch key gets it, and every admission decided on
-    /// the state carries it ([`Ticket::epoch`]).
-    pub async fn rebuild(
-        &self,
-        refreshes: &[AdmittedRefresh],
-        epoch: i64,
-    ) -> Result<RebuildReport, GateError> {
+    pub async fn rebuild(&self, refreshes: &[AdmittedRefresh]) -> Result<RebuildReport, GateError> {
         let now = self.redis_now().await?;
         let ns = &self.config.namespace;
         let mut quota: HashMap<String, (i64, Vec<(i64, String)>)> = HashMap::new();
@@ -784,7 +772,7 @@ impl Gate {
         }
         self.write_all(writes).await?;
         // Last: only a whole state lets the scripts decide again.
-        let stamp = epoch.to_string();
+        let stamp = now.to_string();
         if self.conn.is_cluster() {
             let epochs = (0..epoch::SLOTS)
                 .map(|slot| Write::set(epoch::key_at(ns, slot), stamp.clone()))
@@ -838,7 +826,7 @@ impl Gate {
     }
 
     /// Redis `TIME` in milliseconds: the clock every script decides by.
-    pub async fn redis_now(&self) -> Result<i64, GateError> {
+    async fn redis_now(&self) -> Result<i64, GateError> {
         let mut conn = self.conn.clone();
         let (secs, micros): (i64, i64) = redis::cmd("TIME")
             .query_async(&mut conn)

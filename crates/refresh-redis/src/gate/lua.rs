@@ -86,7 +86,7 @@ for i = 1, n do
     redis.call('PEXPIREAT', key, int(day_stop))
   end
 end
-return {'ok', now, redis.call('GET', KEYS[#KEYS])}
+return {'ok', now}
 ";
 
 /// Undoes [`ADMIT`]; idempotent, because everything it removes is keyed by the refresh id.

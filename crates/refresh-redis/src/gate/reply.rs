@@ -74,9 +74,8 @@ pub(super) fn instant(ms: i64) -> Result<DateTime<Utc>, String> {
 /// The reply of the admission script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum AdmitReply {
-    /// Rules 3 and 4 passed: the lock is taken and the admission counted, on the
-    /// state of the rebuild stamped `epoch`.
-    Admitted { now: i64, epoch: i64 },
+    /// Rules 3 and 4 passed: the lock is taken and the admission counted.
+    Admitted { now: i64 },
     /// Rule 3: `holder` is the refresh id in flight.
     Locked { now: i64, holder: String },
     /// Rule 4: these rules (positions among the counted rules) are exhausted.
@@ -196,10 +195,9 @@ pub(super) fn parse_admit(value: Value) -> Result<AdmitReply, String> {
     let (tag, rest) = tagged(value)?;
     match tag.as_str() {
         "ok" => {
-            arity(&tag, &rest, 2)?;
+            arity(&tag, &rest, 1)?;
             Ok(AdmitReply::Admitted {
                 now: int(&rest[0])?,
-                epoch: int(&rest[1])?,
             })
         }
         "skew" => {
@@ -524,11 +522,8 @@ mod tests {
             }
         };
         check(
-            array(vec![bulk("ok"), Value::Int(17), bulk("1700")]),
-            Ok(AdmitReply::Admitted {
-                now: 17,
-                epoch: 1700,
-            }),
+            array(vec![bulk("ok"), Value::Int(17)]),
+            Ok(AdmitReply::Admitted { now: 17 }),
         );
         check(
             array(vec![bulk("skew"), Value::Int(17)]),
