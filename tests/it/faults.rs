@@ -22,7 +22,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use refresh_core::ConsentId;
 use refresh_tests::{
     Api, Bank, PrivatePostgres, PrivateRabbit, Proxy, TestApp, WorkerProcess, app_with_bank,
-    dev_token, fast_worker_config, free_port, ingress_with, start_worker, test_settings,
+    dev_token, fast_worker_config, free_port, ingress_with, restart_shared_service, start_worker,
+    test_settings,
 };
 use serde_json::{Value, json};
 
@@ -266,10 +267,22 @@ async fn decide(app: &TestApp, probes: &Probes, sent: &mut [Sent], limit: Durati
         if waiting == 0 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{waiting} upstream requests confirmed by the broker were never decided"
-        );
+        if Instant::now() >= deadline {
+            let sessions: Vec<(String, String, Option<String>, String)> = sqlx::query_as(
+                "SELECT coalesce(a.state, ''), coalesce(l.mode, ''), \
+                 (now() - a.xact_start)::text, left(a.query, 80) \
+                 FROM pg_stat_activity a LEFT JOIN pg_locks l \
+                 ON l.pid = a.pid AND l.locktype = 'advisory' \
+                 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()",
+            )
+            .fetch_all(&app.pg)
+            .await
+            .unwrap_or_default();
+            panic!(
+                "{waiting} upstream requests confirmed by the broker were never decided; \
+                 database sessions (state, advisory lock, transaction age, query): {sessions:#?}"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     for s in sent.iter_mut() {
@@ -914,11 +927,11 @@ fn report(table: &str) {
     eprintln!("{table}");
 }
 
-/// An app with the simulator whose PostgreSQL or RabbitMQ is a private server (the
-/// rest as usual), its ingress and a worker on it.
-async fn private_app(service: (&str, &str), extra: &[(&str, &str)]) -> (TestApp, Api) {
+/// An app with the simulator, its ingress and a worker, with the rigs' settings plus
+/// `extra` (e.g. a private server's URL).
+async fn app_with_worker(extra: &[(&str, &str)]) -> (TestApp, Api) {
     let mut settings = COMMON.to_vec();
-    settings.extend([service, ("database.acquire_timeout_ms", "1000")]);
+    settings.push(("database.acquire_timeout_ms", "1000"));
     settings.extend_from_slice(extra);
     let (app, api, _bank) = app_with_bank(&settings).await;
     start_worker(&app, &api, fast_worker_config(&app));
@@ -933,7 +946,7 @@ async fn private_app(service: (&str, &str), extra: &[(&str, &str)]) -> (TestApp,
 async fn postgresql_restarted_mid_stream_loses_and_doubles_nothing() {
     let pg = PrivatePostgres::start().await;
     let url = pg.url();
-    let (app, api) = private_app(("database.url", &url), &[]).await;
+    let (app, api) = app_with_worker(&[("database.url", &url)]).await;
     let consents = seed(&api, CONSENTS).await;
     let restart: Action<'_> = (
         DOWN_AT,
@@ -959,7 +972,7 @@ async fn postgresql_restarted_mid_stream_loses_and_doubles_nothing() {
 async fn rabbitmq_restarted_mid_stream_loses_and_doubles_nothing() {
     let rabbit = PrivateRabbit::start().await;
     let url = rabbit.url();
-    let (app, api) = private_app(("amqp.url", &url), &[]).await;
+    let (app, api) = app_with_worker(&[("amqp.url", &url)]).await;
     let consents = seed(&api, CONSENTS).await;
     let restart: Action<'_> = (
         DOWN_AT,
@@ -973,6 +986,51 @@ async fn rabbitmq_restarted_mid_stream_loses_and_doubles_nothing() {
     scenario.run(vec![restart]).await;
 }
 
+/// The machine's shared RabbitMQ restarted by its service manager (`service
+/// rabbitmq-server restart`) a third into the stream. `make test` runs it alone after
+/// the rest, since it cuts every test's connections.
+#[tokio::test]
+#[ignore = "restarts the shared RabbitMQ: `make test` runs it alone, after the rest"]
+async fn the_shared_rabbitmq_restarted_by_its_service_manager_loses_and_doubles_nothing() {
+    let (app, api) = app_with_worker(&[]).await;
+    let consents = seed(&api, CONSENTS).await;
+    let restart: Action<'_> = (
+        DOWN_AT,
+        Box::pin(restart_shared_service("rabbitmq-server", 5672)),
+    );
+    let mut scenario = Scenario::new(
+        "shared rabbitmq restarted by its service manager",
+        &app,
+        &api,
+        &api,
+        consents,
+    );
+    scenario.cut_offs = true;
+    scenario.run(vec![restart]).await;
+}
+
+/// The machine's shared PostgreSQL restarted by its service manager (`service
+/// postgresql restart`) a third into the stream; run alone like the RabbitMQ one.
+#[tokio::test]
+#[ignore = "restarts the shared PostgreSQL: `make test` runs it alone, after the rest"]
+async fn the_shared_postgresql_restarted_by_its_service_manager_loses_and_doubles_nothing() {
+    let (app, api) = app_with_worker(&[]).await;
+    let consents = seed(&api, CONSENTS).await;
+    let restart: Action<'_> = (
+        DOWN_AT,
+        Box::pin(restart_shared_service("postgresql", 5432)),
+    );
+    Scenario::new(
+        "shared postgresql restarted by its service manager",
+        &app,
+        &api,
+        &api,
+        consents,
+    )
+    .run(vec![restart])
+    .await;
+}
+
 /// A job delayed by the stagger waits in a quorum wait queue through a broker restart
 /// and still starts at its `notBefore`: the wait queues dead-letter at least once and
 /// keep their messages on disk (a classic queue's TTL dead-lettering could drop it).
@@ -980,10 +1038,11 @@ async fn rabbitmq_restarted_mid_stream_loses_and_doubles_nothing() {
 async fn a_job_waiting_for_its_slot_survives_a_broker_restart() {
     let rabbit = PrivateRabbit::start().await;
     let url = rabbit.url();
-    let (app, api) = private_app(
+    let (app, api) = app_with_worker(&[
         ("amqp.url", &url),
-        &[("stagger.limit", "1"), ("stagger.period_secs", "40")],
-    )
+        ("stagger.limit", "1"),
+        ("stagger.period_secs", "40"),
+    ])
     .await;
     let token = dev_token(&app, Some("acme"), "api:stored_data");
     let first = api.seed_consent("acme", None, None).await;

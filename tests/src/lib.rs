@@ -34,7 +34,7 @@ pub use process::{
     worker_command,
 };
 pub use proxy::Proxy;
-pub use services::{PrivatePostgres, PrivateRabbit, free_port};
+pub use services::{PrivatePostgres, PrivateRabbit, free_port, restart_shared_service};
 pub use worker::{Bank, app_with_bank, fast_worker_config, start_worker};
 
 /// The repository's root folder.

@@ -317,3 +317,23 @@ impl Drop for PrivateRabbit {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Restarts one of the machine's shared services through its service manager
+/// (`service {name} restart`, with `sudo` when not root) and waits until `port`
+/// answers again. Only for the tests that `make test` runs alone, after the rest
+/// (they are `#[ignore]`d in the parallel run).
+pub async fn restart_shared_service(name: &str, port: u16) {
+    let mut command = if is_root() {
+        Command::new("service")
+    } else {
+        let mut sudo = Command::new("sudo");
+        sudo.args(["-n", "service"]);
+        sudo
+    };
+    command.args([name, "restart"]);
+    let what = format!("service {name} restart");
+    tokio::task::spawn_blocking(move || run(&what, &mut command))
+        .await
+        .expect("harness: the service manager's thread");
+    wait_for_port(name, port, true, Duration::from_secs(90)).await;
+}
