@@ -926,6 +926,73 @@ async fn redis_or_rabbitmq_down_is_503_and_nothing_is_consumed() {
 }
 
 #[tokio::test]
+async fn upstream_requests_held_by_an_outage_are_decided_as_soon_as_it_ends() {
+    // The only ingress of the namespace reaches Redis through a proxy.
+    let app = spawn_app().await;
+    let redis_proxy = Proxy::start("127.0.0.1:6379").await;
+    let redis_url = format!("redis://127.0.0.1:{}/0", redis_proxy.port);
+    let settings = refresh_tests::test_settings(
+        &app.namespace,
+        &[
+            ("redis.url", &redis_url),
+            ("redis.command_timeout_ms", "500"),
+        ],
+    );
+    let api = ingress_with(&app, &settings).await.unwrap();
+    let mut consents = Vec::new();
+    for _ in 0..6 {
+        consents.push(api.seed_consent("acme", None, None).await);
+    }
+    let broker = &api.services.broker;
+    let reply_queue = broker.declare_reply_queue().await.unwrap();
+    let mut replies = broker.consume(&reply_queue, 10);
+    let publish = |n: usize| {
+        let body = json!({ "consentId": consents[n], "tenantId": "acme" }).to_string();
+        let (id, reply_queue) = (format!("held-{n}"), reply_queue.clone());
+        async move {
+            broker
+                .publish_request(body.as_bytes(), Some(&id), Some(&reply_queue), Some(&id))
+                .await
+                .unwrap();
+        }
+    };
+
+    // Five requests held back through 20 s of outage: by then each waits up to 15 s
+    // more on its own backoff.
+    redis_proxy.down();
+    for n in 0..5 {
+        publish(n).await;
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(10), replies.next())
+            .await
+            .is_err(),
+        "nothing is decided while Redis is down"
+    );
+    redis_proxy.up();
+    let back = std::time::Instant::now();
+    // The first request decided after the outage wakes the held ones.
+    publish(5).await;
+    let mut decided = BTreeSet::new();
+    while decided.len() < 6 {
+        let reply = tokio::time::timeout(Duration::from_secs(30), replies.next())
+            .await
+            .expect("every request is decided")
+            .unwrap();
+        let body: Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(body["accepted"], true, "{body}");
+        decided.insert(reply.correlation_id.clone().unwrap());
+        reply.settle(refresh_core::Outcome::Ack).await.unwrap();
+    }
+    let waited = back.elapsed();
+    assert!(
+        waited < Duration::from_secs(5),
+        "held requests were decided {waited:?} after the outage ended"
+    );
+}
+
+#[tokio::test]
 async fn tenant_settings_round_trip_with_warnings() {
     let (app, api) = started(&[]).await;
     let token = dev_token(&app, Some("acme"), STORED);

@@ -3,6 +3,8 @@
 //! dead-lettered without stopping the consumer. Only the sources of
 //! `amqp.requested_by` are accepted; another `requestedBy` is a rejected decision.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -11,6 +13,7 @@ use refresh_core::{ConsentId, Outcome, Problem, RequestedBy, TenantId};
 use refresh_pg::{KeyReservation, Store};
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -32,12 +35,44 @@ fn default_source() -> RequestedBy {
     RequestedBy::App
 }
 
-/// How long to hold a request back when a dependency is down: doubling from 2 s
-/// with each retry, at most a minute. The retry is a fresh copy of the message, so
-/// an outage of any length never dead-letters it (SPEC §4: only what cannot be
-/// parsed goes to `requests.dead`).
+/// How long at most to hold a request back when a dependency is down: doubling from
+/// 2 s with each retry, at most 15 s. The retry is a fresh copy of the message, so an
+/// outage of any length never dead-letters it (SPEC §4: only what cannot be parsed
+/// goes to `requests.dead`).
 fn unavailable_backoff(retries: u32) -> Duration {
-    Duration::from_secs(2u64 << retries.min(5)).min(Duration::from_secs(60))
+    Duration::from_secs(2u64 << retries.min(3)).min(Duration::from_secs(15))
+}
+
+/// The requests this consumer holds back for an outage, and the signal that ends
+/// their wait: the first request decided again (its own backoff ran out first) wakes
+/// every held one at once, so after a long outage the backlog is decided within
+/// moments of the dependency's return, not one backoff at a time while the held
+/// deliveries fill the prefetch window.
+#[derive(Default)]
+struct Outage {
+    held: AtomicUsize,
+    recovered: Notify,
+}
+
+impl Outage {
+    /// Waits `backoff`, or until a decision succeeds, or shutdown.
+    async fn hold(&self, backoff: Duration, shutdown: &CancellationToken) {
+        let recovered = self.recovered.notified();
+        self.held.fetch_add(1, Ordering::AcqRel);
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = recovered => {}
+            () = shutdown.cancelled() => {}
+        }
+        self.held.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// A request was decided: the dependencies answer again.
+    fn decided(&self) {
+        if self.held.load(Ordering::Acquire) > 0 {
+            self.recovered.notify_waiters();
+        }
+    }
 }
 
 /// Consumes `{ns}.requests` until `shutdown`, deciding up to `prefetch` requests at
@@ -52,7 +87,8 @@ pub async fn run(
     sources: Vec<RequestedBy>,
     shutdown: CancellationToken,
 ) {
-    let sources: std::sync::Arc<[RequestedBy]> = sources.into();
+    let sources: Arc<[RequestedBy]> = sources.into();
+    let outage = Arc::new(Outage::default());
     let mut consumer = broker.consume(&broker.names().requests.clone(), prefetch);
     let tracker = TaskTracker::new();
     loop {
@@ -62,22 +98,45 @@ pub async fn run(
         };
         let Some(delivery) = delivery else { break };
         let (admitter, store, broker) = (admitter.clone(), store.clone(), broker.clone());
-        let sources = sources.clone();
-        tracker.spawn(async move { answer(&admitter, &store, &broker, &sources, delivery).await });
+        let (sources, outage, shutdown) = (sources.clone(), outage.clone(), shutdown.clone());
+        tracker.spawn(async move {
+            let context = Context {
+                admitter: &admitter,
+                store: &store,
+                sources: &sources,
+            };
+            answer(context, &broker, &outage, &shutdown, delivery).await;
+        });
     }
     tracker.close();
     tracker.wait().await;
 }
 
-/// Decides one request, replies on its `reply_to` and settles it.
+/// What deciding a request needs.
+#[derive(Clone, Copy)]
+struct Context<'a> {
+    admitter: &'a Admitter,
+    store: &'a Store,
+    sources: &'a [RequestedBy],
+}
+
+/// Decides one request, replies on its `reply_to` and settles it; a request held
+/// back by an outage waits here ([`Outage::hold`]) and is then retried at once.
 async fn answer(
-    admitter: &Admitter,
-    store: &Store,
+    context: Context<'_>,
     broker: &Broker,
-    sources: &[RequestedBy],
+    outage: &Outage,
+    shutdown: &CancellationToken,
     delivery: Delivery,
 ) {
-    let (outcome, reply) = handle(admitter, store, sources, &delivery).await;
+    let (mut outcome, reply) = handle(context, &delivery).await;
+    match outcome {
+        Outcome::Retry { after } => {
+            outage.hold(after, shutdown).await;
+            outcome = Outcome::retry(Duration::ZERO);
+        }
+        Outcome::Ack | Outcome::DeadLetter { .. } => outage.decided(),
+    }
     if let (Some(reply), Some(reply_to)) = (reply, delivery.reply_to.clone()) {
         let body = serde_json::to_vec(&reply).unwrap_or_default();
         if let Err(error) = broker
@@ -93,12 +152,12 @@ async fn answer(
 }
 
 /// The outcome for the message and the reply (if any) to send.
-async fn handle(
-    admitter: &Admitter,
-    store: &Store,
-    sources: &[RequestedBy],
-    delivery: &Delivery,
-) -> (Outcome, Option<Value>) {
+async fn handle(context: Context<'_>, delivery: &Delivery) -> (Outcome, Option<Value>) {
+    let Context {
+        admitter,
+        store,
+        sources,
+    } = context;
     let message: RequestMessage = match serde_json::from_slice(&delivery.body) {
         Ok(message) => message,
         Err(error) => {
@@ -201,9 +260,42 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_outage_backs_off_doubling_up_to_a_minute() {
-        let secs: Vec<u64> = (0..8).map(|r| unavailable_backoff(r).as_secs()).collect();
-        assert_eq!(secs, [2, 4, 8, 16, 32, 60, 60, 60]);
-        assert_eq!(unavailable_backoff(u32::MAX), Duration::from_secs(60));
+    fn an_outage_backs_off_doubling_up_to_fifteen_seconds() {
+        let secs: Vec<u64> = (0..6).map(|r| unavailable_backoff(r).as_secs()).collect();
+        assert_eq!(secs, [2, 4, 8, 15, 15, 15]);
+        assert_eq!(unavailable_backoff(u32::MAX), Duration::from_secs(15));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_decision_ends_every_hold_at_once() {
+        let outage = Arc::new(Outage::default());
+        let shutdown = CancellationToken::new();
+        let held: Vec<_> = (0..3)
+            .map(|_| {
+                let (outage, shutdown) = (outage.clone(), shutdown.clone());
+                tokio::spawn(async move {
+                    let start = tokio::time::Instant::now();
+                    outage.hold(Duration::from_secs(15), &shutdown).await;
+                    start.elapsed()
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(outage.held.load(Ordering::Acquire), 3);
+        outage.decided();
+        for hold in held {
+            assert_eq!(hold.await.unwrap(), Duration::from_secs(1));
+        }
+        assert_eq!(outage.held.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_without_a_decision_lasts_its_backoff() {
+        let outage = Outage::default();
+        let start = tokio::time::Instant::now();
+        outage
+            .hold(Duration::from_secs(4), &CancellationToken::new())
+            .await;
+        assert_eq!(start.elapsed(), Duration::from_secs(4));
     }
 }
