@@ -275,6 +275,123 @@ async fn refreshes_reach_the_bank_with_the_right_token_across_a_key_rotation() {
     drop(api_a);
 }
 
+/// Lines of a worker's log that say a refresh ended `UPDATED`.
+fn updated_lines(worker: &WorkerProcess) -> usize {
+    worker.log().matches("refresh UPDATED").count()
+}
+
+#[tokio::test]
+async fn old_and_new_processes_side_by_side_through_a_rotation_all_reach_the_bank() {
+    // The rollout of OPERATIONS.md: first every role learns the new key B as a retired
+    // key ("old": A current, B retired), then every role switches ("new": B current,
+    // A retired). While the second restart rolls, old and new ingresses, workers and
+    // schedulers run side by side: tokens of both keys are written and re-encrypted
+    // back and forth, and every refresh still reaches the bank with its token.
+    let (app, _api, bank) = app_with_bank(&FAST).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let old = with_fast(&[("crypto.key", KEY_A), ("crypto.retired_keys", KEY_B)]);
+    let new = with_fast(&[("crypto.key", KEY_B), ("crypto.retired_keys", KEY_A)]);
+    let ingress = |current: &str, retired: &str| {
+        let mut settings = test_settings(
+            &app.namespace,
+            &[("crypto.key", current), ("crypto.rekey_batch_size", "3")],
+        );
+        settings.crypto.retired_keys = vec![SecretString::from(retired)];
+        settings
+    };
+    let (settings_old, settings_new) = (ingress(KEY_A, KEY_B), ingress(KEY_B, KEY_A));
+    let api_old = ingress_with(&app, &settings_old).await.unwrap();
+    let api_new = ingress_with(&app, &settings_new).await.unwrap();
+    let scheduler = |settings: &refreshd::Settings, api: &Api| {
+        refreshd::scheduler::build(
+            settings,
+            &api.services,
+            &api.metrics,
+            refresh_admission::AdmissionMetrics::default(),
+            Arc::new(Notify::new()),
+        )
+    };
+    let (scheduler_old, scheduler_new) = (
+        scheduler(&settings_old, &api_old),
+        scheduler(&settings_new, &api_new),
+    );
+    let mut worker_old = WorkerProcess::spawn_logged(&app, "worker", &old, "info");
+    let mut worker_new = WorkerProcess::spawn_logged(&app, "worker", &new, "info");
+
+    let mut consents = Vec::new();
+    let mut both_keys_at_once = false;
+    let mut all = Vec::new();
+    for round in 0..3 {
+        // Each round registers through both ingresses (one token sealed with A, one
+        // with B), refreshes every consent through one or the other, and lets both
+        // schedulers re-encrypt a batch while the refreshes run.
+        consents.push(api_old.seed_consent("acme", None, None).await.to_string());
+        consents.push(api_new.seed_consent("acme", None, None).await.to_string());
+        consents.push(api_new.seed_consent("acme", None, None).await.to_string());
+        let sealed = headers(&app).await;
+        both_keys_at_once |= sealed.iter().any(|(_, h)| *h == header_of(KEY_A))
+            && sealed.iter().any(|(_, h)| *h == header_of(KEY_B));
+        let (to_old, to_new): (Vec<_>, Vec<_>) = consents
+            .iter()
+            .cloned()
+            .enumerate()
+            .partition(|(i, _)| (i + round) % 2 == 0);
+        let to_old: Vec<String> = to_old.into_iter().map(|(_, c)| c).collect();
+        let to_new: Vec<String> = to_new.into_iter().map(|(_, c)| c).collect();
+        let never = CancellationToken::new();
+        let (ids_old, ids_new, ..) = tokio::join!(
+            refresh_all(&api_old, &token, &to_old),
+            refresh_all(&api_new, &token, &to_new),
+            scheduler_old.tick(Utc::now(), &never),
+            scheduler_new.tick(Utc::now(), &never),
+        );
+        let ids = [ids_old, ids_new].concat();
+        all_updated(&terminal(&app, &ids, &mut [&mut worker_old, &mut worker_new]).await);
+        all.extend(ids);
+    }
+    assert!(
+        both_keys_at_once,
+        "tokens of both keys were in use together"
+    );
+    assert_eq!(all.len(), 3 + 6 + 9);
+    for consent in &consents {
+        assert!(
+            !bank.calls(&format!("token-{consent}")).await.is_empty(),
+            "the bank never saw the token of {consent}"
+        );
+    }
+    let (by_old, by_new) = (updated_lines(&worker_old), updated_lines(&worker_new));
+    assert!(
+        by_old > 0 && by_new > 0,
+        "both workers refreshed: old {by_old}, new {by_new}"
+    );
+    assert_eq!(by_old + by_new, all.len());
+
+    // The old processes are gone: the new scheduler seals every token with B.
+    worker_old.kill();
+    drop(scheduler_old);
+    let mut ticks = 0;
+    loop {
+        let report = scheduler_new
+            .tick(Utc::now(), &CancellationToken::new())
+            .await
+            .unwrap();
+        if report.to_rekey == 0 {
+            break;
+        }
+        ticks += 1;
+        assert!(ticks < 10, "the new scheduler re-encrypts 3 per tick");
+    }
+    assert!(
+        headers(&app)
+            .await
+            .iter()
+            .all(|(_, h)| *h == header_of(KEY_B)),
+        "every token is sealed with B"
+    );
+    worker_new.assert_running();
+}
+
 #[tokio::test]
 async fn the_scheduler_re_encrypts_tokens_a_bounded_batch_per_tick() {
     let (app, api_a, _bank) = app_with_bank(&[]).await;
