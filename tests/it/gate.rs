@@ -96,7 +96,9 @@ async fn gate(app: &TestApp) -> Gate {
 }
 
 async fn ready(gate: Gate) -> Gate {
-    gate.rebuild(&[]).await.unwrap();
+    gate.rebuild(&[], gate.redis_now().await.unwrap())
+        .await
+        .unwrap();
     gate
 }
 
@@ -842,7 +844,9 @@ async fn the_gate_on_a_cluster_answers_again_after_a_node_restarts() {
                     break;
                 }
                 Err(GateError::Rebuilding) if !rebuilt => {
-                    gate.rebuild(&[]).await.unwrap();
+                    gate.rebuild(&[], gate.redis_now().await.unwrap())
+                        .await
+                        .unwrap();
                     rebuilt = true;
                 }
                 Err(GateError::Unavailable(_)) if std::time::Instant::now() < deadline => {
@@ -1527,4 +1531,148 @@ async fn a_refresh_admitted_to_a_later_start_keeps_its_lock_until_then(redis: Re
             .unwrap(),
     );
     assert_eq!(again.refresh_id, Some(queued.refresh_id));
+}
+
+/// The record and event of an admission `ticket` decided, as the admission writes them.
+fn admission_rows(
+    ticket: &Ticket,
+    consent: ConsentId,
+) -> (refresh_core::RefreshRecord, refresh_pg::OutboxEvent) {
+    let record = refresh_core::RefreshRecord::initialized(
+        ticket.refresh_id,
+        consent,
+        TenantId::parse("acme").unwrap(),
+        RequestedBy::Api,
+        ticket.now,
+        ticket.not_before,
+    );
+    let event = refresh_core::CloudEvent::refresh(
+        &record,
+        refresh_core::EventId::from_uuid(uuid::Uuid::now_v7()),
+        ticket.now,
+    );
+    let outbox = refresh_pg::OutboxEvent {
+        event_id: event.id,
+        routing_key: event.routing_key(),
+        payload: serde_json::to_value(&event).unwrap(),
+    };
+    (record, outbox)
+}
+
+/// SPEC §2 across a Redis loss: an admission past the gate when Redis lost its keys
+/// is either counted by the rebuild or refused. One still writing its record holds
+/// the rebuild back until it commits, and is then counted (the consent's fifth request
+/// is refused 429, not admitted); one that writes its record after a rebuild began is
+/// refused (`StaleGate`, the caller answers 503 and undoes the gate).
+#[tokio::test]
+async fn an_admission_past_the_gate_when_redis_loses_its_state_is_counted_or_refused() {
+    let app = Redis::Standalone.app(&[]).await;
+    let api = app.start_ingress().await;
+    let token = refresh_tests::dev_token(&app, Some("acme"), "api:stored_data");
+    let consent = api.seed_consent("acme", None, None).await;
+    for _ in 0..3 {
+        let id = api.refresh(&token, &consent.to_string()).await;
+        api.complete(consent, &id).await;
+    }
+    let (gate, store) = (&api.services.gate, &api.services.store);
+    let rebuild = refresh_admission::GateRebuild::new(store.clone(), gate.clone());
+
+    // The fourth, past the gate and writing its record when the keys go.
+    let fourth = admitted(
+        gate.admit(&request(consent, RequestedBy::Api))
+            .await
+            .unwrap(),
+    );
+    let (record, event) = admission_rows(&fourth, consent);
+    let pending = store
+        .begin_admission(&record, false, None, &event, fourth.epoch)
+        .await
+        .unwrap();
+    refresh_redis::delete_namespace(&app.redis, &app.namespace)
+        .await
+        .unwrap();
+    let running = {
+        let rebuild = rebuild.clone();
+        tokio::spawn(async move { rebuild.rebuild_now().await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !running.is_finished(),
+        "the rebuild waits for the admission writing its record"
+    );
+    pending.commit().await.unwrap();
+    let report = running.await.unwrap().unwrap().expect("the rebuild lock");
+    assert_eq!(report.locks, 1, "the fourth is in flight: {report:?}");
+    api.complete(consent, &fourth.refresh_id.to_string()).await;
+    let fifth = api
+        .post(&format!("/v1/consents/{consent}/refresh"), &token, None)
+        .await;
+    assert_eq!(fifth.status, 429, "{fifth:?}");
+    assert_eq!(fifth.body["code"], "daily_limit_reached");
+
+    // Another consent's admission decided on the state that is lost next.
+    let other = api.seed_consent("acme", None, None).await;
+    let late = admitted(gate.admit(&request(other, RequestedBy::Api)).await.unwrap());
+    refresh_redis::delete_namespace(&app.redis, &app.namespace)
+        .await
+        .unwrap();
+    rebuild
+        .rebuild_now()
+        .await
+        .unwrap()
+        .expect("the rebuild lock");
+    let (record, event) = admission_rows(&late, other);
+    let stale = store
+        .begin_admission(&record, false, None, &event, late.epoch)
+        .await;
+    assert!(
+        matches!(stale, Err(refresh_pg::StoreError::StaleGate)),
+        "{:?}",
+        stale.err()
+    );
+    assert!(store.refresh(late.refresh_id).await.unwrap().is_none());
+}
+
+/// Two rebuilds that overlap (the rebuild lock lapsed, or went with the rest of the
+/// keys) leave the later stamp on every epoch key, whichever finishes last; and a
+/// state older than the latest rebuild begun (one that stamped `gate_epoch`, then
+/// died) is rebuilt by the first admission it refuses. Either way admissions are
+/// refused once at most, never for good (the fault suite's Redis-loss stream saw
+/// every upstream request refused as stale for minutes before this).
+#[tokio::test]
+async fn overlapping_or_unfinished_rebuilds_never_leave_admissions_stale() {
+    let app = Redis::Standalone.app(&[]).await;
+    let api = app.start_ingress().await;
+    let token = refresh_tests::dev_token(&app, Some("acme"), "api:stored_data");
+    let (gate, store) = (&api.services.gate, &api.services.store);
+    let path = |consent: ConsentId| format!("/v1/consents/{consent}/refresh");
+
+    // The later rebuild finishes first, the earlier one last.
+    let earlier = store
+        .begin_gate_rebuild(gate.redis_now().await.unwrap())
+        .await
+        .unwrap();
+    let later = store.begin_gate_rebuild(earlier).await.unwrap();
+    assert_eq!(later, earlier + 1, "a stamp is never reused");
+    gate.rebuild(&[], later).await.unwrap();
+    gate.rebuild(&[], earlier).await.unwrap();
+    let consent = api.seed_consent("acme", None, None).await;
+    let admitted = api.post(&path(consent), &token, None).await;
+    assert_eq!(admitted.status, 202, "{admitted:?}");
+
+    // A rebuild stamped the database and died before it wrote the state (its Redis
+    // clock ahead of this one's, even).
+    store
+        .begin_gate_rebuild(gate.redis_now().await.unwrap() + 60_000)
+        .await
+        .unwrap();
+    let other = api.seed_consent("acme", None, None).await;
+    let refused = api.post(&path(other), &token, None).await;
+    assert_eq!(refused.status, 503, "{refused:?}");
+    assert_eq!(
+        refused.body["detail"],
+        "A required service is unavailable; nothing was admitted"
+    );
+    let again = api.post(&path(other), &token, None).await;
+    assert_eq!(again.status, 202, "{again:?}");
 }

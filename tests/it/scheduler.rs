@@ -623,7 +623,7 @@ async fn a_dead_lettered_job_ends_its_refresh_at_once() {
         payload: serde_json::to_value(&event).unwrap(),
     };
     store
-        .begin_admission(&record, false, Some(&trace), &outbox)
+        .begin_admission(&record, false, Some(&trace), &outbox, i64::MAX) // no rebuild since
         .await
         .unwrap()
         .commit()

@@ -543,7 +543,7 @@ async fn a_job_taken_before_its_admission_commits_is_refreshed_once() {
     // As admission does: record written, job published and confirmed, then commit —
     // here late enough that the worker has already taken the job.
     let pending = store
-        .begin_admission(&record, false, None, &outbox)
+        .begin_admission(&record, false, None, &outbox, i64::MAX) // no rebuild since
         .await
         .unwrap();
     let job = Job {

@@ -161,6 +161,14 @@ impl Admitter {
                             Problem::refresh_in_progress(holder),
                         )
                         .await),
+                    Enqueue::Unavailable(Unavailable::Database(StoreError::StaleGate)) => {
+                        // The state that admitted this is older than the latest rebuild
+                        // begun: that rebuild has not finished (it answers soon), or it
+                        // died after stamping. Rebuild again so the state is current,
+                        // instead of refusing every admission it decides.
+                        self.rebuild.recover().await;
+                        Err(Unavailable::Database(StoreError::StaleGate))
+                    }
                     Enqueue::Unavailable(error) => Err(error),
                 }
             }
@@ -295,7 +303,13 @@ impl Admitter {
         );
         let pending = match self
             .store
-            .begin_admission(&record, request.initial, Some(&request.traceparent), &event)
+            .begin_admission(
+                &record,
+                request.initial,
+                Some(&request.traceparent),
+                &event,
+                ticket.epoch,
+            )
             .await
         {
             Ok(pending) => pending,

@@ -6,9 +6,11 @@
 //! Whoever meets [`GateError::Rebuilding`] asks for a rebuild; the replica that gets
 //! the rebuild lock in Redis does it, the others keep answering 503 until the epochs
 //! are back. While it runs, no admission is decided on a lost slot, so the records
-//! read are all there is to count (an admission already past the gate and still
-//! committing when Redis lost its keys is the exception: its quota entry comes back
-//! only with the next rebuild).
+//! read are all there is to count. An admission already past the gate when Redis
+//! lost its keys is counted too: before reading, the rebuild stamps itself in
+//! PostgreSQL under the gate's advisory lock, which waits for every admission writing
+//! its record; an admission that writes after that finds the stamp newer than its
+//! ticket's and is refused (503, its gate undone).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -148,6 +150,14 @@ impl GateRebuild {
     }
 
     async fn rebuild_locked(&self) -> Result<RebuildReport, RebuildError> {
+        // First the stamp, in the database: every admission of the lost state has
+        // committed its record by then, or never will (`Store::begin_admission`).
+        let now = self.gate.redis_now().await.map_err(RebuildError::Redis)?;
+        let epoch = self
+            .store
+            .begin_gate_rebuild(now)
+            .await
+            .map_err(RebuildError::Database)?;
         let rows = self
             .store
             .gate_rows(Utc::now() - REBUILD_LOOKBACK)
@@ -155,7 +165,7 @@ impl GateRebuild {
             .map_err(RebuildError::Database)?;
         let refreshes: Vec<AdmittedRefresh> = rows.into_iter().map(admitted).collect();
         self.gate
-            .rebuild(&refreshes)
+            .rebuild(&refreshes, epoch)
             .await
             .map_err(RebuildError::Redis)
     }

@@ -21,11 +21,20 @@ pub enum StoreError {
     Query(#[source] sqlx::Error),
     #[error("a row with this key exists already")]
     Conflict,
+    #[error("the gate's state was rebuilt after this admission was decided")]
+    StaleGate,
     #[error("a stored value is invalid: {0}")]
     Corrupt(String),
     #[error(transparent)]
     Crypto(#[from] CryptoError),
 }
+
+/// The gate's advisory lock, between admissions writing their records (shared) and a
+/// gate rebuild advancing `gate_epoch` (exclusive); one per schema, since advisory
+/// locks are the database's.
+const GATE_LOCK_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(hashtextextended('refreshd gate ' || current_schema(), 0))";
+const GATE_LOCK_EXCLUSIVE: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended('refreshd gate ' || current_schema(), 0))";
 
 impl StoreError {
     /// Whether the database could not be reached (answer 503) rather than a bug.
@@ -399,21 +408,30 @@ impl Store {
     /// Writes the INITIALIZED record and its event in a transaction left open: the
     /// caller publishes the job, then commits (or rolls back if the publish failed).
     /// `Conflict` when another refresh of the consent is still INITIALIZED.
+    /// Writes an admission's record and its event in a transaction left open (the
+    /// caller publishes the job, then commits), if the gate state that admitted it
+    /// (stamped `epoch`: the gate ticket's) is still current: a rebuild
+    /// that began since refuses it with [`StoreError::StaleGate`] (SPEC §2: the
+    /// rebuild counts every admission of the lost state, or it never happened). The
+    /// transaction holds the gate's advisory lock shared until it ends.
     pub async fn begin_admission(
         &self,
         record: &RefreshRecord,
         initial: bool,
         traceparent: Option<&TraceContext>,
         event: &OutboxEvent,
+        epoch: i64,
     ) -> Result<PendingAdmission, StoreError> {
         let mut tx = self.pool.begin().await?;
+        sqlx::query(GATE_LOCK_SHARED).execute(&mut *tx).await?;
         // One statement for both rows: admission is on every request's path.
-        sqlx::query(
+        let written = sqlx::query(
             "WITH refresh AS (INSERT INTO refreshes (refresh_id, consent_id, tenant_id, \
              requested_by, status, initial, date_requested, not_before, traceparent) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $12)) \
+             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $12 \
+             WHERE NOT EXISTS (SELECT 1 FROM gate_epoch WHERE stamp > $13) RETURNING 1) \
              INSERT INTO outbox (event_id, routing_key, payload, created_at) \
-             VALUES ($9, $10, $11, $7) ON CONFLICT (event_id) DO NOTHING",
+             SELECT $9, $10, $11, $7 FROM refresh ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(record.refresh_id.as_uuid())
         .bind(record.consent_id.as_uuid())
@@ -427,9 +445,36 @@ impl Store {
         .bind(&event.routing_key)
         .bind(&event.payload)
         .bind(traceparent.map(ToString::to_string))
+        .bind(epoch)
         .execute(&mut *tx)
         .await?;
+        if written.rows_affected() == 0 {
+            let _ = tx.rollback().await;
+            return Err(StoreError::StaleGate);
+        }
         Ok(PendingAdmission { tx })
+    }
+
+    /// Marks a gate rebuild as begun, once every admission writing its record has
+    /// ended (it takes the gate's advisory lock exclusively): from then on an
+    /// admission decided on an older state is refused its record. Call it before
+    /// reading the records to rebuild from. The stamp is `now` (Redis time, ms), or
+    /// one past the latest stamp stored if that is not older (a Redis whose clock
+    /// is behind the last one's, after a failover); the rebuild stamps its state
+    /// with the one returned.
+    pub async fn begin_gate_rebuild(&self, now: i64) -> Result<i64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(GATE_LOCK_EXCLUSIVE).execute(&mut *tx).await?;
+        let stamp: i64 = sqlx::query_scalar(
+            "INSERT INTO gate_epoch (stamp) VALUES ($1) \
+             ON CONFLICT (id) DO UPDATE SET stamp = GREATEST(gate_epoch.stamp + 1, EXCLUDED.stamp) \
+             RETURNING stamp",
+        )
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(stamp)
     }
 
     pub async fn refresh(

@@ -96,6 +96,9 @@ pub struct Ticket {
     pub not_before: DateTime<Utc>,
     /// Redis `TIME` at the decision: the admission time the quota counted.
     pub now: DateTime<Utc>,
+    /// The stamp of the rebuild whose state decided (the consent's epoch key): the
+    /// record's commit checks that no rebuild began since (`Store::begin_admission`).
+    pub epoch: i64,
     /// Indices in `quota.rules` of the rules that counted the admission.
     counted: Vec<usize>,
     bucket: String,
@@ -243,25 +246,15 @@ pub struct RebuildReport {
 }
 
 /// One write of a rebuild.
-enum Write {
-    Script {
-        script: &'static Script,
-        keys: Vec<String>,
-        args: Vec<String>,
-    },
-    Set {
-        key: String,
-        value: String,
-    },
+struct Write {
+    script: &'static Script,
+    keys: Vec<String>,
+    args: Vec<String>,
 }
 
 impl Write {
     fn script(script: &'static Script, keys: Vec<String>, args: Vec<String>) -> Self {
-        Self::Script { script, keys, args }
-    }
-
-    fn set(key: String, value: String) -> Self {
-        Self::Set { key, value }
+        Self { script, keys, args }
     }
 }
 
@@ -339,8 +332,8 @@ impl Gate {
             .eval("admit", &invocation)
             .await
             .and_then(|value| reply::parse_admit(value).map_err(|e| GateError::reply("admit", e)));
-        let now = match decided {
-            Ok(AdmitReply::Admitted { now }) => now,
+        let (now, epoch) = match decided {
+            Ok(AdmitReply::Admitted { now, epoch }) => (now, epoch),
             Ok(AdmitReply::Locked { holder, .. }) => {
                 let holder: RefreshId = holder
                     .parse()
@@ -395,6 +388,7 @@ impl Gate {
                         consent_id: req.consent_id,
                         not_before,
                         now,
+                        epoch,
                         counted,
                         bucket,
                         autosync,
@@ -675,7 +669,15 @@ impl Gate {
     /// removes (a lock only if none is held, a chain only forward), so a rebuild
     /// racing admissions on slots that kept their state, or another rebuild,
     /// changes nothing they decided.
-    pub async fn rebuild(&self, refreshes: &[AdmittedRefresh]) -> Result<RebuildReport, GateError> {
+    ///
+    /// `epoch` stamps the state (Redis time in ms when the rebuild began, from
+    /// [`Gate::redis_now`]): every epoch key gets it, and every admission decided on
+    /// the state carries it ([`Ticket::epoch`]).
+    pub async fn rebuild(
+        &self,
+        refreshes: &[AdmittedRefresh],
+        epoch: i64,
+    ) -> Result<RebuildReport, GateError> {
         let now = self.redis_now().await?;
         let ns = &self.config.namespace;
         let mut quota: HashMap<String, (i64, Vec<(i64, String)>)> = HashMap::new();
@@ -771,27 +773,25 @@ impl Gate {
             ));
         }
         self.write_all(writes).await?;
-        // Last: only a whole state lets the scripts decide again.
-        let stamp = now.to_string();
-        if self.conn.is_cluster() {
-            let epochs = (0..epoch::SLOTS)
-                .map(|slot| Write::set(epoch::key_at(ns, slot), stamp.clone()))
-                .collect();
-            self.write_all(epochs).await?;
-        } else {
-            // One Redis: a few MSETs instead of 16 384 round trips.
-            let keys: Vec<String> = (0..epoch::SLOTS).map(|s| epoch::key_at(ns, s)).collect();
-            let mut conn = self.conn.clone();
-            for chunk in keys.chunks(2048) {
-                let mut mset = redis::cmd("MSET");
-                for key in chunk {
-                    mset.arg(key).arg(&stamp);
-                }
-                mset.query_async::<()>(&mut conn)
-                    .await
-                    .map_err(|e| classify("rebuild", e))?;
-            }
-        }
+        // Last: only a whole state lets the scripts decide again. A stamp never goes
+        // back: of two overlapping rebuilds the later one's stays, the one
+        // `gate_epoch` holds, so admissions are not refused as stale for good.
+        let stamp = epoch.to_string();
+        let keys: Vec<String> = (0..epoch::SLOTS).map(|s| epoch::key_at(ns, s)).collect();
+        // A cluster takes one key per script (each in its own slot); one Redis a few
+        // thousand at a time instead of 16 384 round trips.
+        let per_call = if self.conn.is_cluster() { 1 } else { 2048 };
+        let epochs = keys
+            .chunks(per_call)
+            .map(|chunk| {
+                Write::script(
+                    &lua::REBUILD_EPOCHS_SCRIPT,
+                    chunk.to_vec(),
+                    vec![stamp.clone()],
+                )
+            })
+            .collect();
+        self.write_all(epochs).await?;
         Ok(report)
     }
 
@@ -802,31 +802,19 @@ impl Gate {
     }
 
     async fn write(&self, write: Write) -> Result<(), GateError> {
-        match write {
-            Write::Script { script, keys, args } => {
-                let mut invocation = script.prepare_invoke();
-                for key in keys {
-                    invocation.key(key);
-                }
-                for arg in args {
-                    invocation.arg(arg);
-                }
-                self.eval("rebuild", &invocation).await.map(|_| ())
-            }
-            Write::Set { key, value } => {
-                let mut conn = self.conn.clone();
-                redis::cmd("SET")
-                    .arg(key)
-                    .arg(value)
-                    .query_async::<()>(&mut conn)
-                    .await
-                    .map_err(|e| classify("rebuild", e))
-            }
+        let Write { script, keys, args } = write;
+        let mut invocation = script.prepare_invoke();
+        for key in keys {
+            invocation.key(key);
         }
+        for arg in args {
+            invocation.arg(arg);
+        }
+        self.eval("rebuild", &invocation).await.map(|_| ())
     }
 
     /// Redis `TIME` in milliseconds: the clock every script decides by.
-    async fn redis_now(&self) -> Result<i64, GateError> {
+    pub async fn redis_now(&self) -> Result<i64, GateError> {
         let mut conn = self.conn.clone();
         let (secs, micros): (i64, i64) = redis::cmd("TIME")
             .query_async(&mut conn)

@@ -86,7 +86,7 @@ for i = 1, n do
     redis.call('PEXPIREAT', key, int(day_stop))
   end
 end
-return {'ok', now}
+return {'ok', now, redis.call('GET', KEYS[#KEYS])}
 ";
 
 /// Undoes [`ADMIT`]; idempotent, because everything it removes is keyed by the refresh id.
@@ -255,6 +255,18 @@ if redis.call('PEXPIRETIME', KEYS[1]) < at then redis.call('PEXPIREAT', KEYS[1],
 return 1
 ";
 
+/// Rebuild, last: each epoch key gets the rebuild's stamp unless it holds a later one
+/// (two rebuilds that overlap, one of them slower, leave the later stamp).
+const REBUILD_EPOCHS: &str = r"
+-- KEYS: epoch keys. ARGV[1]: the rebuild's stamp (ms).
+local stamp = tonumber(ARGV[1])
+for _, key in ipairs(KEYS) do
+  local held = tonumber(redis.call('GET', key) or '')
+  if not held or held < stamp then redis.call('SET', key, ARGV[1]) end
+end
+return 1
+";
+
 /// Rebuild: a class's last slot, unless a later one is already stored.
 const REBUILD_CHAIN: &str = r"
 -- KEYS[1]: the class's last slot. ARGV[1]: slot (ms); ARGV[2]: refresh id; ARGV[3]: period (ms).
@@ -292,6 +304,8 @@ pub(super) static IN_FLIGHT_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRELUDE, IN_FLIGHT]));
 pub(super) static REBUILD_SET_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[REBUILD_SET]));
 pub(super) static REBUILD_LOCK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[REBUILD_LOCK]));
+pub(super) static REBUILD_EPOCHS_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[REBUILD_EPOCHS]));
 pub(super) static REBUILD_CHAIN_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[REBUILD_CHAIN]));
 pub(super) static RELEASE_LOCK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[RELEASE_LOCK]));

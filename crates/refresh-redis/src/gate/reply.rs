@@ -74,8 +74,9 @@ pub(super) fn instant(ms: i64) -> Result<DateTime<Utc>, String> {
 /// The reply of the admission script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum AdmitReply {
-    /// Rules 3 and 4 passed: the lock is taken and the admission counted.
-    Admitted { now: i64 },
+    /// Rules 3 and 4 passed: the lock is taken and the admission counted, on the
+    /// state of the rebuild stamped `epoch`.
+    Admitted { now: i64, epoch: i64 },
     /// Rule 3: `holder` is the refresh id in flight.
     Locked { now: i64, holder: String },
     /// Rule 4: these rules (positions among the counted rules) are exhausted.
@@ -195,9 +196,10 @@ pub(super) fn parse_admit(value: Value) -> Result<AdmitReply, String> {
     let (tag, rest) = tagged(value)?;
     match tag.as_str() {
         "ok" => {
-            arity(&tag, &rest, 1)?;
+            arity(&tag, &rest, 2)?;
             Ok(AdmitReply::Admitted {
                 now: int(&rest[0])?,
+                epoch: int(&rest[1])?,
             })
         }
         "skew" => {
@@ -522,8 +524,11 @@ mod tests {
             }
         };
         check(
-            array(vec![bulk("ok"), Value::Int(17)]),
-            Ok(AdmitReply::Admitted { now: 17 }),
+            array(vec![bulk("ok"), Value::Int(17), bulk("1700")]),
+            Ok(AdmitReply::Admitted {
+                now: 17,
+                epoch: 1700,
+            }),
         );
         check(
             array(vec![bulk("skew"), Value::Int(17)]),
@@ -579,8 +584,16 @@ mod tests {
         check(array(vec![]), Err("empty"));
         check(Value::Int(1), Err("expected an array"));
         check(
-            array(vec![bulk("ok"), bulk("x")]),
+            array(vec![bulk("ok"), bulk("x"), bulk("1")]),
             Err("expected an integer"),
+        );
+        check(
+            array(vec![bulk("ok"), Value::Int(1), bulk("x")]),
+            Err("expected an integer"),
+        );
+        check(
+            array(vec![bulk("ok"), Value::Int(1)]),
+            Err("\"ok\" reply with 1 values"),
         );
     }
 
