@@ -94,7 +94,13 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
 }
 
 /// A [`TestApp`] for settings made by the test (their namespace must be fresh).
+///
+/// With `REFRESHD_TEST_LOG` set, the roles run in the test process log as JSON to its
+/// stderr, filtered by `RUST_LOG` (`--nocapture` shows them).
 pub async fn spawn_app_from(settings: Settings) -> TestApp {
+    if std::env::var_os("REFRESHD_TEST_LOG").is_some() {
+        refreshd::telemetry::init(refreshd::settings::LogFormat::Json, false);
+    }
     let namespace = settings.namespace.clone();
     let schema =
         refresh_pg::Schema::parse(&namespace).expect("harness: namespace is a valid schema");
