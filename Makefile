@@ -13,7 +13,7 @@ run: services ## start everything locally (refreshd dev) against the local servi
 test: services tools ## run every test (unit and integration) against the real services
 	$(CARGO) build --workspace --bins # the process tests spawn target/debug/refreshd and refreshctl
 	$(CARGO) test --workspace --all-targets --no-fail-fast
-	# Alone, after the rest: this restarts the shared PostgreSQL.
+	# Alone, after the rest: these restart the shared RabbitMQ and PostgreSQL.
 	$(CARGO) test -p refresh-tests --test it -- --ignored --test-threads=1 faults::the_shared_
 
 tools: ## install the offline checkers of deploy/ (kubernetes-validate, KEDA schemas, promtool, hadolint)

@@ -75,15 +75,42 @@ ensure_postgres() {
 }
 
 rabbit_up() { port_open 5672; }
+# Debian's init script stops the broker through this file (`rabbitmqctl stop PIDFILE`
+# waits for that process to exit, forever when the file is missing).
+RABBIT_PID_FILE=/var/run/rabbitmq/pid
 ensure_rabbitmq() {
-  rabbit_up && return 0
-  command -v rabbitmq-server >/dev/null || install_pkgs rabbitmq-server
-  rabbit_up && return 0
-  log "starting rabbitmq"
-  as_root rabbitmq-server -detached
-  wait_for rabbitmq rabbit_up
+  if ! rabbit_up; then
+    command -v rabbitmq-server >/dev/null || install_pkgs rabbitmq-server
+  fi
+  if ! rabbit_up; then
+    log "starting rabbitmq"
+    if [ -x /etc/init.d/rabbitmq-server ]; then
+      as_root service rabbitmq-server start
+    else
+      as_root rabbitmq-server -detached
+    fi
+    wait_for rabbitmq rabbit_up
+  fi
   # The port opens before the broker accepts logins; wait for the node to be ready.
   wait_for "rabbitmq node" as_root rabbitmq-diagnostics -q check_running
+  adopt_rabbitmq
+}
+
+# A broker started other than by the init script (by hand, or by the machine's own
+# start-up) is handed to it, so that `service rabbitmq-server restart` works: its pid
+# goes into the pid file the script reads. Not needed under systemd.
+adopt_rabbitmq() {
+  [ -x /etc/init.d/rabbitmq-server ] || return 0
+  [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ] && return 0
+  if as_root test -s "$RABBIT_PID_FILE" \
+    && as_root kill -0 "$(as_root cat "$RABBIT_PID_FILE")" 2>/dev/null; then
+    return 0
+  fi
+  pid=$(as_root rabbitmqctl -q eval 'list_to_integer(os:getpid()).') || return 0
+  log "handing the running rabbitmq (pid $pid) to its init script"
+  as_root mkdir -p "$(dirname "$RABBIT_PID_FILE")"
+  echo "$pid" | as_root tee "$RABBIT_PID_FILE" >/dev/null
+  as_root chown -R rabbitmq:rabbitmq "$(dirname "$RABBIT_PID_FILE")"
 }
 
 # The portal's browser tests drive a headless Chromium over WebDriver (chromedriver).

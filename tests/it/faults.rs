@@ -1004,11 +1004,31 @@ async fn rabbitmq_restarted_mid_stream_loses_and_doubles_nothing() {
     scenario.run(vec![restart]).await;
 }
 
+/// The machine's shared RabbitMQ restarted by its service manager (`service
+/// rabbitmq-server restart`) a third into the stream. `make test` runs it alone after
+/// the rest, since it cuts every test's connections.
+#[tokio::test]
+#[ignore = "restarts the shared RabbitMQ: `make test` runs it alone, after the rest"]
+async fn the_shared_rabbitmq_restarted_by_its_service_manager_loses_and_doubles_nothing() {
+    let (app, api) = app_with_worker(&[]).await;
+    let consents = seed(&api, CONSENTS).await;
+    let restart: Action<'_> = (
+        DOWN_AT,
+        Box::pin(restart_shared_service("rabbitmq-server", 5672)),
+    );
+    let mut scenario = Scenario::new(
+        "shared rabbitmq restarted by its service manager",
+        &app,
+        &api,
+        &api,
+        consents,
+    );
+    scenario.cut_offs = true;
+    scenario.run(vec![restart]).await;
+}
+
 /// The machine's shared PostgreSQL restarted by its service manager (`service
-/// postgresql restart`) a third into the stream. `make test` runs it alone after the
-/// rest, since it ends every test's sessions. (The shared RabbitMQ is not restarted
-/// so: Debian's init script waits for a pid file that a broker started otherwise never
-/// wrote, and hangs; the private broker's restart stands for it.)
+/// postgresql restart`) a third into the stream; run alone like the RabbitMQ one.
 #[tokio::test]
 #[ignore = "restarts the shared PostgreSQL: `make test` runs it alone, after the rest"]
 async fn the_shared_postgresql_restarted_by_its_service_manager_loses_and_doubles_nothing() {
