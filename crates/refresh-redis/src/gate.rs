@@ -368,6 +368,27 @@ impl Gate {
                 previous,
                 now: slot_now,
             }) => {
+                let times = reply::instant(now).and_then(|n| Ok((n, reply::instant(slot)?)));
+                let (now, not_before) = match times {
+                    Ok(times) => times,
+                    Err(detail) => {
+                        self.forget_quietly(req.consent_id, req.refresh_id, &counted)
+                            .await;
+                        return Err(GateError::reply("take_slot", detail));
+                    }
+                };
+                let ticket = Ticket {
+                    refresh_id: req.refresh_id,
+                    consent_id: req.consent_id,
+                    not_before,
+                    now,
+                    epoch,
+                    counted,
+                    bucket,
+                    autosync,
+                    slot,
+                    previous_slot: previous,
+                };
                 // A start further off than half a lease: the lock must outlive the
                 // wait, or another refresh of the consent could be admitted meanwhile.
                 if slot - slot_now > self.lease_ms / 2 {
@@ -376,31 +397,19 @@ impl Gate {
                         .hold_lock_across(req.consent_id, req.refresh_id, wait)
                         .await
                     {
-                        self.forget_quietly(req.consent_id, req.refresh_id, &counted)
-                            .await;
+                        // Nothing was admitted: the slot goes back with the rest.
+                        if let Err(undo) = self.undo(&ticket).await {
+                            tracing::warn!(
+                                error = &undo as &dyn std::error::Error,
+                                consent = %req.consent_id,
+                                refresh = %req.refresh_id,
+                                "could not undo a failed admission; the lock expires with its lease"
+                            );
+                        }
                         return Err(error);
                     }
                 }
-                let times = reply::instant(now).and_then(|n| Ok((n, reply::instant(slot)?)));
-                match times {
-                    Ok((now, not_before)) => Ok(GateDecision::Admitted(Ticket {
-                        refresh_id: req.refresh_id,
-                        consent_id: req.consent_id,
-                        not_before,
-                        now,
-                        epoch,
-                        counted,
-                        bucket,
-                        autosync,
-                        slot,
-                        previous_slot: previous,
-                    })),
-                    Err(detail) => {
-                        self.forget_quietly(req.consent_id, req.refresh_id, &counted)
-                            .await;
-                        Err(GateError::reply("take_slot", detail))
-                    }
-                }
+                Ok(GateDecision::Admitted(ticket))
             }
             Ok(SlotReply::Rebuild) => {
                 // The bucket's slot lost its state, the consent's did not: undo.
