@@ -4,6 +4,7 @@
 mod auth;
 mod error;
 pub mod events;
+mod idempotency;
 mod portal;
 mod routes;
 mod state;

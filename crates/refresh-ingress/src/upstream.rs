@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::error_chain;
-use crate::routes::refreshes::{KEY_LEASE, KEY_TTL, release_key, remembered};
+use crate::idempotency::{KEY_LEASE, KEY_TTL, release_key, remembered};
 use refresh_admission::{Admitter, Decision, RefreshRequest};
 
 /// The request message (wire type).

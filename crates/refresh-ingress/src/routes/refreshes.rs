@@ -23,6 +23,7 @@ use super::extract::{
 };
 use crate::auth::Principal;
 use crate::error::{ApiError, problem_response};
+use crate::idempotency::{KEY_LEASE, KEY_TTL, release_key, remembered};
 use crate::state::AppState;
 use refresh_admission::{Decision, RefreshRequest};
 
@@ -30,65 +31,6 @@ use refresh_admission::{Decision, RefreshRequest};
 const MAX_WAIT_SECS: u64 = 60;
 /// How long a repeated Idempotency-Key waits for the first request's answer.
 const KEY_WAIT: Duration = Duration::from_secs(10);
-/// How long a reservation of an idempotency key stands without an answer: longer
-/// than any answer takes (the longest `Prefer: wait` plus the admission's own
-/// timeouts). A reservation older than this belongs to a process that died before it
-/// answered, and the next request with the key takes it over.
-pub(crate) const KEY_LEASE: TimeDelta = TimeDelta::seconds(90);
-/// How long an answer stays remembered for its key (SPEC §3).
-pub(crate) const KEY_TTL: TimeDelta = TimeDelta::hours(24);
-/// How often a release that failed is tried again, within the reservation's lease.
-const RELEASE_RETRY: Duration = Duration::from_millis(500);
-
-/// Releases the reservation of an idempotency key whose request was not decided for
-/// good, so that a retry with the key is decided afresh. When the database is what
-/// failed the request, the release fails too: it is then tried again in the
-/// background every [`RELEASE_RETRY`] until it succeeds or the lease runs out (the
-/// release is fenced by the reservation's time, so it never touches a later holder's).
-/// Without that, a retry after an outage of a few seconds would find the key still
-/// reserved, and wait or back off until the lease ran out.
-pub(crate) async fn release_key(
-    store: &refresh_pg::Store,
-    tenant: &TenantId,
-    key: &str,
-    fence: refresh_pg::KeyFence,
-) {
-    let Err(error) = store.release_key(tenant, key, fence).await else {
-        return;
-    };
-    tracing::warn!(error = %error, "cannot release an idempotency key yet; trying again");
-    let (store, tenant, key) = (store.clone(), tenant.clone(), key.to_owned());
-    let deadline = tokio::time::Instant::now() + KEY_LEASE.to_std().unwrap_or_default();
-    tokio::spawn(async move {
-        while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(RELEASE_RETRY).await;
-            if store.release_key(&tenant, &key, fence).await.is_ok() {
-                return;
-            }
-        }
-        tracing::warn!("an idempotency key stays reserved until its lease ends");
-    });
-}
-
-/// Whether a decision is remembered for its idempotency key (SPEC §3): an admission,
-/// or a refusal that cannot change (the consent is unknown, or revoked, expired or
-/// inactive, which no later request undoes; a request the gate finds malformed). A
-/// refusal that may change (`refresh_in_progress`, `daily_limit_reached`,
-/// `backlog_full`, `unavailable`) is not: a retry with the same key is decided afresh.
-pub(crate) fn remembered(decision: &Decision) -> bool {
-    match decision {
-        Decision::Admitted(_) => true,
-        Decision::Refused(problem) => matches!(
-            problem.code,
-            ProblemCode::ConsentNotFound
-                | ProblemCode::ConsentRevoked
-                | ProblemCode::ConsentExpired
-                | ProblemCode::ConsentInactive
-                | ProblemCode::BadRequest
-        ),
-    }
-}
-
 /// `{items}`: a consent's refresh history.
 #[derive(Debug, Serialize, ToSchema)]
 pub(crate) struct History {
@@ -354,28 +296,4 @@ pub(crate) fn replay(http_status: u16, body: Value) -> Response {
     }
     headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn check(code: ProblemCode, expected: bool) {
-        let decision = Decision::Refused(Problem::new(code, "x"));
-        assert_eq!(remembered(&decision), expected, "{code:?}");
-    }
-
-    #[test]
-    fn only_refusals_that_cannot_change_are_remembered() {
-        check(ProblemCode::ConsentNotFound, true);
-        check(ProblemCode::ConsentRevoked, true);
-        check(ProblemCode::ConsentExpired, true);
-        check(ProblemCode::ConsentInactive, true);
-        check(ProblemCode::BadRequest, true);
-        check(ProblemCode::RefreshInProgress, false);
-        check(ProblemCode::DailyLimitReached, false);
-        check(ProblemCode::BacklogFull, false);
-        check(ProblemCode::Unavailable, false);
-        check(ProblemCode::Internal, false);
-    }
 }
