@@ -57,6 +57,11 @@ async fn headers(app: &TestApp) -> Vec<(uuid::Uuid, Vec<u8>)> {
     .unwrap()
 }
 
+/// Whether every stored token is sealed with the key `b64`.
+async fn all_sealed_with(app: &TestApp, b64: &str) -> bool {
+    headers(app).await.iter().all(|(_, h)| *h == header_of(b64))
+}
+
 fn header_of(b64: &str) -> Vec<u8> {
     [b"rk1:".as_slice(), KeyId::of(&key(b64)).as_bytes()].concat()
 }
@@ -123,10 +128,7 @@ async fn refreshes_reach_the_bank_with_the_right_token_across_a_key_rotation() {
         consents.push(api_a.seed_consent("acme", None, None).await.to_string());
     }
     assert!(
-        headers(&app)
-            .await
-            .iter()
-            .all(|(_, h)| *h == header_of(KEY_A)),
+        all_sealed_with(&app, KEY_A).await,
         "tokens name the key that sealed them"
     );
     let mut worker_a = WorkerProcess::spawn(&app, &FAST);
@@ -204,10 +206,7 @@ async fn refreshes_reach_the_bank_with_the_right_token_across_a_key_rotation() {
         "{stderr}"
     );
     assert!(
-        headers(&app)
-            .await
-            .iter()
-            .all(|(_, h)| *h == header_of(KEY_B)),
+        all_sealed_with(&app, KEY_B).await,
         "no token is sealed with A any more"
     );
     // Run again, it has nothing to do.
@@ -383,10 +382,7 @@ async fn old_and_new_processes_side_by_side_through_a_rotation_all_reach_the_ban
         assert!(ticks < 10, "the new scheduler re-encrypts 3 per tick");
     }
     assert!(
-        headers(&app)
-            .await
-            .iter()
-            .all(|(_, h)| *h == header_of(KEY_B)),
+        all_sealed_with(&app, KEY_B).await,
         "every token is sealed with B"
     );
     worker_new.assert_running();
@@ -440,10 +436,7 @@ async fn the_scheduler_re_encrypts_tokens_a_bounded_batch_per_tick() {
     }
     assert_eq!(progress, [(2, 3), (2, 1), (1, 0), (0, 0)]);
     assert!(
-        headers(&app)
-            .await
-            .iter()
-            .all(|(_, h)| *h == header_of(KEY_B)),
+        all_sealed_with(&app, KEY_B).await,
         "every token is sealed with B"
     );
     let metrics = api_b.metrics.render();
