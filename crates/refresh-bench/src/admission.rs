@@ -1,6 +1,11 @@
 //! Scenario 1 (admission over HTTP, with the raw limits of the gate script and of a
 //! confirmed publish to the quorum `jobs` queue, in the same run) and scenario 2 (the
 //! same admissions through the upstream `requests` queue).
+//!
+//! The ingress is a `refreshd ingress` process of its own, so that the CPU of each
+//! process per admission can be told apart during the saturated run: the ingress,
+//! PostgreSQL, RabbitMQ, Redis and the load generator (this process). After it, open
+//! loop at 25, 50 and 90 % of the saturated rate, and the upstream path at 50 %.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,12 +16,15 @@ use anyhow::{Context, Result};
 use refresh_core::{ConsentId, Outcome, ProviderId, RefreshId, RequestedBy, TenantId};
 use refresh_redis::{GateDecision, GateRequest};
 use refresh_tests::{TestApp, dev_token, spawn_app_with};
+use refreshd::services::Services;
 use serde_json::json;
 use sqlx::PgPool;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
+use crate::cpu;
 use crate::report::Report;
+use crate::roles::Ingress;
 use crate::stats::{ms, percentile};
 use crate::{RELAXED, progress};
 
@@ -29,9 +37,21 @@ const CONNECTIONS: usize = 64;
 const RAW_CALLERS: usize = 64;
 const HTTP_BUDGET: Duration = Duration::from_secs(10);
 const RAW_BUDGET: Duration = Duration::from_secs(5);
-const HALF_LOAD_BUDGET: Duration = Duration::from_secs(5);
+/// How long each open-loop level runs.
+const LEVEL_BUDGET: Duration = Duration::from_secs(5);
+/// The open-loop levels after the saturated run, as shares of its admissions/s, with
+/// the key prefix and label of their figures (the 50 % level's are the `half_*` the
+/// verdict reads).
+const LEVELS: [(f64, &str, &str); 3] = [
+    (0.25, "load25", "25 % load"),
+    (0.5, "half", "half load"),
+    (0.9, "load90", "90 % load"),
+];
 const UPSTREAM_REQUESTS: usize = 3_000;
 const UPSTREAM_BUDGET: Duration = Duration::from_secs(30);
+/// How long the decisions of the open-loop upstream requests may take after the last
+/// is published.
+const UPSTREAM_DRAIN: Duration = Duration::from_secs(10);
 const CONSENTS: usize = 60_000;
 
 /// A consent as the drivers need it: id and tenant.
@@ -495,23 +515,270 @@ async fn upstream(
     Ok(())
 }
 
+/// Scenario 2 in open loop: upstream requests published (confirmed, with a reply
+/// queue) at a steady `rate` for [`LEVEL_BUDGET`]; latency from each request's
+/// scheduled time to its decision.
+async fn upstream_paced(
+    report: &mut Report,
+    broker: &refresh_amqp::Broker,
+    consents: &[Seeded],
+    rate: f64,
+) -> Result<()> {
+    let n = ((rate * LEVEL_BUDGET.as_secs_f64()) as usize).min(consents.len());
+    let queue = broker.declare_reply_queue().await?;
+    let mut replies = broker.consume(&queue, 1000);
+    let pending: Arc<Mutex<HashMap<String, tokio::time::Instant>>> = Arc::default();
+    let failed = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let _ticker = Ticker::start(format!("upstream at {rate:.0}/s"), done.clone(), n);
+    let started = tokio::time::Instant::now();
+    let deadline = started + LEVEL_BUDGET + UPSTREAM_DRAIN;
+    let publish = async {
+        let mut set = JoinSet::new();
+        for (i, consent) in consents.iter().take(n).enumerate() {
+            let at = started + Duration::from_secs_f64(i as f64 / rate);
+            tokio::time::sleep_until(at).await;
+            let id = Uuid::new_v4().to_string();
+            lock(&pending).insert(id.clone(), at);
+            let body =
+                json!({"consentId": consent.id, "tenantId": consent.tenant, "requestedBy": "APP"});
+            let body = serde_json::to_vec(&body).unwrap_or_default();
+            let (broker, queue, pending, failed) = (
+                broker.clone(),
+                queue.clone(),
+                pending.clone(),
+                failed.clone(),
+            );
+            set.spawn(async move {
+                if broker
+                    .publish_request(&body, Some(&id), Some(&queue), Some(&id))
+                    .await
+                    .is_err()
+                {
+                    lock(&pending).remove(&id);
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+    };
+    let collect = async {
+        let mut tally = Tally::default();
+        let mut decided = 0;
+        while decided + failed.load(Ordering::Relaxed) < n {
+            let Ok(Some(delivery)) = tokio::time::timeout_at(deadline, replies.next()).await else {
+                break;
+            };
+            let at = delivery
+                .correlation_id
+                .as_deref()
+                .and_then(|c| lock(&pending).remove(c));
+            if let Some(at) = at {
+                decided += 1;
+                tally.latencies_ms.push(ms(at.elapsed()));
+                let body: serde_json::Value =
+                    serde_json::from_slice(&delivery.body).unwrap_or_default();
+                if body["accepted"] == json!(true) {
+                    tally.accepted += 1;
+                } else {
+                    let status = body["problem"]["status"].as_u64().unwrap_or_default();
+                    *tally
+                        .other
+                        .entry(u16::try_from(status).unwrap_or_default())
+                        .or_default() += 1;
+                }
+            }
+            let _ = delivery.settle(Outcome::Ack).await;
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+        tally
+    };
+    let ((), mut tally) = tokio::join!(publish, collect);
+    report.figure(
+        "upstream",
+        "half_rps",
+        "half load: rate offered (open loop)",
+        rate,
+        "req/s",
+    );
+    report.figure(
+        "upstream",
+        "half_replies",
+        "half load: decisions received",
+        tally.latencies_ms.len() as f64,
+        "",
+    );
+    quantile_figures(
+        report,
+        "upstream",
+        "half",
+        "half load: publish → reply",
+        &mut tally.latencies_ms,
+        &[("p50", 0.5), ("p99", 0.99)],
+    );
+    if !tally.other.is_empty() {
+        report.note(
+            "upstream",
+            &format!("half load, refused: {} (0: no status)", tally.refused()),
+        );
+    }
+    let failed = failed.load(Ordering::Relaxed);
+    let lost = n - tally.latencies_ms.len() - failed;
+    if failed + lost > 0 {
+        report.note(
+            "upstream",
+            &format!(
+                "half load: of {n} requests {failed} not published, {lost} without a decision \
+                 {} s after the last",
+                UPSTREAM_DRAIN.as_secs()
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// The pending requests; a panic while holding them cannot leave them half-changed.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Figures `{key}_{name}_ms` (labelled `{label} {name}`) for each `(name, quantile)`.
+fn quantile_figures(
+    report: &mut Report,
+    scenario: &str,
+    key: &str,
+    label: &str,
+    samples: &mut [f64],
+    quantiles: &[(&str, f64)],
+) {
+    for (name, q) in quantiles {
+        if let Some(value) = percentile(samples, *q) {
+            report.figure(
+                scenario,
+                &format!("{key}_{name}_ms"),
+                &format!("{label} {name}"),
+                value,
+                "ms",
+            );
+        }
+    }
+}
+
+/// What the saturated run's CPU is split into: the ingress, the servers of the
+/// namespace's services (found by the ports of their URLs), and the load generator.
+fn cpu_groups(app: &TestApp, ingress: &Ingress, report: &mut Report) -> Vec<cpu::Group> {
+    let mut groups = vec![cpu::Group::process(
+        "ingress",
+        "ingress (refreshd ingress)",
+        ingress.process.pid(),
+    )];
+    for (key, label, url) in [
+        (
+            "postgres",
+            "PostgreSQL (all server processes)",
+            &app.settings.database.url,
+        ),
+        ("rabbitmq", "RabbitMQ (beam.smp)", &app.settings.amqp.url),
+        ("redis", "Redis (redis-server)", &app.settings.redis.url),
+    ] {
+        match cpu::port_of(url).and_then(|port| cpu::Group::server(key, label, port)) {
+            Some(group) => groups.push(group),
+            None => report.not_measured(
+                "admission",
+                &format!("CPU of {label}: no process here listens on the port of its URL"),
+            ),
+        }
+    }
+    groups.push(cpu::Group::process(
+        "bench",
+        "load generator (refresh-bench)",
+        std::process::id(),
+    ));
+    groups
+}
+
+/// CPU per admission and share of the machine (cores × wall time) of each group, the
+/// machine's busy share, and the rest (busy, but in none of the groups).
+fn cpu_figures(report: &mut Report, used: &cpu::Used, admissions: usize) {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let capacity = used.wall.as_secs_f64() * cores as f64;
+    let per_admission = |cpu: Duration| ms(cpu) / admissions.max(1) as f64;
+    let mut counted = Duration::ZERO;
+    for (group, cpu) in &used.groups {
+        counted += *cpu;
+        report.figure(
+            "admission",
+            &format!("cpu_ms_{}", group.key),
+            &format!("saturated: CPU per admission, {}", group.label),
+            per_admission(*cpu),
+            "ms",
+        );
+        report.figure(
+            "admission",
+            &format!("cpu_share_{}", group.key),
+            &format!("saturated: share of machine CPU, {}", group.label),
+            cpu.as_secs_f64() / capacity,
+            "of all cores",
+        );
+    }
+    if let Some(busy) = used.busy {
+        report.figure(
+            "admission",
+            "cpu_ms_machine",
+            "saturated: CPU per admission, whole machine (busy)",
+            per_admission(busy),
+            "ms",
+        );
+        report.figure(
+            "admission",
+            "cpu_share_machine",
+            "saturated: share of machine CPU, busy",
+            busy.as_secs_f64() / capacity,
+            "of all cores",
+        );
+        report.figure(
+            "admission",
+            "cpu_share_other",
+            "saturated: share of machine CPU, busy in none of the above",
+            busy.saturating_sub(counted).as_secs_f64() / capacity,
+            "of all cores",
+        );
+    }
+    report.note(
+        "admission",
+        &format!(
+            "CPU shares are of {cores} cores × {:.1} s of the saturated run; the servers \
+             are every process under the one listening on the service's port",
+            used.wall.as_secs_f64()
+        ),
+    );
+}
+
 pub(crate) async fn run(
     report: &mut Report,
     http_wanted: bool,
     upstream_wanted: bool,
 ) -> Result<()> {
-    progress("admission: starting a namespace and an ingress");
+    progress("admission: starting a namespace and a refreshd ingress process");
     let app = spawn_app_with(RELAXED).await;
-    let api = app.start_ingress().await;
+    // reqwest is built without a TLS provider (an in-process ingress would install it).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // The bench's own connections: the raw limits and the upstream requests.
+    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker).await?;
+    let ingress = Ingress::start(&app, RELAXED).await?;
     progress(&format!(
         "admission: seeding {CONSENTS} consents over {TENANTS} tenants"
     ));
     let consents = bulk_consents(&app.pg, "bench", CONSENTS).await?;
-    let http = Http::new(&app, &api.base, &consents)?;
+    let http = Http::new(&app, &ingress.base, &consents)?;
     let mut rest: &[Seeded] = &consents;
     if http_wanted {
         let pool = Arc::new(rest.to_vec());
+        let measuring = cpu::start(cpu_groups(&app, &ingress, report));
         let (mut tally, elapsed, used) = closed_loop(&http, pool, HTTP_BUDGET).await;
+        let cpu_used = measuring.finish();
         rest = &rest[used..];
         let rps = tally.accepted as f64 / elapsed.as_secs_f64();
         report.figure(
@@ -549,8 +816,9 @@ pub(crate) async fn run(
                 "ms",
             );
         }
+        cpu_figures(report, &cpu_used, tally.accepted);
         progress("admission: raw limit of the gate (Gate::admit directly)");
-        let gate_rps = raw_gate(&api.services.gate, RAW_BUDGET).await?;
+        let gate_rps = raw_gate(&services.gate, RAW_BUDGET).await?;
         report.figure(
             "admission",
             "gate_rps",
@@ -559,7 +827,7 @@ pub(crate) async fn run(
             "req/s",
         );
         progress("admission: raw limit of a confirmed publish to the quorum jobs queue");
-        let publish_rps = raw_publish(&api.services.broker, RAW_BUDGET).await?;
+        let publish_rps = raw_publish(&services.broker, RAW_BUDGET).await?;
         report.figure(
             "admission",
             "publish_rps",
@@ -575,42 +843,35 @@ pub(crate) async fn run(
             ratio,
             "×",
         );
+        for (share, key, label) in LEVELS {
+            let rate = (rps * share).max(1.0);
+            let mut tally = paced(&http, rest, rate, LEVEL_BUDGET).await;
+            rest = &rest[tally.latencies_ms.len().min(rest.len())..];
+            report.figure(
+                "admission",
+                &format!("{key}_rps"),
+                &format!("{label}: rate offered"),
+                rate,
+                "req/s",
+            );
+            quantile_figures(
+                report,
+                "admission",
+                key,
+                &format!("{label}: latency"),
+                &mut tally.latencies_ms,
+                &[("p50", 0.5), ("p99", 0.99), ("p999", 0.999)],
+            );
+            if !tally.other.is_empty() {
+                report.note(
+                    "admission",
+                    &format!("{label}, not admitted: {}", tally.refused()),
+                );
+            }
+        }
         let half = (rps / 2.0).max(1.0);
-        let mut tally = paced(&http, rest, half, HALF_LOAD_BUDGET).await;
-        rest = &rest[tally.latencies_ms.len().min(rest.len())..];
-        report.figure(
-            "admission",
-            "half_rps",
-            "half load: rate offered",
-            half,
-            "req/s",
-        );
-        if let Some(p50) = percentile(&mut tally.latencies_ms, 0.5) {
-            report.figure(
-                "admission",
-                "half_p50_ms",
-                "half load: latency p50",
-                p50,
-                "ms",
-            );
-        }
-        if let Some(p99) = percentile(&mut tally.latencies_ms, 0.99) {
-            report.figure(
-                "admission",
-                "half_p99_ms",
-                "half load: latency p99",
-                p99,
-                "ms",
-            );
-        }
-        if !tally.other.is_empty() {
-            report.note(
-                "admission",
-                &format!("half load, not admitted: {}", tally.refused()),
-            );
-        }
         // The latency floor of the same load: a bare confirmed publish at that rate.
-        let mut bare = paced_publish(&api.services.broker, half, HALF_LOAD_BUDGET).await;
+        let mut bare = paced_publish(&services.broker, half, LEVEL_BUDGET).await;
         if let Some(p50) = percentile(&mut bare, 0.5) {
             report.figure(
                 "admission",
@@ -632,8 +893,20 @@ pub(crate) async fn run(
     }
     if upstream_wanted {
         progress("upstream: publishing refresh requests to the requests queue");
-        upstream(report, &api.services.broker, rest).await?;
+        let (queued, later) = rest.split_at(UPSTREAM_REQUESTS.min(rest.len()));
+        upstream(report, &services.broker, queued).await?;
+        match report.get("admission", "http_rps") {
+            Some(http_rps) => {
+                progress("upstream: open loop at half the HTTP admission rate");
+                upstream_paced(report, &services.broker, later, (http_rps / 2.0).max(1.0)).await?;
+            }
+            None => report.not_measured(
+                "upstream",
+                "half load (open loop): needs the HTTP admission rate of the same run (admission)",
+            ),
+        }
     }
-    crate::stop(app, api).await;
+    drop(ingress);
+    crate::stop_app(app).await;
     Ok(())
 }

@@ -23,12 +23,14 @@
 )]
 
 mod admission;
+mod cpu;
 mod e2e;
 mod machine;
 mod merge;
 mod rebuild;
 mod rekey;
 mod report;
+mod roles;
 mod scaleout;
 mod soak;
 mod stats;

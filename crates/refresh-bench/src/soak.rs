@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::admission::{Http, Seeded, TENANTS, Ticker};
+use crate::roles::{free_port, wait_ready};
 use crate::stats::{cpu_time, ms, open_fds, percentile, rss_mib};
 use crate::workers::{Worker, refreshd_binary};
 use crate::{RELAXED, progress};
@@ -72,8 +73,7 @@ const SCHEDULER_TICK_SECS: &str = "5";
 const MINUTE: Duration = Duration::from_secs(60);
 /// How long requests still in flight when the load stops may take to be answered.
 const DRAIN: Duration = Duration::from_secs(30);
-/// How long the processes may take to start, and the initial loads to finish.
-const STARTUP_LIMIT: Duration = Duration::from_secs(60);
+/// How long the initial loads may take to finish.
 const INITIAL_LOADS_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 // The growth rule (see `trend`).
@@ -364,13 +364,6 @@ fn is_wait(queue: &str) -> bool {
     short(queue).starts_with("jobs.wait")
 }
 
-/// A port nobody listens on at the moment of asking.
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// `url` with its host and port replaced by `127.0.0.1:{port}` (its path kept).
 fn on_port(url: &str, port: u16) -> String {
     let path = url
@@ -378,28 +371,6 @@ fn on_port(url: &str, port: u16) -> String {
         .and_then(|(_, rest)| rest.find('/').map(|i| &rest[i..]))
         .unwrap_or("");
     format!("http://127.0.0.1:{port}{path}")
-}
-
-/// Waits until `url` answers 200, failing early if the process exits.
-async fn wait_ready(client: &reqwest::Client, url: &str, process: &mut Watched) -> Result<()> {
-    let deadline = Instant::now() + STARTUP_LIMIT;
-    loop {
-        if let Some(status) = process.process.exited() {
-            anyhow::bail!("refreshd {} exited while starting ({status})", process.name);
-        }
-        if let Ok(response) = client.get(url).send().await
-            && response.status() == 200
-        {
-            return Ok(());
-        }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "refreshd {} did not answer {url} within {} s",
-            process.name,
-            STARTUP_LIMIT.as_secs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn token<'a>(http: &'a Http, consent: &Seeded) -> &'a str {
@@ -794,7 +765,7 @@ async fn start_roles(
             judged,
         };
         if let Some(url) = ready {
-            wait_ready(&client, &url, &mut w).await?;
+            wait_ready(&client, &url, w.name, &mut w.process).await?;
         }
         watched.push(w);
     }

@@ -16,17 +16,40 @@ pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// CPU time (user + system) a process used so far, from /proc/{pid}/stat.
+/// CPU time (user + system) a process used so far, from /proc/{pid}/stat: all its
+/// threads, those that ended too.
 pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
+    proc_stat(pid).map(|s| ticks(s.own))
+}
+
+/// What /proc/{pid}/stat tells of a process's CPU, in clock ticks (see [`ticks`]).
+pub(crate) struct ProcStat {
+    pub(crate) ppid: u32,
+    /// utime + stime: the process's threads.
+    pub(crate) own: u64,
+    /// cutime + cstime: its children that ended and were waited for.
+    pub(crate) children: u64,
+}
+
+pub(crate) fn proc_stat(pid: u32) -> Option<ProcStat> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after ") ".
     let rest = stat.rsplit_once(") ")?.1;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here (0-based).
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    // The kernel's USER_HZ is 100 on every Linux this runs on.
-    Some(Duration::from_millis((utime + stime) * 10))
+    // Fields 4 (ppid) and 14 to 17 (utime, stime, cutime, cstime) of the whole line
+    // are 1 and 11 to 14 here (0-based).
+    let field = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some(ProcStat {
+        ppid: u32::try_from(field(1)?).ok()?,
+        own: field(11)? + field(12)?,
+        children: field(13)? + field(14)?,
+    })
+}
+
+/// Clock ticks as time. The kernel's USER_HZ (`sysconf(_SC_CLK_TCK)`) is 100 on every
+/// Linux this runs on; asking would take the `libc` crate, which the bench does not use.
+pub(crate) fn ticks(n: u64) -> Duration {
+    Duration::from_millis(n * 10)
 }
 
 /// Peak resident set size (VmHWM) of a process, in MiB.
@@ -74,5 +97,5 @@ pub(crate) fn machine_busy() -> Option<Duration> {
         .filter(|(i, _)| *i != 3 && *i != 4)
         .map(|(_, v)| *v)
         .sum();
-    Some(Duration::from_millis(busy * 10))
+    Some(ticks(busy))
 }
