@@ -405,15 +405,14 @@ impl Store {
 
     // --- refreshes ------------------------------------------------------------------
 
-    /// Writes the INITIALIZED record and its event in a transaction left open: the
-    /// caller publishes the job, then commits (or rolls back if the publish failed).
-    /// `Conflict` when another refresh of the consent is still INITIALIZED.
-    /// Writes an admission's record and its event in a transaction left open (the
-    /// caller publishes the job, then commits), if the gate state that admitted it
-    /// (stamped `epoch`: the gate ticket's) is still current: a rebuild
-    /// that began since refuses it with [`StoreError::StaleGate`] (SPEC §2: the
-    /// rebuild counts every admission of the lost state, or it never happened). The
-    /// transaction holds the gate's advisory lock shared until it ends.
+    /// Writes an admission's INITIALIZED record and its event in a transaction left
+    /// open: the caller publishes the job, then commits (or rolls back if the publish
+    /// failed). Only if the gate state that admitted it (stamped `epoch`: the gate
+    /// ticket's) is still current: a rebuild that began since refuses it with
+    /// [`StoreError::StaleGate`] (SPEC §2: the rebuild counts every admission of the
+    /// lost state, or it never happened). The transaction holds the gate's advisory
+    /// lock shared until it ends. `Conflict` when another refresh of the consent is
+    /// still INITIALIZED.
     pub async fn begin_admission(
         &self,
         record: &RefreshRecord,

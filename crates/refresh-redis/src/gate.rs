@@ -679,9 +679,10 @@ impl Gate {
     /// racing admissions on slots that kept their state, or another rebuild,
     /// changes nothing they decided.
     ///
-    /// `epoch` stamps the state (Redis time in ms when the rebuild began, from
-    /// [`Gate::redis_now`]): every epoch key gets it, and every admission decided on
-    /// the state carries it ([`Ticket::epoch`]).
+    /// `epoch` stamps the state (the stamp the rebuild stored in PostgreSQL before it
+    /// read the records, `Store::begin_gate_rebuild`): every epoch key that holds no
+    /// later stamp gets it, and every admission decided on the state carries it
+    /// ([`Ticket::epoch`]).
     pub async fn rebuild(
         &self,
         refreshes: &[AdmittedRefresh],
