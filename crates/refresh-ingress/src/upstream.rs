@@ -135,7 +135,10 @@ async fn answer(
             outage.hold(after, shutdown).await;
             outcome = Outcome::retry(Duration::ZERO);
         }
-        Outcome::Ack | Outcome::DeadLetter { .. } => outage.decided(),
+        // Settled after reaching the database and the gate: they answer again. An
+        // unparseable message (dead-lettered) reached neither, and proves nothing.
+        Outcome::Ack => outage.decided(),
+        Outcome::DeadLetter { .. } => {}
     }
     if let (Some(reply), Some(reply_to)) = (reply, delivery.reply_to.clone()) {
         let body = serde_json::to_vec(&reply).unwrap_or_default();
