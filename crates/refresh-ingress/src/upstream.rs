@@ -135,8 +135,8 @@ async fn answer(
             outage.hold(after, shutdown).await;
             outcome = Outcome::retry(Duration::ZERO);
         }
-        // Settled after reaching the database and the gate: they answer again. An
-        // unparseable message (dead-lettered) reached neither, and proves nothing.
+        // Answered (a decision, a refusal, a remembered answer): the dependencies it
+        // needed answer again. An unparseable message (dead-lettered) needed none.
         Outcome::Ack => outage.decided(),
         Outcome::DeadLetter { .. } => {}
     }
