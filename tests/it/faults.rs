@@ -1004,27 +1004,26 @@ async fn rabbitmq_restarted_mid_stream_loses_and_doubles_nothing() {
     scenario.run(vec![restart]).await;
 }
 
+/// A stream through the machine's shared `service` (listening on `port`), restarted
+/// by its service manager a third into the stream. `cut_offs`: the restart may cut
+/// requests off without an answer (a publish the broker never confirmed).
+async fn shared_service_restarted(service: &'static str, port: u16, cut_offs: bool) {
+    let (app, api) = app_with_worker(&[]).await;
+    let consents = seed(&api, CONSENTS).await;
+    let restart: Action<'_> = (DOWN_AT, Box::pin(restart_shared_service(service, port)));
+    let name = format!("shared {service} restarted by its service manager");
+    let mut scenario = Scenario::new(&name, &app, &api, &api, consents);
+    scenario.cut_offs = cut_offs;
+    scenario.run(vec![restart]).await;
+}
+
 /// The machine's shared RabbitMQ restarted by its service manager (`service
 /// rabbitmq-server restart`) a third into the stream. `make test` runs it alone after
 /// the rest, since it cuts every test's connections.
 #[tokio::test]
 #[ignore = "restarts the shared RabbitMQ: `make test` runs it alone, after the rest"]
 async fn the_shared_rabbitmq_restarted_by_its_service_manager_loses_and_doubles_nothing() {
-    let (app, api) = app_with_worker(&[]).await;
-    let consents = seed(&api, CONSENTS).await;
-    let restart: Action<'_> = (
-        DOWN_AT,
-        Box::pin(restart_shared_service("rabbitmq-server", 5672)),
-    );
-    let mut scenario = Scenario::new(
-        "shared rabbitmq restarted by its service manager",
-        &app,
-        &api,
-        &api,
-        consents,
-    );
-    scenario.cut_offs = true;
-    scenario.run(vec![restart]).await;
+    shared_service_restarted("rabbitmq-server", 5672, true).await;
 }
 
 /// The machine's shared PostgreSQL restarted by its service manager (`service
@@ -1032,21 +1031,7 @@ async fn the_shared_rabbitmq_restarted_by_its_service_manager_loses_and_doubles_
 #[tokio::test]
 #[ignore = "restarts the shared PostgreSQL: `make test` runs it alone, after the rest"]
 async fn the_shared_postgresql_restarted_by_its_service_manager_loses_and_doubles_nothing() {
-    let (app, api) = app_with_worker(&[]).await;
-    let consents = seed(&api, CONSENTS).await;
-    let restart: Action<'_> = (
-        DOWN_AT,
-        Box::pin(restart_shared_service("postgresql", 5432)),
-    );
-    Scenario::new(
-        "shared postgresql restarted by its service manager",
-        &app,
-        &api,
-        &api,
-        consents,
-    )
-    .run(vec![restart])
-    .await;
+    shared_service_restarted("postgresql", 5432, false).await;
 }
 
 /// A job delayed by the stagger waits in a quorum wait queue through a broker restart
