@@ -175,11 +175,7 @@ fn listening_inode(line: &str, port: u16) -> Option<String> {
 
 /// The port of a service URL (`postgres://user@host:5432/db`); `None` without one.
 pub(crate) fn port_of(url: &str) -> Option<u16> {
-    let authority = url.split_once("://")?.1.split('/').next()?;
-    let host = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
-    host.rsplit_once(':')?.1.parse().ok()
+    reqwest::Url::parse(url).ok()?.port()
 }
 
 #[cfg(test)]
