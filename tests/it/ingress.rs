@@ -926,7 +926,6 @@ async fn redis_or_rabbitmq_down_is_503_and_nothing_is_consumed() {
 }
 
 #[tokio::test]
-#[ignore = "under investigation: in a loaded parallel run one held request went undecided for over 30 s; passes alone"]
 async fn upstream_requests_held_by_an_outage_are_decided_as_soon_as_it_ends() {
     // The only ingress of the namespace reaches Redis through a proxy.
     let app = spawn_app().await;
@@ -941,7 +940,7 @@ async fn upstream_requests_held_by_an_outage_are_decided_as_soon_as_it_ends() {
     );
     let api = ingress_with(&app, &settings).await.unwrap();
     let mut consents = Vec::new();
-    for _ in 0..6 {
+    for _ in 0..5 {
         consents.push(api.seed_consent("acme", None, None).await);
     }
     let broker = &api.services.broker;
@@ -973,11 +972,10 @@ async fn upstream_requests_held_by_an_outage_are_decided_as_soon_as_it_ends() {
     );
     redis_proxy.up();
     let back = std::time::Instant::now();
-    // The first request decided after the outage wakes the held ones.
-    publish(5).await;
+    // No new request comes to show that Redis is back: the consumer's probe finds it.
     let mut decided = BTreeSet::new();
-    while decided.len() < 6 {
-        let reply = tokio::time::timeout(Duration::from_secs(30), replies.next())
+    while decided.len() < 5 {
+        let reply = tokio::time::timeout(Duration::from_secs(20), replies.next())
             .await
             .expect("every request is decided")
             .unwrap();

@@ -211,6 +211,14 @@ impl Admitter {
         quota
     }
 
+    /// Whether every dependency of an admission answers right now: one round trip to
+    /// Redis and to PostgreSQL, and the broker's connection up.
+    pub async fn dependencies_answer(&self) -> bool {
+        let (redis, database) =
+            tokio::join!(self.gate.redis_now(), refresh_pg::health(self.store.pool()));
+        redis.is_ok() && database.is_ok() && self.broker.is_connected()
+    }
+
     /// The gate's rebuild, for the other readers of the gate (the scheduler's
     /// in-flight check) that meet [`GateError::Rebuilding`].
     pub fn gate_rebuild(&self) -> &GateRebuild {

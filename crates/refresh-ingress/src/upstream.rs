@@ -4,7 +4,7 @@
 //! `amqp.requested_by` are accepted; another `requestedBy` is a rejected decision.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -43,34 +43,81 @@ fn unavailable_backoff(retries: u32) -> Duration {
     Duration::from_secs(2u64 << retries.min(3)).min(Duration::from_secs(15))
 }
 
+/// How often the dependencies are asked whether they answer again while a request
+/// is held back.
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// The requests this consumer holds back for an outage, and the signal that ends
-/// their wait: the first request decided again (its own backoff ran out first) wakes
-/// every held one at once, so after a long outage the backlog is decided within
-/// moments of the dependency's return, not one backoff at a time while the held
-/// deliveries fill the prefetch window.
+/// their wait: a request decided again, or the probe ([`probe`]) finding every
+/// dependency answering, wakes every held one at once, so after a long outage the
+/// backlog is decided within moments of the dependency's return, not one backoff at
+/// a time while the held deliveries fill the prefetch window.
 #[derive(Default)]
 struct Outage {
     held: AtomicUsize,
+    /// How often the dependencies were seen answering (a decision, or a probe): an
+    /// attempt that failed after a later answer is tried again at once instead of
+    /// waiting for a wake that has already passed.
+    answers: AtomicU64,
     recovered: Notify,
+    /// Wakes the probe when a request is held.
+    holding: Notify,
 }
 
 impl Outage {
-    /// Waits `backoff`, or until a decision succeeds, or shutdown.
-    async fn hold(&self, backoff: Duration, shutdown: &CancellationToken) {
-        let recovered = self.recovered.notified();
-        self.held.fetch_add(1, Ordering::AcqRel);
-        tokio::select! {
-            () = tokio::time::sleep(backoff) => {}
-            () = recovered => {}
-            () = shutdown.cancelled() => {}
-        }
-        self.held.fetch_sub(1, Ordering::AcqRel);
+    /// Where the answers stand before an attempt, for [`Outage::hold`].
+    fn seen(&self) -> u64 {
+        self.answers.load(Ordering::SeqCst)
     }
 
-    /// A request was decided: the dependencies answer again.
-    fn decided(&self) {
-        if self.held.load(Ordering::Acquire) > 0 {
+    /// Waits `backoff`, or until the dependencies answer again, or shutdown; at once
+    /// if they answered since `seen`.
+    async fn hold(&self, backoff: Duration, seen: u64, shutdown: &CancellationToken) {
+        // Registered before the count is read: an answer after the read wakes it.
+        let recovered = self.recovered.notified();
+        self.held.fetch_add(1, Ordering::SeqCst);
+        self.holding.notify_one();
+        if self.answers.load(Ordering::SeqCst) == seen {
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = recovered => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+        self.held.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The dependencies answer again (a request was decided, or the probe passed).
+    fn answered(&self) {
+        self.answers.fetch_add(1, Ordering::SeqCst);
+        if self.held.load(Ordering::SeqCst) > 0 {
             self.recovered.notify_waiters();
+        }
+    }
+}
+
+/// While any request is held, asks `dependencies_answer` every [`PROBE_EVERY`] and
+/// ends the holds when it says yes: the backlog does not wait for a new request to
+/// arrive, nor for the longest backoff to run out.
+async fn probe<F, A>(outage: &Outage, dependencies_answer: F, shutdown: &CancellationToken)
+where
+    F: Fn() -> A,
+    A: Future<Output = bool>,
+{
+    loop {
+        while outage.held.load(Ordering::SeqCst) == 0 {
+            tokio::select! {
+                () = outage.holding.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PROBE_EVERY) => {}
+            () = shutdown.cancelled() => return,
+        }
+        if outage.held.load(Ordering::SeqCst) > 0 && dependencies_answer().await {
+            tracing::info!("the dependencies answer again; deciding the held requests");
+            outage.answered();
         }
     }
 }
@@ -89,8 +136,16 @@ pub async fn run(
 ) {
     let sources: Arc<[RequestedBy]> = sources.into();
     let outage = Arc::new(Outage::default());
-    let mut consumer = broker.consume(&broker.names().requests.clone(), prefetch);
     let tracker = TaskTracker::new();
+    // Ends with the consumer (on shutdown, or if the consumer stops by itself).
+    let probing = shutdown.child_token();
+    {
+        let (admitter, outage, probing) = (admitter.clone(), outage.clone(), probing.clone());
+        tracker.spawn(async move {
+            probe(&outage, || admitter.dependencies_answer(), &probing).await;
+        });
+    }
+    let mut consumer = broker.consume(&broker.names().requests.clone(), prefetch);
     loop {
         let delivery = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -108,6 +163,7 @@ pub async fn run(
             answer(context, &broker, &outage, &shutdown, delivery).await;
         });
     }
+    probing.cancel();
     tracker.close();
     tracker.wait().await;
 }
@@ -129,15 +185,16 @@ async fn answer(
     shutdown: &CancellationToken,
     delivery: Delivery,
 ) {
+    let seen = outage.seen();
     let (mut outcome, reply) = handle(context, &delivery).await;
     match outcome {
         Outcome::Retry { after } => {
-            outage.hold(after, shutdown).await;
+            outage.hold(after, seen, shutdown).await;
             outcome = Outcome::retry(Duration::ZERO);
         }
         // Answered (a decision, a refusal, a remembered answer): the dependencies it
         // needed answer again. An unparseable message (dead-lettered) needed none.
-        Outcome::Ack => outage.decided(),
+        Outcome::Ack => outage.answered(),
         Outcome::DeadLetter { .. } => {}
     }
     if let (Some(reply), Some(reply_to)) = (reply, delivery.reply_to.clone()) {
@@ -269,23 +326,32 @@ mod tests {
         assert_eq!(unavailable_backoff(u32::MAX), Duration::from_secs(15));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_decision_ends_every_hold_at_once() {
-        let outage = Arc::new(Outage::default());
-        let shutdown = CancellationToken::new();
-        let held: Vec<_> = (0..3)
+    /// Three requests held for 15 s, starting at `t = 0`; their hold times.
+    fn hold_three(
+        outage: &Arc<Outage>,
+        shutdown: &CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<Duration>> {
+        (0..3)
             .map(|_| {
                 let (outage, shutdown) = (outage.clone(), shutdown.clone());
                 tokio::spawn(async move {
                     let start = tokio::time::Instant::now();
-                    outage.hold(Duration::from_secs(15), &shutdown).await;
+                    let seen = outage.seen();
+                    outage.hold(Duration::from_secs(15), seen, &shutdown).await;
                     start.elapsed()
                 })
             })
-            .collect();
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_decision_ends_every_hold_at_once() {
+        let outage = Arc::new(Outage::default());
+        let shutdown = CancellationToken::new();
+        let held = hold_three(&outage, &shutdown);
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(outage.held.load(Ordering::Acquire), 3);
-        outage.decided();
+        outage.answered();
         for hold in held {
             assert_eq!(hold.await.unwrap(), Duration::from_secs(1));
         }
@@ -297,8 +363,70 @@ mod tests {
         let outage = Outage::default();
         let start = tokio::time::Instant::now();
         outage
-            .hold(Duration::from_secs(4), &CancellationToken::new())
+            .hold(
+                Duration::from_secs(4),
+                outage.seen(),
+                &CancellationToken::new(),
+            )
             .await;
         assert_eq!(start.elapsed(), Duration::from_secs(4));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_that_failed_after_an_answer_is_not_held() {
+        // The attempt began, then another request was decided (its wake went by),
+        // then the attempt failed: waiting for the next wake would wait the backoff.
+        let outage = Outage::default();
+        let seen = outage.seen();
+        outage.answered();
+        let start = tokio::time::Instant::now();
+        outage
+            .hold(Duration::from_secs(15), seen, &CancellationToken::new())
+            .await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    /// A probe whose dependencies answer from `back` on; counts its questions.
+    fn prober(
+        outage: &Arc<Outage>,
+        back: tokio::time::Instant,
+        shutdown: &CancellationToken,
+    ) -> (Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+        let asked = Arc::new(AtomicUsize::new(0));
+        let (outage, shutdown, count) = (outage.clone(), shutdown.clone(), asked.clone());
+        let task = tokio::spawn(async move {
+            let answer = || {
+                count.fetch_add(1, Ordering::SeqCst);
+                async move { tokio::time::Instant::now() >= back }
+            };
+            probe(&outage, answer, &shutdown).await;
+        });
+        (asked, task)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_asks_nothing_while_nothing_is_held() {
+        let outage = Arc::new(Outage::default());
+        let shutdown = CancellationToken::new();
+        let (asked, task) = prober(&outage, tokio::time::Instant::now(), &shutdown);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(asked.load(Ordering::SeqCst), 0);
+        shutdown.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_ends_the_holds_within_a_second_of_the_return() {
+        let outage = Arc::new(Outage::default());
+        let shutdown = CancellationToken::new();
+        let back = tokio::time::Instant::now() + Duration::from_millis(3500);
+        let (asked, task) = prober(&outage, back, &shutdown);
+        for hold in hold_three(&outage, &shutdown) {
+            // The probes at 1, 2 and 3 s find the outage; the one at 4 s ends it.
+            assert_eq!(hold.await.unwrap(), Duration::from_secs(4));
+        }
+        assert_eq!(asked.load(Ordering::SeqCst), 4);
+        shutdown.cancel();
+        task.await.unwrap();
     }
 }
