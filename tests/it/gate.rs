@@ -17,6 +17,7 @@ use refresh_core::{
 use refresh_redis::{
     Gate, GateConfig, GateDecision, GateError, GateRequest, QuotaStatus, StartDecision, Ticket,
 };
+use refresh_tests::admission::AdmissionRows;
 use refresh_tests::{RedisCluster, TestApp, spawn_app_from, spawn_app_with, test_settings};
 use tokio::task::JoinSet;
 
@@ -1534,29 +1535,14 @@ async fn a_refresh_admitted_to_a_later_start_keeps_its_lock_until_then(redis: Re
 }
 
 /// The record and event of an admission `ticket` decided, as the admission writes them.
-fn admission_rows(
-    ticket: &Ticket,
-    consent: ConsentId,
-) -> (refresh_core::RefreshRecord, refresh_pg::OutboxEvent) {
-    let record = refresh_core::RefreshRecord::initialized(
+fn admission_rows(ticket: &Ticket, consent: ConsentId) -> AdmissionRows {
+    AdmissionRows::new(
         ticket.refresh_id,
         consent,
-        TenantId::parse("acme").unwrap(),
-        RequestedBy::Api,
         ticket.now,
         ticket.not_before,
-    );
-    let event = refresh_core::CloudEvent::refresh(
-        &record,
-        refresh_core::EventId::from_uuid(uuid::Uuid::now_v7()),
-        ticket.now,
-    );
-    let outbox = refresh_pg::OutboxEvent {
-        event_id: event.id,
-        routing_key: event.routing_key(),
-        payload: serde_json::to_value(&event).unwrap(),
-    };
-    (record, outbox)
+        None,
+    )
 }
 
 /// SPEC §2 across a Redis loss: an admission past the gate when Redis lost its keys
@@ -1583,9 +1569,9 @@ async fn an_admission_past_the_gate_when_redis_loses_its_state_is_counted_or_ref
             .await
             .unwrap(),
     );
-    let (record, event) = admission_rows(&fourth, consent);
-    let pending = store
-        .begin_admission(&record, false, None, &event, fourth.epoch)
+    let rows = admission_rows(&fourth, consent);
+    let mut pending = app.pg.begin().await.unwrap();
+    refresh_pg::write_admission(&mut *pending, &rows.admission(fourth.epoch))
         .await
         .unwrap();
     refresh_redis::delete_namespace(&app.redis, &app.namespace)
@@ -1621,10 +1607,8 @@ async fn an_admission_past_the_gate_when_redis_loses_its_state_is_counted_or_ref
         .await
         .unwrap()
         .expect("the rebuild lock");
-    let (record, event) = admission_rows(&late, other);
-    let stale = store
-        .begin_admission(&record, false, None, &event, late.epoch)
-        .await;
+    let rows = admission_rows(&late, other);
+    let stale = store.admit(&rows.admission(late.epoch)).await;
     assert!(
         matches!(stale, Err(refresh_pg::StoreError::StaleGate)),
         "{:?}",

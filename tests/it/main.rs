@@ -24,6 +24,7 @@ mod processes;
 mod purity;
 mod random_requests;
 mod refreshctl;
+mod relay;
 mod scheduler;
 mod security;
 mod shape;

@@ -596,46 +596,33 @@ async fn a_stalled_refresh_is_ended_and_its_consent_freed() {
 
 #[tokio::test]
 async fn a_dead_lettered_job_ends_its_refresh_at_once() {
-    use refresh_core::{CloudEvent, EventId, RefreshId, RefreshRecord};
     let (app, api, _bank) = app_with_bank(&[("stagger.limit", "600")]).await;
     start_worker(&app, &api, fast_worker_config(&app));
     let token = dev_token(&app, Some("acme"), STORED);
     let consent = api.seed_consent("acme", None, None).await;
-    let store = &api.services.store;
     let now = Utc::now();
-    let record = RefreshRecord::initialized(
-        RefreshId::from_uuid(uuid::Uuid::now_v7()),
-        consent,
-        TenantId::parse("acme").unwrap(),
-        RequestedBy::Api,
-        now,
-        now,
-    );
     let trace: refresh_core::TraceContext =
         "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
             .parse()
             .unwrap();
-    let event = CloudEvent::refresh(&record, EventId::from_uuid(uuid::Uuid::now_v7()), now)
-        .with_trace(Some(trace));
-    let outbox = refresh_pg::OutboxEvent {
-        event_id: event.id,
-        routing_key: event.routing_key(),
-        payload: serde_json::to_value(&event).unwrap(),
-    };
-    store
-        .begin_admission(&record, false, Some(&trace), &outbox, i64::MAX) // no rebuild since
-        .await
-        .unwrap()
-        .commit()
-        .await
-        .unwrap();
-    // Its job arrives broken: the refresh id is readable, the rest is not.
-    let body = json!({ "refreshId": record.refresh_id, "consentId": "not-a-uuid" });
+    let mut rows = refresh_tests::admission::AdmissionRows::new(
+        refresh_core::RefreshId::from_uuid(uuid::Uuid::now_v7()),
+        consent,
+        now,
+        now,
+        Some(trace),
+    );
+    // Its job, as the relay publishes it, is broken: the refresh id is readable, the
+    // rest is not.
+    rows.job = json!({ "refreshId": rows.record.refresh_id, "consentId": "not-a-uuid" })
+        .to_string()
+        .into_bytes();
     api.services
-        .broker
-        .publish_job(body.to_string().as_bytes(), "broken-1", None)
+        .store
+        .admit(&rows.admission(i64::MAX)) // no rebuild since
         .await
         .unwrap();
+    let record = &rows.record;
     let id = record.refresh_id.to_string();
     let done = api.wait_terminal(&token, &id).await;
     assert_eq!(done["status"], "ERROR", "{done}");

@@ -518,48 +518,23 @@ async fn a_poison_job_is_dead_lettered_and_the_worker_keeps_going() {
 
 #[tokio::test]
 async fn a_job_taken_before_its_admission_commits_is_refreshed_once() {
-    use refresh_core::{
-        CloudEvent, EventId, Job, ProviderId, RefreshId, RefreshRecord, RequestedBy, TenantId,
-    };
     let (app, api, _bank) = started(5).await;
     let token = dev_token(&app, Some("acme"), STORED);
     let consent = api.seed_consent("acme", None, None).await;
-    let store = &api.services.store;
-    let now = Utc::now();
-    let record = RefreshRecord::initialized(
-        RefreshId::from_uuid(uuid::Uuid::now_v7()),
-        consent,
-        TenantId::parse("acme").unwrap(),
-        RequestedBy::Api,
-        now,
-        now,
-    );
-    let event = CloudEvent::refresh(&record, EventId::from_uuid(uuid::Uuid::now_v7()), now);
-    let outbox = refresh_pg::OutboxEvent {
-        event_id: event.id,
-        routing_key: event.routing_key(),
-        payload: serde_json::to_value(&event).unwrap(),
-    };
-    // As admission does: record written, job published and confirmed, then commit —
-    // here late enough that the worker has already taken the job.
-    let pending = store
-        .begin_admission(&record, false, None, &outbox, i64::MAX) // no rebuild since
+    let rows = refresh_tests::admission::AdmissionRows::now(consent);
+    // The admission's rows written in a transaction still open, and a copy of its job
+    // published meanwhile (as a job of an earlier version, which published before its
+    // commit, or a copy sent twice): the worker takes it before the record exists.
+    // Once committed, the relay publishes the outbox's copy too; the two copies still
+    // make one bank call.
+    let mut pending = app.pg.begin().await.unwrap();
+    refresh_pg::write_admission(&mut *pending, &rows.admission(i64::MAX))
         .await
         .unwrap();
-    let job = Job {
-        refresh_id: record.refresh_id,
-        consent_id: record.consent_id,
-        tenant_id: record.tenant_id.clone(),
-        provider_id: ProviderId::parse("sim").unwrap(),
-        requested_by: RequestedBy::Api,
-        initial: false,
-        not_before: now,
-        traceparent: None,
-    };
-    let id = record.refresh_id.to_string();
+    let id = rows.record.refresh_id.to_string();
     api.services
         .broker
-        .publish_job(&job.to_bytes(), &id, None)
+        .publish_job(&rows.job, &id, None)
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -568,7 +543,7 @@ async fn a_job_taken_before_its_admission_commits_is_refreshed_once() {
     let done = api.wait_terminal(&token, &id).await;
     assert_eq!(done["status"], "UPDATED", "{done}");
     let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM refreshes WHERE refresh_id = $1")
-        .bind(record.refresh_id.as_uuid())
+        .bind(rows.record.refresh_id.as_uuid())
         .fetch_one(&app.pg)
         .await
         .unwrap();

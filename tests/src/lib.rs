@@ -18,6 +18,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub mod admission;
 pub mod browser;
 mod cluster;
 pub mod fixtures;

@@ -15,7 +15,7 @@ use refresh_core::{
     Caller, CloudEvent, ConsentId, EventId, Job, Problem, ProblemCode, RefreshId, RefreshRecord,
     RejectedRequest, RequestedBy, TenantId, TraceContext, consent_refusal,
 };
-use refresh_pg::{ConsentRow, OutboxEvent, Store, StoreError};
+use refresh_pg::{Admission, ConsentRow, OutboxEvent, Store, StoreError};
 use refresh_redis::{Gate, GateDecision, GateError, GateRequest, QuotaStatus, Ticket};
 use tokio::sync::Notify;
 
@@ -50,7 +50,7 @@ pub enum Unavailable {
     Database(#[source] StoreError),
     #[error("redis unavailable")]
     Redis(#[source] GateError),
-    #[error("rabbitmq did not confirm the job")]
+    #[error("rabbitmq unreachable")]
     Broker(#[source] refresh_amqp::AmqpError),
 }
 
@@ -114,6 +114,12 @@ impl Admitter {
             return Ok(Decision::Refused(Problem::consent_not_found()));
         };
 
+        // The job is durable once committed, but a 202 promises it reaches the
+        // workers soon: with the broker known to be unreachable, admit nothing (SPEC
+        // §2 rule 6), as when a publish could not be confirmed.
+        if !self.broker.is_connected() {
+            return Err(Unavailable::Broker(refresh_amqp::AmqpError::NotConnected));
+        }
         let refresh_id = RefreshId::from_uuid(uuid::Uuid::now_v7());
         let gate_request = GateRequest {
             consent_id: consent.consent_id,
@@ -288,7 +294,8 @@ impl Admitter {
         Ok(healed)
     }
 
-    /// Record + event (transaction left open), confirmed publish, commit.
+    /// Record, event and job in one statement ([`Store::admit`]): once it returns
+    /// the job is durable, and the relay publishes it with a confirm.
     async fn enqueue(
         &self,
         consent: &ConsentRow,
@@ -309,33 +316,6 @@ impl Admitter {
             EventId::from_uuid(uuid::Uuid::now_v7()),
             ticket.now,
         );
-        let pending = match self
-            .store
-            .begin_admission(
-                &record,
-                request.initial,
-                Some(&request.traceparent),
-                &event,
-                ticket.epoch,
-            )
-            .await
-        {
-            Ok(pending) => pending,
-            Err(StoreError::Conflict) => {
-                // The database still has a refresh in flight whose Redis lock lapsed
-                // (its worker died and the job awaits redelivery).
-                let holder = self
-                    .store
-                    .in_flight(consent.consent_id)
-                    .await
-                    .map_err(|e| Enqueue::Unavailable(Unavailable::Database(e)))?;
-                return Err(match holder {
-                    Some(holder) => Enqueue::InFlight(holder),
-                    None => Enqueue::Unavailable(Unavailable::Database(StoreError::Conflict)),
-                });
-            }
-            Err(error) => return Err(Enqueue::Unavailable(Unavailable::Database(error))),
-        };
         let job = Job {
             refresh_id: record.refresh_id,
             consent_id: record.consent_id,
@@ -346,29 +326,35 @@ impl Admitter {
             not_before: record.not_before,
             traceparent: Some(request.traceparent),
         };
-        let delay = (record.not_before - ticket.now)
-            .to_std()
-            .ok()
-            .filter(|d| !d.is_zero());
+        let body = job.to_bytes();
+        let admission = Admission {
+            record: &record,
+            initial: request.initial,
+            traceparent: Some(&request.traceparent),
+            event: &event,
+            job: &body,
+            epoch: ticket.epoch,
+        };
         let started = Instant::now();
-        let published = self
-            .broker
-            .publish_job(&job.to_bytes(), &record.refresh_id.to_string(), delay)
-            .await;
-        self.metrics.publish_latency(started.elapsed());
-        if let Err(error) = published {
-            if let Err(rollback) = pending.rollback().await {
-                tracing::warn!(error = %rollback, "rollback after a failed publish");
+        let written = self.store.admit(&admission).await;
+        self.metrics.write_latency(started.elapsed());
+        match written {
+            Ok(()) => Ok(record),
+            Err(StoreError::Conflict) => {
+                // The database still has a refresh in flight whose Redis lock lapsed
+                // (its worker died and the job awaits redelivery).
+                let holder = self
+                    .store
+                    .in_flight(consent.consent_id)
+                    .await
+                    .map_err(|e| Enqueue::Unavailable(Unavailable::Database(e)))?;
+                Err(match holder {
+                    Some(holder) => Enqueue::InFlight(holder),
+                    None => Enqueue::Unavailable(Unavailable::Database(StoreError::Conflict)),
+                })
             }
-            return Err(Enqueue::Unavailable(Unavailable::Broker(error)));
+            Err(error) => Err(Enqueue::Unavailable(Unavailable::Database(error))),
         }
-        // The job is on the queue. If this commit fails, the worker finds no record
-        // for it and drops it; the caller is told 503.
-        pending
-            .commit()
-            .await
-            .map_err(|e| Enqueue::Unavailable(Unavailable::Database(e)))?;
-        Ok(record)
     }
 
     /// A refusal, also announced as a `refresh.rejected.{tenant}` event (when the

@@ -1,10 +1,12 @@
 //! Prometheus metrics of admission: admissions and refusals by code and source, gate
-//! and publish latency, quota entries of failed admissions forgotten.
+//! latency, the latency of an admission's write and of the relay's confirmed job
+//! publishes, quota entries of failed admissions forgotten.
 
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use refresh_core::{ProblemCode, RequestedBy};
@@ -17,7 +19,9 @@ pub struct AdmissionMetrics {
     admissions: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
     gate_seconds: Histogram,
+    write_seconds: Histogram,
     publish_seconds: Histogram,
+    outbox_jobs: Gauge,
     healed: Counter,
 }
 
@@ -33,7 +37,9 @@ impl Default for AdmissionMetrics {
             admissions: Family::default(),
             refusals: Family::default(),
             gate_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+            write_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             publish_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+            outbox_jobs: Gauge::default(),
             healed: Counter::default(),
         }
     }
@@ -58,9 +64,19 @@ impl AdmissionMetrics {
             self.gate_seconds.clone(),
         );
         registry.register(
+            "admission_write_seconds",
+            "Latency of an admission's one database statement (record, event and job)",
+            self.write_seconds.clone(),
+        );
+        registry.register(
             "publish_seconds",
-            "Latency of a confirmed job publish",
+            "Latency of a confirmed job publish by the outbox relay",
             self.publish_seconds.clone(),
+        );
+        registry.register(
+            "outbox_jobs",
+            "Admitted jobs committed but not yet confirmed by RabbitMQ, as the relay last counted",
+            self.outbox_jobs.clone(),
         );
         registry.register(
             "quota_entries_healed",
@@ -87,6 +103,14 @@ impl AdmissionMetrics {
 
     pub(crate) fn gate_latency(&self, elapsed: Duration) {
         self.gate_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn write_latency(&self, elapsed: Duration) {
+        self.write_seconds.observe(elapsed.as_secs_f64());
+    }
+
+    pub(crate) fn outbox_jobs(&self, pending: i64) {
+        self.outbox_jobs.set(pending);
     }
 
     pub(crate) fn publish_latency(&self, elapsed: Duration) {

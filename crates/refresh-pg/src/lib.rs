@@ -25,8 +25,8 @@ pub use pool::{
 pub use read::{ChangePage, ItemKind, TxFilter, TxKey, TxPage, TxRow};
 pub use rekey::{RekeyBatch, TokenKeys};
 pub use store::{
-    ClaimedEvents, ConsentRow, KeyFence, KeyReservation, NewConsent, OutboxEvent, PendingAdmission,
-    PendingEvent, Registration, Store, StoreError, TenantSettingsRow,
+    Admission, ClaimedEvents, ConsentRow, KeyFence, KeyReservation, NewConsent, OutboxEvent,
+    PendingEvent, PendingJob, Registration, Store, StoreError, TenantSettingsRow, write_admission,
 };
 pub use stored::{
     AccountData, AccountDetails, AttemptStart, BalanceData, DataState, FetchedData, Finish,

@@ -29,10 +29,9 @@ pub enum StoreError {
     Crypto(#[from] CryptoError),
 }
 
-/// The gate's advisory lock, between admissions writing their records (shared) and a
-/// gate rebuild advancing `gate_epoch` (exclusive); one per schema, since advisory
-/// locks are the database's.
-const GATE_LOCK_SHARED: &str = "SELECT pg_advisory_xact_lock_shared(hashtextextended('refreshd gate ' || current_schema(), 0))";
+/// The gate's advisory lock, between admissions writing their records (shared, in
+/// `admit_refresh`) and a gate rebuild advancing `gate_epoch` (exclusive); one per
+/// schema, since advisory locks are the database's.
 const GATE_LOCK_EXCLUSIVE: &str =
     "SELECT pg_advisory_xact_lock(hashtextextended('refreshd gate ' || current_schema(), 0))";
 
@@ -217,20 +216,70 @@ pub(crate) fn refresh_record(row: &PgRow) -> Result<RefreshRecord, StoreError> {
     })
 }
 
-/// An admitted refresh whose rows are written but not committed: the job is published
-/// while this is open, and it commits only once the broker confirmed the job.
-pub struct PendingAdmission {
-    tx: Transaction<'static, Postgres>,
+/// An admission's rows: the INITIALIZED record, its event and its job, written by
+/// [`write_admission`] in one statement.
+pub struct Admission<'a> {
+    pub record: &'a RefreshRecord,
+    pub initial: bool,
+    pub traceparent: Option<&'a TraceContext>,
+    pub event: &'a OutboxEvent,
+    /// The job as published to `jobs` (the relay sends it as is).
+    pub job: &'a [u8],
+    /// The stamp of the gate state that admitted it (the gate ticket's).
+    pub epoch: i64,
 }
 
-impl PendingAdmission {
-    pub async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await.map_err(StoreError::from)
+/// Writes `admission` (the function `admit_refresh`, one statement): under the gate's
+/// advisory lock shared, and only if no gate rebuild began after the state that
+/// admitted it; [`StoreError::StaleGate`] otherwise (SPEC §2: the rebuild counts
+/// every admission of the lost state, or it never happened), `Conflict` when another
+/// refresh of the consent is still INITIALIZED. On the pool it commits by itself:
+/// once it returns the job is durable and the relay publishes it. In a transaction
+/// the lock is held, and nothing published, until that commits.
+pub async fn write_admission(
+    executor: impl sqlx::PgExecutor<'_>,
+    admission: &Admission<'_>,
+) -> Result<(), StoreError> {
+    let Admission {
+        record,
+        initial,
+        traceparent,
+        event,
+        job,
+        epoch,
+    } = admission;
+    let written: bool = sqlx::query_scalar(
+        "SELECT admit_refresh($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+    )
+    .bind(record.refresh_id.as_uuid())
+    .bind(record.consent_id.as_uuid())
+    .bind(record.tenant_id.as_str())
+    .bind(record.requested_by.as_str())
+    .bind(initial)
+    .bind(record.date_requested)
+    .bind(record.not_before)
+    .bind(traceparent.map(ToString::to_string))
+    .bind(epoch)
+    .bind(event.event_id.as_uuid())
+    .bind(&event.routing_key)
+    .bind(&event.payload)
+    .bind(job)
+    .fetch_one(executor)
+    .await?;
+    if written {
+        Ok(())
+    } else {
+        Err(StoreError::StaleGate)
     }
+}
 
-    pub async fn rollback(self) -> Result<(), StoreError> {
-        self.tx.rollback().await.map_err(StoreError::from)
-    }
+/// A job of the outbox not yet confirmed by the broker.
+#[derive(Clone, Debug)]
+pub struct PendingJob {
+    pub id: i64,
+    pub refresh_id: RefreshId,
+    pub body: Vec<u8>,
+    pub not_before: DateTime<Utc>,
 }
 
 /// Unpublished outbox rows, locked against other relays until committed.
@@ -405,53 +454,9 @@ impl Store {
 
     // --- refreshes ------------------------------------------------------------------
 
-    /// Writes an admission's INITIALIZED record and its event in a transaction left
-    /// open: the caller publishes the job, then commits (or rolls back if the publish
-    /// failed). Only if the gate state that admitted it (stamped `epoch`: the gate
-    /// ticket's) is still current: a rebuild that began since refuses it with
-    /// [`StoreError::StaleGate`] (SPEC §2: the rebuild counts every admission of the
-    /// lost state, or it never happened). The transaction holds the gate's advisory
-    /// lock shared until it ends. `Conflict` when another refresh of the consent is
-    /// still INITIALIZED.
-    pub async fn begin_admission(
-        &self,
-        record: &RefreshRecord,
-        initial: bool,
-        traceparent: Option<&TraceContext>,
-        event: &OutboxEvent,
-        epoch: i64,
-    ) -> Result<PendingAdmission, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(GATE_LOCK_SHARED).execute(&mut *tx).await?;
-        // One statement for both rows: admission is on every request's path.
-        let written = sqlx::query(
-            "WITH refresh AS (INSERT INTO refreshes (refresh_id, consent_id, tenant_id, \
-             requested_by, status, initial, date_requested, not_before, traceparent) \
-             SELECT $1, $2, $3, $4, $5, $6, $7, $8, $12 \
-             WHERE NOT EXISTS (SELECT 1 FROM gate_epoch WHERE stamp > $13) RETURNING 1) \
-             INSERT INTO outbox (event_id, routing_key, payload, created_at) \
-             SELECT $9, $10, $11, $7 FROM refresh ON CONFLICT (event_id) DO NOTHING",
-        )
-        .bind(record.refresh_id.as_uuid())
-        .bind(record.consent_id.as_uuid())
-        .bind(record.tenant_id.as_str())
-        .bind(record.requested_by.as_str())
-        .bind(record.status.as_str())
-        .bind(initial)
-        .bind(record.date_requested)
-        .bind(record.not_before)
-        .bind(event.event_id.as_uuid())
-        .bind(&event.routing_key)
-        .bind(&event.payload)
-        .bind(traceparent.map(ToString::to_string))
-        .bind(epoch)
-        .execute(&mut *tx)
-        .await?;
-        if written.rows_affected() == 0 {
-            let _ = tx.rollback().await;
-            return Err(StoreError::StaleGate);
-        }
-        Ok(PendingAdmission { tx })
+    /// Writes an admission on the pool ([`write_admission`]).
+    pub async fn admit(&self, admission: &Admission<'_>) -> Result<(), StoreError> {
+        write_admission(&self.pool, admission).await
     }
 
     /// Marks a gate rebuild as begun, once every admission writing its record has
@@ -601,6 +606,72 @@ impl Store {
         }
         claimed.finish(&published, Utc::now()).await?;
         Ok(published.len())
+    }
+
+    /// One relay round for jobs: claims up to `limit` unpublished jobs of the outbox
+    /// (oldest first, SKIP LOCKED so that relays share the work), hands them all to
+    /// `publish` at once (confirms awaited together), and deletes the confirmed
+    /// ones. A job that failed stays for the next round; a crash between the
+    /// confirm and the delete publishes it again, which the worker's fence on the
+    /// refresh id absorbs. Returns how many were published.
+    pub async fn publish_pending_jobs<F, Fut, E>(
+        &self,
+        limit: i64,
+        mut publish: F,
+    ) -> Result<usize, StoreError>
+    where
+        F: FnMut(&PendingJob) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT id, refresh_id, body, not_before FROM job_outbox \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .fetch_all(&mut *tx)
+        .await?;
+        if rows.is_empty() {
+            tx.commit().await?;
+            return Ok(0);
+        }
+        let jobs = rows
+            .iter()
+            .map(|row| {
+                Ok(PendingJob {
+                    id: row.try_get("id")?,
+                    refresh_id: RefreshId::from_uuid(row.try_get("refresh_id")?),
+                    body: row.try_get("body")?,
+                    not_before: row.try_get("not_before")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let results = futures_util::future::join_all(jobs.iter().map(&mut publish)).await;
+        let mut published = Vec::with_capacity(jobs.len());
+        for (job, result) in jobs.iter().zip(results) {
+            match result {
+                Ok(()) => published.push(job.id),
+                Err(error) => {
+                    tracing::warn!(error = %error, refresh_id = %job.refresh_id, "cannot publish a job yet");
+                }
+            }
+        }
+        if !published.is_empty() {
+            sqlx::query("DELETE FROM job_outbox WHERE id = ANY($1)")
+                .bind(&published)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(published.len())
+    }
+
+    /// How many jobs of the outbox wait for the relay.
+    pub async fn pending_jobs(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM job_outbox")
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     // --- idempotency ----------------------------------------------------------------

@@ -41,7 +41,7 @@ pub async fn start(
         services.store.clone(),
         services.gate.clone(),
         services.broker.clone(),
-        admission_metrics,
+        admission_metrics.clone(),
         nudge.clone(),
     );
     // Streams end with the HTTP server's shutdown, so they never hold up the drain.
@@ -74,6 +74,7 @@ pub async fn start(
     tracker.spawn(refresh_admission::relay::run(
         services.store.clone(),
         services.broker.clone(),
+        admission_metrics,
         nudge,
         shutdown.child_token(),
     ));

@@ -69,12 +69,13 @@ pub fn start(
         settings,
         services,
         registry,
-        admission_metrics,
+        admission_metrics.clone(),
         nudge.clone(),
     );
     tracker.spawn(refresh_admission::relay::run(
         services.store.clone(),
         services.broker.clone(),
+        admission_metrics,
         nudge,
         shutdown.child_token(),
     ));

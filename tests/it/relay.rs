@@ -1,0 +1,125 @@
+//! The job outbox and its relay (SPEC §2: an admission is durable once its job is
+//! committed; a relay publishes it with a confirm). No ingress runs here, so the only
+//! relay is the test's.
+
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use refresh_admission::AdmissionMetrics;
+use refresh_admission::relay::relay_jobs;
+use refresh_core::{ConsentId, Outcome, ProviderId, TenantId};
+use refresh_pg::{NewConsent, Store};
+use refresh_tests::admission::AdmissionRows;
+use refresh_tests::spawn_app;
+use refreshd::services::Services;
+use secrecy::SecretString;
+
+/// A consent of `acme` and the rows of one admission of it.
+async fn admission_of_new_consent(store: &Store) -> AdmissionRows {
+    let consent_id = ConsentId::from_uuid(uuid::Uuid::new_v4());
+    let now = Utc::now();
+    store
+        .insert_consent(&NewConsent {
+            consent_id,
+            tenant_id: TenantId::parse("acme").unwrap(),
+            provider_id: ProviderId::parse("sim").unwrap(),
+            bank_consent_id: format!("bank-{consent_id}"),
+            access_token: SecretString::from(format!("token-{consent_id}")),
+            expires_at: now + TimeDelta::days(90),
+            created_at: now,
+        })
+        .await
+        .unwrap();
+    AdmissionRows::now(consent_id)
+}
+
+#[tokio::test]
+async fn a_job_leaves_the_outbox_only_once_committed_and_confirmed_and_comes_again_after_a_crash_before_its_delete()
+ {
+    let app = spawn_app().await;
+    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
+        .await
+        .unwrap();
+    let (store, broker) = (&services.store, &services.broker);
+    let metrics = AdmissionMetrics::default();
+    let admitted = admission_of_new_consent(store).await;
+
+    // Written but not committed: no relay sees it, so no worker can take its job.
+    let mut open = app.pg.begin().await.unwrap();
+    refresh_pg::write_admission(&mut *open, &admitted.admission(i64::MAX))
+        .await
+        .unwrap();
+    assert_eq!(relay_jobs(store, broker, &metrics).await.unwrap(), 0);
+    open.commit().await.unwrap();
+    assert_eq!(store.pending_jobs().await.unwrap(), 1);
+
+    // A relay that dies between the broker's confirm and its delete: the job stays.
+    let died = store
+        .publish_pending_jobs(10, |pending| {
+            let (body, id) = (pending.body.clone(), pending.refresh_id.to_string());
+            async move {
+                broker.publish_job(&body, &id, None).await.unwrap();
+                Err::<(), _>("the relay died after the confirm")
+            }
+        })
+        .await
+        .unwrap();
+    assert_eq!(died, 0);
+    assert_eq!(
+        store.pending_jobs().await.unwrap(),
+        1,
+        "only a delete ends it"
+    );
+
+    // The next round publishes it again and deletes it; then there is nothing left.
+    assert_eq!(relay_jobs(store, broker, &metrics).await.unwrap(), 1);
+    assert_eq!(store.pending_jobs().await.unwrap(), 0);
+    assert_eq!(relay_jobs(store, broker, &metrics).await.unwrap(), 0);
+
+    // Two copies on `jobs`, each the job as committed, under the refresh's id (the
+    // worker's fence on that id makes the second a no-op).
+    let mut jobs = broker.consume(&broker.names().jobs.clone(), 10);
+    for _ in 0..2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), jobs.next())
+            .await
+            .expect("the job is on the queue")
+            .unwrap();
+        assert_eq!(delivery.body, admitted.job);
+        assert_eq!(
+            delivery.message_id.as_deref(),
+            Some(admitted.record.refresh_id.to_string().as_str())
+        );
+        delivery.settle(Outcome::Ack).await.unwrap();
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), jobs.next())
+            .await
+            .is_err(),
+        "no third copy"
+    );
+}
+
+#[tokio::test]
+async fn a_rolled_back_admission_leaves_no_job() {
+    let app = spawn_app().await;
+    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
+        .await
+        .unwrap();
+    let (store, broker) = (&services.store, &services.broker);
+    let admitted = admission_of_new_consent(store).await;
+    let mut open = app.pg.begin().await.unwrap();
+    refresh_pg::write_admission(&mut *open, &admitted.admission(i64::MAX))
+        .await
+        .unwrap();
+    open.rollback().await.unwrap();
+    assert_eq!(store.pending_jobs().await.unwrap(), 0);
+    let metrics = AdmissionMetrics::default();
+    assert_eq!(relay_jobs(store, broker, &metrics).await.unwrap(), 0);
+    assert!(
+        store
+            .refresh(admitted.record.refresh_id)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
