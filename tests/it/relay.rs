@@ -1,6 +1,6 @@
-//! The job outbox and its relay (SPEC §2: an admission is durable once its job is
-//! committed; a relay publishes it with a confirm). No ingress runs here, so the only
-//! relay is the test's.
+//! Admissions written in batches, the job outbox and its relay (SPEC §2: an admission
+//! is durable once its job is committed; a relay publishes it with a confirm). No
+//! ingress runs here, so the only relay is the test's.
 
 use std::time::Duration;
 
@@ -8,7 +8,7 @@ use chrono::{TimeDelta, Utc};
 use refresh_admission::AdmissionMetrics;
 use refresh_admission::relay::relay_jobs;
 use refresh_core::{ConsentId, Outcome, ProviderId, TenantId};
-use refresh_pg::{NewConsent, Store};
+use refresh_pg::{KeyAnswer, KeyReservation, NewConsent, Store, Written};
 use refresh_tests::admission::AdmissionRows;
 use refresh_tests::spawn_app;
 use refreshd::services::Services;
@@ -122,4 +122,142 @@ async fn a_rolled_back_admission_leaves_no_job() {
             .unwrap()
             .is_none()
     );
+}
+
+#[tokio::test]
+async fn a_batch_of_admissions_writes_each_that_may_be_and_says_why_not_of_the_others() {
+    let app = spawn_app().await;
+    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
+        .await
+        .unwrap();
+    let store = &services.store;
+    let first = admission_of_new_consent(store).await;
+    // A second refresh of the same consent in the same batch, and one decided on a
+    // gate state older than the latest rebuild.
+    let second = AdmissionRows::now(first.record.consent_id);
+    let stale = admission_of_new_consent(store).await;
+    let stamp = store.begin_gate_rebuild(1_000).await.unwrap();
+    let outcomes = store
+        .admit_many(&[
+            first.admission(stamp),
+            second.admission(stamp),
+            stale.admission(stamp - 1),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [Written::Admitted, Written::InFlight, Written::StaleGate]
+    );
+    assert!(
+        store
+            .refresh(first.record.refresh_id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    for refused in [&second, &stale] {
+        assert!(
+            store
+                .refresh(refused.record.refresh_id)
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+    assert_eq!(
+        store.pending_jobs().await.unwrap(),
+        1,
+        "one job, the admitted one's"
+    );
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox")
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(events, 1, "one event, the admitted one's");
+}
+
+#[tokio::test]
+async fn an_admission_answers_its_idempotency_key_in_its_own_commit_only_while_reserved() {
+    let app = spawn_app().await;
+    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
+        .await
+        .unwrap();
+    let store = &services.store;
+    let tenant = TenantId::parse("acme").unwrap();
+    let now = Utc::now();
+    let reserve = |key: &'static str, at: chrono::DateTime<Utc>| {
+        let tenant = tenant.clone();
+        async move {
+            match store
+                .reserve_key(
+                    &tenant,
+                    key,
+                    at,
+                    at - TimeDelta::hours(24),
+                    at - TimeDelta::seconds(90),
+                )
+                .await
+                .unwrap()
+            {
+                KeyReservation::Reserved(fence) => fence,
+                other => panic!("{other:?}"),
+            }
+        }
+    };
+    let answer = |fence, admitted: &AdmissionRows| {
+        let mut admission = admitted.admission(i64::MAX);
+        admission.key = Some(KeyAnswer {
+            tenant: tenant.clone(),
+            key: "k1".to_owned(),
+            fence,
+            http_status: 202,
+            response: serde_json::json!({ "accepted": true, "refreshId": admitted.record.refresh_id }),
+        });
+        admission
+    };
+
+    // Reserved, then answered by the admission's own statement.
+    let fence = reserve("k1", now).await;
+    let admitted = admission_of_new_consent(store).await;
+    store.admit(&answer(fence, &admitted)).await.unwrap();
+    let later = now + TimeDelta::seconds(1);
+    match store
+        .reserve_key(
+            &tenant,
+            "k1",
+            later,
+            later - TimeDelta::hours(24),
+            later - TimeDelta::seconds(90),
+        )
+        .await
+        .unwrap()
+    {
+        KeyReservation::Done {
+            http_status,
+            response,
+        } => {
+            assert_eq!(http_status, 202);
+            assert_eq!(
+                response["refreshId"],
+                admitted.record.refresh_id.to_string()
+            );
+        }
+        other => panic!("the admission answered its key: {other:?}"),
+    }
+
+    // A reservation taken over after its lease: the first holder's admission (it still
+    // commits) does not overwrite the new holder's pending reservation.
+    let old = reserve("k2", now - TimeDelta::minutes(5)).await;
+    let _new = reserve("k2", now).await;
+    let late = admission_of_new_consent(store).await;
+    let mut admission = answer(old, &late);
+    admission.key.as_mut().unwrap().key = "k2".to_owned();
+    store.admit(&admission).await.unwrap();
+    let status: i32 =
+        sqlx::query_scalar("SELECT http_status FROM idempotency_keys WHERE key = 'k2'")
+            .fetch_one(&app.pg)
+            .await
+            .unwrap();
+    assert_eq!(status, 0, "still the new holder's reservation");
 }

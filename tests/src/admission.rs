@@ -75,14 +75,15 @@ impl AdmissionRows {
 
     /// The rows for [`refresh_pg::write_admission`], decided on gate state `epoch`
     /// (`i64::MAX`: no rebuild since).
-    pub fn admission(&self, epoch: i64) -> Admission<'_> {
+    pub fn admission(&self, epoch: i64) -> Admission {
         Admission {
-            record: &self.record,
+            record: self.record.clone(),
             initial: false,
-            traceparent: self.trace.as_ref(),
-            event: &self.event,
-            job: &self.job,
+            traceparent: self.trace,
+            event: self.event.clone(),
+            job: self.job.clone(),
             epoch,
+            key: None,
         }
     }
 }

@@ -15,12 +15,13 @@ use refresh_core::{
     Caller, CloudEvent, ConsentId, EventId, Job, Problem, ProblemCode, RefreshId, RefreshRecord,
     RejectedRequest, RequestedBy, TenantId, TraceContext, consent_refusal,
 };
-use refresh_pg::{Admission, ConsentRow, OutboxEvent, Store, StoreError};
+use refresh_pg::{Admission, ConsentRow, KeyAnswer, KeyFence, OutboxEvent, Store, StoreError};
 use refresh_redis::{Gate, GateDecision, GateError, GateRequest, QuotaStatus, Ticket};
 use tokio::sync::Notify;
 
 use crate::metrics::AdmissionMetrics;
 use crate::rebuild::GateRebuild;
+use crate::writer::{AdmissionWriter, WriteError};
 
 /// Who asks, and for which consent.
 #[derive(Clone, Debug)]
@@ -48,10 +49,23 @@ pub enum Decision {
 pub enum Unavailable {
     #[error("database unavailable")]
     Database(#[source] StoreError),
+    /// The statement writing a batch of admissions failed.
+    #[error("database unavailable")]
+    Write(#[source] WriteError),
     #[error("redis unavailable")]
     Redis(#[source] GateError),
     #[error("rabbitmq unreachable")]
     Broker(#[source] refresh_amqp::AmqpError),
+}
+
+/// A reserved idempotency key whose answer an admission records with itself.
+#[derive(Clone, Debug)]
+pub struct Remember {
+    pub tenant: TenantId,
+    pub key: String,
+    pub fence: KeyFence,
+    /// The status and body the channel answers for an admission.
+    pub answer: fn(&RefreshRecord) -> (u16, serde_json::Value),
 }
 
 /// The admission service shared by the HTTP API and the upstream request consumer.
@@ -64,6 +78,7 @@ pub struct Admitter {
     /// Wakes the outbox relay when an event was written.
     outbox: Arc<Notify>,
     rebuild: GateRebuild,
+    writer: AdmissionWriter,
 }
 
 impl Admitter {
@@ -76,6 +91,7 @@ impl Admitter {
     ) -> Self {
         Self {
             rebuild: GateRebuild::new(store.clone(), gate.clone()),
+            writer: AdmissionWriter::start(store.clone()),
             store,
             gate,
             broker,
@@ -86,7 +102,19 @@ impl Admitter {
 
     /// Decides one request; an `Err` means a dependency is down (answer 503).
     pub async fn request(&self, request: &RefreshRequest) -> Result<Decision, Unavailable> {
-        let decision = self.decide(request).await;
+        self.request_answering(request, None).await
+    }
+
+    /// Decides one request whose idempotency key is reserved: an admission records
+    /// the key's answer (`remember.answer` of its record) in the statement that writes
+    /// the admission, so an admitted request's key is never left unanswered by a
+    /// crash. A refusal leaves the key to the caller.
+    pub async fn request_answering(
+        &self,
+        request: &RefreshRequest,
+        remember: Option<&Remember>,
+    ) -> Result<Decision, Unavailable> {
+        let decision = self.decide(request, remember).await;
         match &decision {
             Ok(Decision::Admitted(_)) => self.metrics.admitted(request.requested_by),
             Ok(Decision::Refused(problem)) => {
@@ -99,7 +127,11 @@ impl Admitter {
         decision
     }
 
-    async fn decide(&self, request: &RefreshRequest) -> Result<Decision, Unavailable> {
+    async fn decide(
+        &self,
+        request: &RefreshRequest,
+        remember: Option<&Remember>,
+    ) -> Result<Decision, Unavailable> {
         let consent = self
             .store
             .consent(request.consent_id)
@@ -150,7 +182,7 @@ impl Admitter {
                 return Ok(self.refused(request, Some(&consent), problem).await);
             }
         };
-        match self.enqueue(&consent, request, &ticket).await {
+        match self.enqueue(&consent, request, &ticket, remember).await {
             Ok(record) => {
                 self.outbox.notify_one();
                 Ok(Decision::Admitted(record))
@@ -167,7 +199,7 @@ impl Admitter {
                             Problem::refresh_in_progress(holder),
                         )
                         .await),
-                    Enqueue::Unavailable(Unavailable::Database(StoreError::StaleGate)) => {
+                    Enqueue::StaleGate => {
                         // The state that admitted this is older than the latest rebuild
                         // begun: that rebuild has not finished (it answers soon), or it
                         // died after stamping. Rebuild again so the state is current,
@@ -301,6 +333,7 @@ impl Admitter {
         consent: &ConsentRow,
         request: &RefreshRequest,
         ticket: &Ticket,
+        remember: Option<&Remember>,
     ) -> Result<RefreshRecord, Enqueue> {
         let record = RefreshRecord::initialized(
             ticket.refresh_id,
@@ -326,21 +359,31 @@ impl Admitter {
             not_before: record.not_before,
             traceparent: Some(request.traceparent),
         };
-        let body = job.to_bytes();
         let admission = Admission {
-            record: &record,
+            record: record.clone(),
             initial: request.initial,
-            traceparent: Some(&request.traceparent),
-            event: &event,
-            job: &body,
+            traceparent: Some(request.traceparent),
+            event,
+            job: job.to_bytes(),
             epoch: ticket.epoch,
+            key: remember.map(|remember| {
+                let (http_status, response) = (remember.answer)(&record);
+                KeyAnswer {
+                    tenant: remember.tenant.clone(),
+                    key: remember.key.clone(),
+                    fence: remember.fence,
+                    http_status,
+                    response,
+                }
+            }),
         };
         let started = Instant::now();
-        let written = self.store.admit(&admission).await;
+        let written = self.writer.write(admission).await;
         self.metrics.write_latency(started.elapsed());
         match written {
             Ok(()) => Ok(record),
-            Err(StoreError::Conflict) => {
+            Err(WriteError::StaleGate) => Err(Enqueue::StaleGate),
+            Err(WriteError::InFlight) => {
                 // The database still has a refresh in flight whose Redis lock lapsed
                 // (its worker died and the job awaits redelivery).
                 let holder = self
@@ -353,7 +396,7 @@ impl Admitter {
                     None => Enqueue::Unavailable(Unavailable::Database(StoreError::Conflict)),
                 })
             }
-            Err(error) => Err(Enqueue::Unavailable(Unavailable::Database(error))),
+            Err(error) => Err(Enqueue::Unavailable(Unavailable::Write(error))),
         }
     }
 
@@ -400,6 +443,8 @@ impl Admitter {
 
 enum Enqueue {
     InFlight(RefreshId),
+    /// A gate rebuild began after the state that admitted it.
+    StaleGate,
     Unavailable(Unavailable),
 }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use refresh_amqp::{Broker, Delivery};
-use refresh_core::{ConsentId, Outcome, Problem, RequestedBy, TenantId};
+use refresh_core::{ConsentId, Outcome, Problem, RefreshRecord, RequestedBy, TenantId};
 use refresh_pg::{KeyReservation, Store};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::error_chain;
 use crate::idempotency::{KEY_LEASE, KEY_TTL, release_key, remembered};
-use refresh_admission::{Admitter, Decision, RefreshRequest};
+use refresh_admission::{Admitter, Decision, RefreshRequest, Remember};
 
 /// The request message (wire type).
 #[derive(Debug, Deserialize)]
@@ -272,7 +272,17 @@ async fn handle(context: Context<'_>, delivery: &Delivery) -> (Outcome, Option<V
             }
         }
     }
-    let decision = match admitter.request(&request).await {
+    // An admission records its key's answer in its own commit.
+    let remember = fence.as_ref().map(|(key, reserved)| Remember {
+        tenant: message.tenant_id.clone(),
+        key: (*key).clone(),
+        fence: *reserved,
+        answer: accepted,
+    });
+    let decision = match admitter
+        .request_answering(&request, remember.as_ref())
+        .await
+    {
         Ok(decision) => decision,
         Err(error) => {
             tracing::warn!(error = %error_chain(&error), "upstream request held back: a dependency is unavailable");
@@ -287,10 +297,11 @@ async fn handle(context: Context<'_>, delivery: &Delivery) -> (Outcome, Option<V
     };
     let remember = remembered(&decision);
     let (status, reply) = match decision {
-        Decision::Admitted(record) => (
-            202,
-            json!({ "accepted": true, "refreshId": record.refresh_id, "notBefore": record.not_before }),
-        ),
+        Decision::Admitted(record) => {
+            // Its key was answered with the admission.
+            let (_, reply) = accepted(&record);
+            return (Outcome::Ack, Some(reply));
+        }
         Decision::Refused(problem) => (
             problem.status,
             json!({ "accepted": false, "problem": problem }),
@@ -313,6 +324,14 @@ async fn handle(context: Context<'_>, delivery: &Delivery) -> (Outcome, Option<V
         }
     }
     (Outcome::Ack, Some(reply))
+}
+
+/// The decision reply of an admission, and its status for the idempotency key.
+fn accepted(record: &RefreshRecord) -> (u16, Value) {
+    (
+        202,
+        json!({ "accepted": true, "refreshId": record.refresh_id, "notBefore": record.not_before }),
+    )
 }
 
 #[cfg(test)]

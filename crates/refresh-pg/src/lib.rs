@@ -25,8 +25,9 @@ pub use pool::{
 pub use read::{ChangePage, ItemKind, TxFilter, TxKey, TxPage, TxRow};
 pub use rekey::{RekeyBatch, TokenKeys};
 pub use store::{
-    Admission, ClaimedEvents, ConsentRow, KeyFence, KeyReservation, NewConsent, OutboxEvent,
-    PendingEvent, PendingJob, Registration, Store, StoreError, TenantSettingsRow, write_admission,
+    Admission, ClaimedEvents, ConsentRow, KeyAnswer, KeyFence, KeyReservation, NewConsent,
+    OutboxEvent, PendingEvent, PendingJob, Registration, Store, StoreError, TenantSettingsRow,
+    Written, write_admission, write_admissions,
 };
 pub use stored::{
     AccountData, AccountDetails, AttemptStart, BalanceData, DataState, FetchedData, Finish,

@@ -30,7 +30,7 @@ pub enum StoreError {
 }
 
 /// The gate's advisory lock, between admissions writing their records (shared, in
-/// `admit_refresh`) and a gate rebuild advancing `gate_epoch` (exclusive); one per
+/// `admit_refreshes`) and a gate rebuild advancing `gate_epoch` (exclusive); one per
 /// schema, since advisory locks are the database's.
 const GATE_LOCK_EXCLUSIVE: &str =
     "SELECT pg_advisory_xact_lock(hashtextextended('refreshd gate ' || current_schema(), 0))";
@@ -217,59 +217,173 @@ pub(crate) fn refresh_record(row: &PgRow) -> Result<RefreshRecord, StoreError> {
 }
 
 /// An admission's rows: the INITIALIZED record, its event and its job, written by
-/// [`write_admission`] in one statement.
-pub struct Admission<'a> {
-    pub record: &'a RefreshRecord,
+/// [`write_admissions`] (a batch of admissions in one statement).
+#[derive(Clone, Debug)]
+pub struct Admission {
+    pub record: RefreshRecord,
     pub initial: bool,
-    pub traceparent: Option<&'a TraceContext>,
-    pub event: &'a OutboxEvent,
+    pub traceparent: Option<TraceContext>,
+    pub event: OutboxEvent,
     /// The job as published to `jobs` (the relay sends it as is).
-    pub job: &'a [u8],
+    pub job: Vec<u8>,
     /// The stamp of the gate state that admitted it (the gate ticket's).
     pub epoch: i64,
+    /// The answer to record for the request's idempotency key, if it has one.
+    pub key: Option<KeyAnswer>,
 }
 
-/// Writes `admission` (the function `admit_refresh`, one statement): under the gate's
-/// advisory lock shared, and only if no gate rebuild began after the state that
-/// admitted it; [`StoreError::StaleGate`] otherwise (SPEC §2: the rebuild counts
-/// every admission of the lost state, or it never happened), `Conflict` when another
-/// refresh of the consent is still INITIALIZED. On the pool it commits by itself:
-/// once it returns the job is durable and the relay publishes it. In a transaction
-/// the lock is held, and nothing published, until that commits.
+/// The answer an admission records for its idempotency key in its own statement
+/// (only while the reservation `fence` is still pending, as [`Store::complete_key`]).
+#[derive(Clone, Debug)]
+pub struct KeyAnswer {
+    pub tenant: TenantId,
+    pub key: String,
+    pub fence: KeyFence,
+    pub http_status: u16,
+    pub response: Value,
+}
+
+/// What became of one admission of a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Written {
+    /// Record, event and job written.
+    Admitted,
+    /// A gate rebuild began after the state that admitted it (SPEC §2: the rebuild
+    /// counts every admission of the lost state, or it never happened); nothing
+    /// written.
+    StaleGate,
+    /// Another refresh of the consent is still INITIALIZED; nothing written.
+    InFlight,
+}
+
+/// Writes `admissions` in one statement (the function `admit_refreshes`), under the
+/// gate's advisory lock shared; one [`Written`] per admission, in order. On the pool
+/// it commits by itself, all or nothing: once it returns, the jobs written are
+/// durable and the relay publishes them. In a transaction the lock is held, and
+/// nothing is published, until that commits.
+pub async fn write_admissions(
+    executor: impl sqlx::PgExecutor<'_>,
+    admissions: &[Admission],
+) -> Result<Vec<Written>, StoreError> {
+    let column =
+        |f: &dyn Fn(&Admission) -> uuid::Uuid| admissions.iter().map(f).collect::<Vec<_>>();
+    let refresh_ids = column(&|a| *a.record.refresh_id.as_uuid());
+    let consent_ids = column(&|a| *a.record.consent_id.as_uuid());
+    let event_ids = column(&|a| *a.event.event_id.as_uuid());
+    let keys: Vec<Option<&KeyAnswer>> = admissions.iter().map(|a| a.key.as_ref()).collect();
+    let rows: Vec<(uuid::Uuid, String)> = sqlx::query_as(
+        "SELECT admitted, outcome FROM admit_refreshes($1, $2, $3, $4, $5, $6, $7, $8, $9, \
+         $10, $11, $12, $13, $14, $15, $16, $17, $18)",
+    )
+    .bind(&refresh_ids)
+    .bind(&consent_ids)
+    .bind(
+        admissions
+            .iter()
+            .map(|a| a.record.tenant_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        admissions
+            .iter()
+            .map(|a| a.record.requested_by.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(admissions.iter().map(|a| a.initial).collect::<Vec<_>>())
+    .bind(
+        admissions
+            .iter()
+            .map(|a| a.record.date_requested)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        admissions
+            .iter()
+            .map(|a| a.record.not_before)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        admissions
+            .iter()
+            .map(|a| a.traceparent.map(|t| t.to_string()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(admissions.iter().map(|a| a.epoch).collect::<Vec<_>>())
+    .bind(&event_ids)
+    .bind(
+        admissions
+            .iter()
+            .map(|a| a.event.routing_key.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        admissions
+            .iter()
+            .map(|a| &a.event.payload)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        admissions
+            .iter()
+            .map(|a| a.job.as_slice())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        keys.iter()
+            .map(|k| k.map(|k| k.tenant.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        keys.iter()
+            .map(|k| k.map(|k| k.key.as_str()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        keys.iter()
+            .map(|k| k.map(|k| k.fence.0))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        keys.iter()
+            .map(|k| k.map(|k| i32::from(k.http_status)))
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        keys.iter()
+            .map(|k| k.map(|k| &k.response))
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(executor)
+    .await?;
+    refresh_ids
+        .iter()
+        .map(|id| {
+            let (_, outcome) = rows
+                .iter()
+                .find(|(admitted, _)| admitted == id)
+                .ok_or_else(|| corrupt(format!("admit_refreshes answered nothing for {id}")))?;
+            match outcome.as_str() {
+                "written" => Ok(Written::Admitted),
+                "stale" => Ok(Written::StaleGate),
+                "in_flight" => Ok(Written::InFlight),
+                other => Err(corrupt(format!("admit_refreshes answered {other:?}"))),
+            }
+        })
+        .collect()
+}
+
+/// Writes one admission ([`write_admissions`]): [`StoreError::StaleGate`] if a gate
+/// rebuild began since its state, `Conflict` when another refresh of the consent is
+/// still INITIALIZED.
 pub async fn write_admission(
     executor: impl sqlx::PgExecutor<'_>,
-    admission: &Admission<'_>,
+    admission: &Admission,
 ) -> Result<(), StoreError> {
-    let Admission {
-        record,
-        initial,
-        traceparent,
-        event,
-        job,
-        epoch,
-    } = admission;
-    let written: bool = sqlx::query_scalar(
-        "SELECT admit_refresh($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-    )
-    .bind(record.refresh_id.as_uuid())
-    .bind(record.consent_id.as_uuid())
-    .bind(record.tenant_id.as_str())
-    .bind(record.requested_by.as_str())
-    .bind(initial)
-    .bind(record.date_requested)
-    .bind(record.not_before)
-    .bind(traceparent.map(ToString::to_string))
-    .bind(epoch)
-    .bind(event.event_id.as_uuid())
-    .bind(&event.routing_key)
-    .bind(&event.payload)
-    .bind(job)
-    .fetch_one(executor)
-    .await?;
-    if written {
-        Ok(())
-    } else {
-        Err(StoreError::StaleGate)
+    match write_admissions(executor, std::slice::from_ref(admission)).await?[..] {
+        [Written::Admitted] => Ok(()),
+        [Written::StaleGate] => Err(StoreError::StaleGate),
+        [Written::InFlight] => Err(StoreError::Conflict),
+        _ => Err(corrupt("admit_refreshes answered another number of rows")),
     }
 }
 
@@ -455,8 +569,13 @@ impl Store {
     // --- refreshes ------------------------------------------------------------------
 
     /// Writes an admission on the pool ([`write_admission`]).
-    pub async fn admit(&self, admission: &Admission<'_>) -> Result<(), StoreError> {
+    pub async fn admit(&self, admission: &Admission) -> Result<(), StoreError> {
         write_admission(&self.pool, admission).await
+    }
+
+    /// Writes a batch of admissions on the pool, one commit ([`write_admissions`]).
+    pub async fn admit_many(&self, admissions: &[Admission]) -> Result<Vec<Written>, StoreError> {
+        write_admissions(&self.pool, admissions).await
     }
 
     /// Marks a gate rebuild as begun, once every admission writing its record has
