@@ -265,94 +265,39 @@ pub async fn write_admissions(
     executor: impl sqlx::PgExecutor<'_>,
     admissions: &[Admission],
 ) -> Result<Vec<Written>, StoreError> {
-    let column =
-        |f: &dyn Fn(&Admission) -> uuid::Uuid| admissions.iter().map(f).collect::<Vec<_>>();
-    let refresh_ids = column(&|a| *a.record.refresh_id.as_uuid());
-    let consent_ids = column(&|a| *a.record.consent_id.as_uuid());
-    let event_ids = column(&|a| *a.event.event_id.as_uuid());
-    let keys: Vec<Option<&KeyAnswer>> = admissions.iter().map(|a| a.key.as_ref()).collect();
+    // One array per column: `admit_refreshes` unnests them into rows.
+    fn column<'a, T>(items: &'a [Admission], f: impl Fn(&'a Admission) -> T) -> Vec<T> {
+        items.iter().map(f).collect()
+    }
+    let refresh_ids = column(admissions, |a| *a.record.refresh_id.as_uuid());
     let rows: Vec<(uuid::Uuid, String)> = sqlx::query_as(
         "SELECT admitted, outcome FROM admit_refreshes($1, $2, $3, $4, $5, $6, $7, $8, $9, \
          $10, $11, $12, $13, $14, $15, $16, $17, $18)",
     )
     .bind(&refresh_ids)
-    .bind(&consent_ids)
-    .bind(
-        admissions
-            .iter()
-            .map(|a| a.record.tenant_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        admissions
-            .iter()
-            .map(|a| a.record.requested_by.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(admissions.iter().map(|a| a.initial).collect::<Vec<_>>())
-    .bind(
-        admissions
-            .iter()
-            .map(|a| a.record.date_requested)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        admissions
-            .iter()
-            .map(|a| a.record.not_before)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        admissions
-            .iter()
-            .map(|a| a.traceparent.map(|t| t.to_string()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(admissions.iter().map(|a| a.epoch).collect::<Vec<_>>())
-    .bind(&event_ids)
-    .bind(
-        admissions
-            .iter()
-            .map(|a| a.event.routing_key.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        admissions
-            .iter()
-            .map(|a| &a.event.payload)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        admissions
-            .iter()
-            .map(|a| a.job.as_slice())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        keys.iter()
-            .map(|k| k.map(|k| k.tenant.as_str()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        keys.iter()
-            .map(|k| k.map(|k| k.key.as_str()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        keys.iter()
-            .map(|k| k.map(|k| k.fence.0))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        keys.iter()
-            .map(|k| k.map(|k| i32::from(k.http_status)))
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        keys.iter()
-            .map(|k| k.map(|k| &k.response))
-            .collect::<Vec<_>>(),
-    )
+    .bind(column(admissions, |a| *a.record.consent_id.as_uuid()))
+    .bind(column(admissions, |a| a.record.tenant_id.as_str()))
+    .bind(column(admissions, |a| a.record.requested_by.as_str()))
+    .bind(column(admissions, |a| a.initial))
+    .bind(column(admissions, |a| a.record.date_requested))
+    .bind(column(admissions, |a| a.record.not_before))
+    .bind(column(admissions, |a| a.traceparent.map(|t| t.to_string())))
+    .bind(column(admissions, |a| a.epoch))
+    .bind(column(admissions, |a| *a.event.event_id.as_uuid()))
+    .bind(column(admissions, |a| a.event.routing_key.as_str()))
+    .bind(column(admissions, |a| &a.event.payload))
+    .bind(column(admissions, |a| a.job.as_slice()))
+    .bind(column(admissions, |a| {
+        a.key.as_ref().map(|k| k.tenant.as_str())
+    }))
+    .bind(column(admissions, |a| {
+        a.key.as_ref().map(|k| k.key.as_str())
+    }))
+    .bind(column(admissions, |a| a.key.as_ref().map(|k| k.fence.0)))
+    .bind(column(admissions, |a| {
+        a.key.as_ref().map(|k| i32::from(k.http_status))
+    }))
+    .bind(column(admissions, |a| a.key.as_ref().map(|k| &k.response)))
     .fetch_all(executor)
     .await?;
     refresh_ids
@@ -414,6 +359,31 @@ impl ClaimedEvents {
         }
         self.tx.commit().await.map_err(StoreError::from)
     }
+}
+
+/// Hands every claimed outbox row to `publish` at once (the calls are started in
+/// order, so a publisher on one channel keeps their order on the wire, and their
+/// confirms are awaited together); the ids of the rows published, the others told to
+/// `failed`.
+async fn publish_claimed<T, F, Fut, E>(
+    rows: &[T],
+    publish: F,
+    id: impl Fn(&T) -> i64,
+    failed: impl Fn(&T, &E),
+) -> Vec<i64>
+where
+    F: FnMut(&T) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+{
+    let results = futures_util::future::join_all(rows.iter().map(publish)).await;
+    let mut published = Vec::with_capacity(rows.len());
+    for (row, result) in rows.iter().zip(results) {
+        match result {
+            Ok(()) => published.push(id(row)),
+            Err(error) => failed(row, &error),
+        }
+    }
+    published
 }
 
 pub(crate) async fn insert_outbox(
@@ -712,17 +682,15 @@ impl Store {
         E: std::fmt::Display,
     {
         let claimed = self.claim_events(limit).await?;
-        let sent = claimed.events.iter().map(|pending| publish(&pending.event));
-        let results = futures_util::future::join_all(sent).await;
-        let mut published = Vec::with_capacity(claimed.events.len());
-        for (pending, result) in claimed.events.iter().zip(results) {
-            match result {
-                Ok(()) => published.push(pending.id),
-                Err(error) => {
-                    tracing::warn!(error = %error, event_id = %pending.event.event_id, "cannot publish an event yet");
-                }
-            }
-        }
+        let published = publish_claimed(
+            &claimed.events,
+            |pending| publish(&pending.event),
+            |pending| pending.id,
+            |pending, error| {
+                tracing::warn!(error = %error, event_id = %pending.event.event_id, "cannot publish an event yet");
+            },
+        )
+        .await;
         claimed.finish(&published, Utc::now()).await?;
         Ok(published.len())
     }
@@ -766,16 +734,15 @@ impl Store {
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let results = futures_util::future::join_all(jobs.iter().map(&mut publish)).await;
-        let mut published = Vec::with_capacity(jobs.len());
-        for (job, result) in jobs.iter().zip(results) {
-            match result {
-                Ok(()) => published.push(job.id),
-                Err(error) => {
-                    tracing::warn!(error = %error, refresh_id = %job.refresh_id, "cannot publish a job yet");
-                }
-            }
-        }
+        let published = publish_claimed(
+            &jobs,
+            &mut publish,
+            |job| job.id,
+            |job, error| {
+                tracing::warn!(error = %error, refresh_id = %job.refresh_id, "cannot publish a job yet");
+            },
+        )
+        .await;
         if !published.is_empty() {
             sqlx::query("DELETE FROM job_outbox WHERE id = ANY($1)")
                 .bind(&published)
