@@ -49,9 +49,9 @@ pub enum Decision {
 pub enum Unavailable {
     #[error("database unavailable")]
     Database(#[source] StoreError),
-    /// The statement writing a batch of admissions failed.
+    /// The statement writing the admission's batch failed (shared by its batch).
     #[error("database unavailable")]
-    Write(#[source] WriteError),
+    Write(#[source] Arc<StoreError>),
     #[error("redis unavailable")]
     Redis(#[source] GateError),
     #[error("rabbitmq unreachable")]
@@ -396,7 +396,7 @@ impl Admitter {
                     None => Enqueue::Unavailable(Unavailable::Database(StoreError::Conflict)),
                 })
             }
-            Err(error) => Err(Enqueue::Unavailable(Unavailable::Write(error))),
+            Err(WriteError::Failed(error)) => Err(Enqueue::Unavailable(Unavailable::Write(error))),
         }
     }
 
