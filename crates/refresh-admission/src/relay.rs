@@ -42,6 +42,7 @@ pub async fn run(
     nudge: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
+    let mut counted: Option<Instant> = None;
     loop {
         let jobs = relay_jobs(&store, &broker, &metrics).await;
         let events = relay_once(&store, &broker).await;
@@ -56,10 +57,14 @@ pub async fn run(
             continue;
         }
         // Idle now: what is left waits for the broker (or another relay's round).
-        match store.pending_jobs().await {
-            Ok(pending) => metrics.outbox_jobs(pending),
-            Err(error) => {
-                tracing::debug!(error = %error_chain(&error), "cannot count the outbox's jobs")
+        // Counted once a tick at most, not after every nudged round.
+        if counted.is_none_or(|at| at.elapsed() >= TICK) {
+            counted = Some(Instant::now());
+            match store.pending_jobs().await {
+                Ok(pending) => metrics.outbox_jobs(pending),
+                Err(error) => {
+                    tracing::debug!(error = %error_chain(&error), "cannot count the outbox's jobs")
+                }
             }
         }
         tokio::select! {
