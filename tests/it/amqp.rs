@@ -793,3 +793,34 @@ async fn a_namespace_whose_wait_queues_are_classic_still_starts_and_delays_jobs(
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_consumer_whose_first_calls_are_dropped_mid_subscribe_still_gets_every_message() {
+    // A caller that stops waiting for `next` (a timeout, a `select!`) while it is
+    // subscribing must not leave a half-made consumer on the queue: it would take
+    // its share of the messages and never settle them.
+    let app = spawn_app().await;
+    let running = Running::of(&app).await;
+    let broker = &running.broker;
+    for micros in (0..3000).step_by(150) {
+        let queue = broker.declare_reply_queue().await.unwrap();
+        let mut consumer = broker.consume(&queue, 10);
+        for _ in 0..5 {
+            let cut = Duration::from_micros(micros);
+            assert!(next_within(&mut consumer, cut).await.is_none());
+        }
+        for n in 0..20 {
+            broker
+                .reply(&queue, Some(&n.to_string()), b"{}")
+                .await
+                .unwrap();
+        }
+        for n in 0..20 {
+            let delivery = next_within(&mut consumer, Duration::from_secs(5))
+                .await
+                .unwrap_or_else(|| panic!("calls dropped after {micros} µs: got {n} of 20"));
+            delivery.settle(Outcome::Ack).await.unwrap();
+        }
+    }
+    running.stop().await;
+}

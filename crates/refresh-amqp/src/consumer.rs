@@ -11,6 +11,8 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Acker, BasicProperties, Channel};
 use refresh_core::Outcome;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio::time::timeout;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, info, warn};
@@ -56,7 +58,25 @@ pub struct Consumer {
     prefetch: u16,
     link: watch::Receiver<Option<Link>>,
     subscription: Option<Subscription>,
+    /// A subscription being opened, in a task of its own so that a caller that stops
+    /// waiting for [`Consumer::next`] (a `select!`, a timeout) never leaves a
+    /// half-made one behind: an orphan consumer on an open channel would take its
+    /// share of the queue's messages and never settle them.
+    opening: Option<JoinHandle<Opened>>,
+    /// No new subscription before this, after a failed one.
+    resume_at: Option<Instant>,
     retry_delay: Duration,
+}
+
+/// How opening a subscription ended.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "one value per subscription, moved once out of its task"
+)]
+enum Opened {
+    Subscribed(Subscription),
+    Failed(String),
+    Shutdown,
 }
 
 impl fmt::Debug for Consumer {
@@ -90,6 +110,8 @@ impl Broker {
             prefetch,
             link: self.inner.link.subscribe(),
             subscription: None,
+            opening: None,
+            resume_at: None,
             retry_delay: BACKOFF_MIN,
         }
     }
@@ -100,6 +122,10 @@ impl Consumer {
     /// through broker outages. On shutdown the subscription is cancelled; messages
     /// the broker had sent ahead (prefetch) but that were not handed out return to
     /// the queue when the channel closes.
+    ///
+    /// Cancel-safe: a call dropped before it returns (inside `select!` or a timeout)
+    /// loses no delivery, and a subscription it was opening is finished and kept
+    /// for the next call.
     pub async fn next(&mut self) -> Option<Delivery> {
         let shutdown = self.broker.inner.shutdown.clone();
         loop {
@@ -138,46 +164,65 @@ impl Consumer {
                 Step::Item(None) => {
                     info!(queue = %self.queue, "consumer cancelled by the broker; re-subscribing");
                     self.subscription = None;
-                    self.pause().await;
+                    self.back_off();
                 }
             }
         }
     }
 
-    /// Subscribes on the current connection, or waits a little after a failure.
+    /// Subscribes on the current connection (waiting for one), or schedules the
+    /// next try after a failure. Cancel-safe: the subscription is opened by a task
+    /// that a dropped call leaves running, and the next call takes up its result.
     async fn subscribe(&mut self) {
-        let Ok(link) = self.broker.wait_for_link().await else {
-            return; // shutdown
+        let shutdown = self.broker.inner.shutdown.clone();
+        if let Some(at) = self.resume_at {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(at) => {}
+            }
+            self.resume_at = None;
+        }
+        let opening = self.opening.get_or_insert_with(|| {
+            tokio::spawn(open(self.broker.clone(), self.queue.clone(), self.prefetch))
+        });
+        let opened = tokio::select! {
+            () = shutdown.cancelled() => return,
+            opened = opening => opened,
         };
-        match timeout(
-            SUBSCRIBE_TIMEOUT,
-            open_subscription(&link, &self.queue, self.prefetch),
-        )
-        .await
-        {
-            Ok(Ok(subscription)) => {
+        self.opening = None;
+        match opened {
+            Ok(Opened::Subscribed(subscription)) => {
                 debug!(queue = %self.queue, "subscribed");
                 self.subscription = Some(subscription);
                 self.retry_delay = BACKOFF_MIN;
             }
-            Ok(Err(error)) => {
-                warn!(queue = %self.queue, error = error_chain(&error), "cannot subscribe; retrying");
-                self.pause().await;
+            Ok(Opened::Failed(reason)) => {
+                warn!(queue = %self.queue, error = reason, "cannot subscribe; retrying");
+                self.back_off();
             }
-            Err(_) => {
-                warn!(queue = %self.queue, "subscribing timed out; retrying");
-                self.pause().await;
+            Ok(Opened::Shutdown) => {}
+            Err(error) => {
+                warn!(queue = %self.queue, error = %error, "subscribing stopped; retrying");
+                self.back_off();
             }
         }
     }
 
-    /// Waits the current retry delay (or until shutdown), then doubles it.
-    async fn pause(&mut self) {
-        tokio::select! {
-            () = self.broker.inner.shutdown.cancelled() => {}
-            () = tokio::time::sleep(self.retry_delay) => {}
-        }
+    /// The next subscription waits the current retry delay, which then doubles.
+    fn back_off(&mut self) {
+        self.resume_at = Some(Instant::now() + self.retry_delay);
         self.retry_delay = (self.retry_delay * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Opens a subscription to `queue` once the broker is connected.
+async fn open(broker: Broker, queue: String, prefetch: u16) -> Opened {
+    let Ok(link) = broker.wait_for_link().await else {
+        return Opened::Shutdown;
+    };
+    match open_subscription(&link, &queue, prefetch).await {
+        Ok(subscription) => Opened::Subscribed(subscription),
+        Err(error) => Opened::Failed(error_chain(&error)),
     }
 }
 
@@ -205,29 +250,44 @@ async fn open_subscription(
     prefetch: u16,
 ) -> Result<Subscription, AmqpError> {
     let queue = short("queue", queue)?;
-    let channel = link
-        .connection
-        .create_channel()
+    let channel = timeout(SUBSCRIBE_TIMEOUT, link.connection.create_channel())
         .await
+        .map_err(|_| AmqpError::NotConnected)?
         .map_err(AmqpError::from_lapin)?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .map_err(AmqpError::from_lapin)?;
-    let consumer = channel
-        .basic_consume(
-            queue,
-            ShortString::default(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(AmqpError::from_lapin)?;
-    Ok(Subscription {
-        connection_id: link.connection_id,
-        channel,
-        consumer,
+    let subscribed = timeout(SUBSCRIBE_TIMEOUT, async {
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        channel
+            .basic_consume(
+                queue,
+                ShortString::default(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
     })
+    .await;
+    match subscribed {
+        Ok(Ok(consumer)) => Ok(Subscription {
+            connection_id: link.connection_id,
+            channel,
+            consumer,
+        }),
+        failed => {
+            // A consume the broker may still confirm must not outlive this try: the
+            // channel's close ends it.
+            let _ = timeout(
+                SUBSCRIBE_TIMEOUT,
+                channel.close(200, "subscribing failed".into()),
+            )
+            .await;
+            Err(match failed {
+                Ok(Err(error)) => AmqpError::from_lapin(error),
+                _ => AmqpError::NotConnected,
+            })
+        }
+    }
 }
 
 /// One consumed message. Settle it with [`Delivery::settle`] once its effect is
