@@ -894,16 +894,29 @@ async fn redis_or_rabbitmq_down_is_503_and_nothing_is_consumed() {
     );
     redis_proxy.up();
 
+    // The job is durable in the outbox once committed, so what rule 6 promises is a
+    // 503 once the ingress knows the broker is gone: a request in the moment between
+    // the cut and the connection noticing it is admitted, and relayed on its return.
     amqp_proxy.down();
+    let noticed = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let ready = proxied.call(Method::GET, "/readyz", None, None, &[]).await;
+        if ready.status == 503 {
+            assert_eq!(ready.body["checks"]["rabbitmq"], false, "{ready:?}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < noticed,
+            "the ingress never noticed the broker was gone"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_problem(
         &proxied.post(&refresh_path(consent), &token, None).await,
         503,
         "unavailable",
         unavailable,
     );
-    let ready = proxied.call(Method::GET, "/readyz", None, None, &[]).await;
-    assert_eq!(ready.status, 503);
-    assert_eq!(ready.body["checks"]["rabbitmq"], false);
 
     // Nothing half-done: no record, no lock, no quota used; the direct ingress admits.
     let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM refreshes")
