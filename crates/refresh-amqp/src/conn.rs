@@ -21,6 +21,15 @@ pub struct AmqpSettings {
     /// (a source claiming `ADMIN` or `AUTOSYNC` would skip the quota).
     #[serde(default = "default_requested_by")]
     pub requested_by: Vec<refresh_core::RequestedBy>,
+    /// Upstream requests an ingress decides at once (the prefetch of its `requests`
+    /// consumer): each waits mostly on round trips, so more at once means more
+    /// decided per second, up to the machine's CPU.
+    #[serde(default = "default_requests_prefetch")]
+    pub requests_prefetch: u16,
+}
+
+fn default_requests_prefetch() -> u16 {
+    128
 }
 
 fn default_requested_by() -> Vec<refresh_core::RequestedBy> {

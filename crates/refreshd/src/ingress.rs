@@ -82,7 +82,7 @@ pub async fn start(
         admitter,
         services.store.clone(),
         services.broker.clone(),
-        settings.worker.prefetch,
+        settings.amqp.requests_prefetch,
         settings.amqp.requested_by.clone(),
         shutdown.child_token(),
     ));

@@ -279,7 +279,7 @@ impl Settings {
                 "must be more than 0 and at most 1",
             ));
         }
-        let positive: [(&'static str, u64); 13] = [
+        let positive: [(&'static str, u64); 14] = [
             ("lock.lease_secs", self.lock.lease_secs),
             ("shutdown.grace_secs", self.shutdown.grace_secs),
             ("worker.concurrency", self.worker.concurrency.into()),
@@ -290,6 +290,7 @@ impl Settings {
             ("http.sync_wait_secs", self.http.sync_wait_secs),
             ("redis.command_timeout_ms", self.redis.command_timeout_ms),
             ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
+            ("amqp.requests_prefetch", self.amqp.requests_prefetch.into()),
             ("scheduler.tick_secs", self.scheduler.tick_secs),
             ("scheduler.batch_size", self.scheduler.batch_size.into()),
             (
@@ -476,6 +477,7 @@ mod tests {
             ),
             (16, 5, 32)
         );
+        assert_eq!(s.amqp.requests_prefetch, 128);
         assert_eq!((s.worker.overlap_days, s.worker.history_days), (7, 90));
         assert_eq!(s.history.retention_days, 7);
         assert_eq!(s.quota.rules.len(), 1);
