@@ -261,3 +261,102 @@ async fn an_admission_answers_its_idempotency_key_in_its_own_commit_only_while_r
             .unwrap();
     assert_eq!(status, 0, "still the new holder's reservation");
 }
+
+#[tokio::test]
+async fn a_batch_of_reservations_answers_each_key_as_one_reservation_would() {
+    let app = spawn_app().await;
+    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
+        .await
+        .unwrap();
+    let store = &services.store;
+    let (acme, beta) = (
+        TenantId::parse("acme").unwrap(),
+        TenantId::parse("beta").unwrap(),
+    );
+    let now = Utc::now();
+    let window =
+        |at: chrono::DateTime<Utc>| (at - TimeDelta::hours(24), at - TimeDelta::seconds(90));
+    let (since, pending_since) = window(now);
+    // Answered earlier; reserved earlier and still within its lease; reserved long
+    // ago (its holder died): taken over.
+    let earlier = now - TimeDelta::seconds(10);
+    let (s, p) = window(earlier);
+    assert!(matches!(
+        store
+            .reserve_key(&acme, "held", earlier, s, p)
+            .await
+            .unwrap(),
+        KeyReservation::Reserved(_)
+    ));
+    let KeyReservation::Reserved(fence) = store
+        .reserve_key(&acme, "answered", earlier, s, p)
+        .await
+        .unwrap()
+    else {
+        panic!("a new key is reserved");
+    };
+    store
+        .complete_key(
+            &acme,
+            "answered",
+            fence,
+            202,
+            &serde_json::json!({"accepted": true}),
+        )
+        .await
+        .unwrap();
+    let long_ago = now - TimeDelta::seconds(600);
+    let (s, p) = window(long_ago);
+    store
+        .reserve_key(&acme, "abandoned", long_ago, s, p)
+        .await
+        .unwrap();
+
+    let keys: Vec<(TenantId, String)> = [
+        (&acme, "new"),
+        (&beta, "new"),
+        (&acme, "new"),
+        (&acme, "answered"),
+        (&acme, "held"),
+        (&acme, "abandoned"),
+    ]
+    .iter()
+    .map(|(t, k)| ((*t).clone(), (*k).to_owned()))
+    .collect();
+    let answers = store
+        .reserve_keys(&keys, now, since, pending_since)
+        .await
+        .unwrap();
+    let shown: Vec<String> = answers
+        .iter()
+        .map(|answer| match answer {
+            KeyReservation::Reserved(_) => "reserved".to_owned(),
+            KeyReservation::Pending => "pending".to_owned(),
+            KeyReservation::Done {
+                http_status,
+                response,
+            } => format!("{http_status} {response}"),
+        })
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            "reserved",
+            "reserved",
+            "pending",
+            r#"202 {"accepted":true}"#,
+            "pending",
+            "reserved"
+        ]
+    );
+    // A reservation of the batch is fenced like a lone one: its release frees it.
+    let KeyReservation::Reserved(fence) = answers[0] else {
+        unreachable!()
+    };
+    store.release_key(&acme, "new", fence).await.unwrap();
+    let again = store
+        .reserve_keys(&keys[..1], now, since, pending_since)
+        .await
+        .unwrap();
+    assert!(matches!(again[0], KeyReservation::Reserved(_)), "{again:?}");
+}

@@ -1,13 +1,12 @@
-//! Group commit of admissions: the admissions that reach the database while earlier
-//! ones are being written share the next statement and its commit
-//! (`refresh_pg::write_admissions`). A lone admission is written at once, so nothing
-//! waits for a batch to fill; under load each commit carries many, and the database
-//! does one round trip and one WAL flush for all of them.
+//! Group commit of admissions ([`crate::group`]): the admissions that reach the
+//! database while earlier ones are being written share the next statement and its
+//! commit (`refresh_pg::write_admissions`).
 
 use std::sync::Arc;
 
 use refresh_pg::{Admission, Store, StoreError, Written};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::group::{Group, GroupError};
 
 /// Admissions per statement at most.
 const MAX_BATCH: usize = 128;
@@ -28,79 +27,33 @@ pub enum WriteError {
     Failed(#[source] Arc<StoreError>),
 }
 
-struct Pending {
-    admission: Admission,
-    done: oneshot::Sender<Result<(), WriteError>>,
-}
-
-/// Hands admissions to the batching task. Cheap to clone; the task ends when the last
-/// clone is dropped.
+/// Hands admissions to the batching task ([`Group`]). Cheap to clone; the task ends
+/// when the last clone is dropped.
 #[derive(Clone)]
 pub struct AdmissionWriter {
-    queue: mpsc::UnboundedSender<Pending>,
+    group: Group<Admission, Written, StoreError>,
 }
 
 impl AdmissionWriter {
     /// Starts the batching task on the current runtime.
     pub fn start(store: Store) -> Self {
-        let (queue, pending) = mpsc::unbounded_channel();
-        tokio::spawn(run(store, pending));
-        Self { queue }
+        let group = Group::start(MAX_BATCH, IN_FLIGHT, move |admissions: Vec<Admission>| {
+            let store = store.clone();
+            async move { store.admit_many(&admissions).await }
+        });
+        Self { group }
     }
 
     /// Writes `admission`, in one statement with whatever else is waiting.
     pub async fn write(&self, admission: Admission) -> Result<(), WriteError> {
-        let (done, answer) = oneshot::channel();
-        let closed = || {
-            WriteError::Failed(Arc::new(StoreError::Corrupt(
+        match self.group.submit(admission).await {
+            Ok(Written::Admitted) => Ok(()),
+            Ok(Written::StaleGate) => Err(WriteError::StaleGate),
+            Ok(Written::InFlight) => Err(WriteError::InFlight),
+            Err(GroupError::Failed(error)) => Err(WriteError::Failed(error)),
+            Err(GroupError::Stopped) => Err(WriteError::Failed(Arc::new(StoreError::Corrupt(
                 "the admission writer stopped".to_owned(),
-            )))
-        };
-        self.queue
-            .send(Pending { admission, done })
-            .map_err(|_| closed())?;
-        answer.await.unwrap_or_else(|_| Err(closed()))
-    }
-}
-
-async fn run(store: Store, mut pending: mpsc::UnboundedReceiver<Pending>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = pending.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match pending.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
+            )))),
         }
-        let store = store.clone();
-        tokio::spawn(async move {
-            let (admissions, waiters): (Vec<Admission>, Vec<_>) =
-                batch.into_iter().map(|p| (p.admission, p.done)).unzip();
-            match store.admit_many(&admissions).await {
-                Ok(outcomes) => {
-                    for (done, written) in waiters.into_iter().zip(outcomes) {
-                        let _ = done.send(match written {
-                            Written::Admitted => Ok(()),
-                            Written::StaleGate => Err(WriteError::StaleGate),
-                            Written::InFlight => Err(WriteError::InFlight),
-                        });
-                    }
-                }
-                Err(error) => {
-                    let error = Arc::new(error);
-                    for done in waiters {
-                        let _ = done.send(Err(WriteError::Failed(error.clone())));
-                    }
-                }
-            }
-            drop(slot);
-        });
     }
 }

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use chrono::Utc;
 use refresh_amqp::{Broker, Delivery};
 use refresh_core::{ConsentId, Outcome, Problem, RefreshRecord, RequestedBy, TenantId};
 use refresh_pg::{KeyReservation, Store};
@@ -18,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::error_chain;
-use crate::idempotency::{KEY_LEASE, KEY_TTL, release_key, remembered};
+use crate::idempotency::{KeyReserver, release_key, remembered};
 use refresh_admission::{Admitter, Decision, RefreshRequest, Remember};
 
 /// The request message (wire type).
@@ -135,6 +134,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let sources: Arc<[RequestedBy]> = sources.into();
+    let reserver = KeyReserver::start(store.clone());
     let outage = Arc::new(Outage::default());
     let tracker = TaskTracker::new();
     // Ends with the consumer (on shutdown, or if the consumer stops by itself).
@@ -154,10 +154,12 @@ pub async fn run(
         let Some(delivery) = delivery else { break };
         let (admitter, store, broker) = (admitter.clone(), store.clone(), broker.clone());
         let (sources, outage, shutdown) = (sources.clone(), outage.clone(), shutdown.clone());
+        let reserver = reserver.clone();
         tracker.spawn(async move {
             let context = Context {
                 admitter: &admitter,
                 store: &store,
+                reserver: &reserver,
                 sources: &sources,
             };
             answer(context, &broker, &outage, &shutdown, delivery).await;
@@ -173,6 +175,7 @@ pub async fn run(
 struct Context<'a> {
     admitter: &'a Admitter,
     store: &'a Store,
+    reserver: &'a KeyReserver,
     sources: &'a [RequestedBy],
 }
 
@@ -216,6 +219,7 @@ async fn handle(context: Context<'_>, delivery: &Delivery) -> (Outcome, Option<V
     let Context {
         admitter,
         store,
+        reserver,
         sources,
     } = context;
     let message: RequestMessage = match serde_json::from_slice(&delivery.body) {
@@ -257,11 +261,7 @@ async fn handle(context: Context<'_>, delivery: &Delivery) -> (Outcome, Option<V
         .map(|k| format!("amqp {} {k}", message.consent_id));
     let mut fence = None;
     if let Some(key) = &key {
-        let now = Utc::now();
-        match store
-            .reserve_key(&message.tenant_id, key, now, now - KEY_TTL, now - KEY_LEASE)
-            .await
-        {
+        match reserver.reserve(&message.tenant_id, key).await {
             Ok(KeyReservation::Reserved(reserved)) => fence = Some((key, reserved)),
             Ok(KeyReservation::Done { response, .. }) => return (Outcome::Ack, Some(response)),
             Ok(KeyReservation::Pending) | Err(_) => {

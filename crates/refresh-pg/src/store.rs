@@ -775,49 +775,84 @@ impl Store {
         since: DateTime<Utc>,
         pending_since: DateTime<Utc>,
     ) -> Result<KeyReservation, StoreError> {
-        // PostgreSQL keeps microseconds: the fence must compare equal once stored.
+        let keys = [(tenant.clone(), key.to_owned())];
+        let mut answers = self.reserve_keys(&keys, now, since, pending_since).await?;
+        answers
+            .pop()
+            .ok_or_else(|| StoreError::Corrupt("no reservation answer".to_owned()))
+    }
+
+    /// [`Store::reserve_key`] for many keys in one statement and commit (the group
+    /// commit of a channel's reservations): one answer per key, in order. A key
+    /// named twice is reserved for its first place only; the others are answered
+    /// `Pending`, as a second request arriving while the first is answered would be.
+    pub async fn reserve_keys(
+        &self,
+        keys: &[(TenantId, String)],
+        now: DateTime<Utc>,
+        since: DateTime<Utc>,
+        pending_since: DateTime<Utc>,
+    ) -> Result<Vec<KeyReservation>, StoreError> {
         let now = now.trunc_subsecs(6);
-        let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (tenant_id, key, created_at, http_status, response) \
-             VALUES ($1, $2, $3, $4, 'null') \
-             ON CONFLICT (tenant_id, key) DO UPDATE \
-               SET created_at = EXCLUDED.created_at, http_status = EXCLUDED.http_status, \
-                   response = EXCLUDED.response \
-               WHERE idempotency_keys.created_at < $5 \
-                  OR (idempotency_keys.http_status = $4 AND idempotency_keys.created_at < $6)",
+        let mut first = std::collections::HashSet::new();
+        let unique: Vec<&(TenantId, String)> = keys.iter().filter(|k| first.insert(*k)).collect();
+        let tenants: Vec<&str> = unique.iter().map(|(t, _)| t.as_str()).collect();
+        let names: Vec<&str> = unique.iter().map(|(_, k)| k.as_str()).collect();
+        // The outer query reads the snapshot from before the insert: for a key it did
+        // not reserve it sees the answer or reservation that stood in the way (or,
+        // for one committed meanwhile by another request, nothing: `Pending`).
+        let rows = sqlx::query(
+            "WITH wanted AS (SELECT * FROM unnest($1::text[], $2::text[]) AS w(tenant_id, key)), \
+             reserved AS ( \
+               INSERT INTO idempotency_keys (tenant_id, key, created_at, http_status, response) \
+               SELECT tenant_id, key, $3, $4, 'null' FROM wanted \
+               ON CONFLICT (tenant_id, key) DO UPDATE \
+                 SET created_at = EXCLUDED.created_at, http_status = EXCLUDED.http_status, \
+                     response = EXCLUDED.response \
+                 WHERE idempotency_keys.created_at < $5 \
+                    OR (idempotency_keys.http_status = $4 AND idempotency_keys.created_at < $6) \
+               RETURNING tenant_id, key) \
+             SELECT w.tenant_id, w.key, r.key IS NOT NULL AS reserved, k.http_status, k.response \
+             FROM wanted w \
+             LEFT JOIN reserved r ON r.tenant_id = w.tenant_id AND r.key = w.key \
+             LEFT JOIN idempotency_keys k ON k.tenant_id = w.tenant_id AND k.key = w.key",
         )
-        .bind(tenant.as_str())
-        .bind(key)
+        .bind(&tenants)
+        .bind(&names)
         .bind(now)
         .bind(PENDING_STATUS)
         .bind(since)
         .bind(pending_since)
-        .execute(&self.pool)
+        .fetch_all(&self.pool)
         .await?;
-        if inserted.rows_affected() == 1 {
-            return Ok(KeyReservation::Reserved(KeyFence(now)));
-        }
-        let row = sqlx::query(
-            "SELECT http_status, response FROM idempotency_keys WHERE tenant_id = $1 AND key = $2",
-        )
-        .bind(tenant.as_str())
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(match row {
-            None => KeyReservation::Pending,
-            Some(row) => {
-                let status: i32 = row.try_get("http_status")?;
-                if status == PENDING_STATUS {
-                    KeyReservation::Pending
-                } else {
-                    KeyReservation::Done {
+        let mut answers = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let key: (String, String) = (row.try_get("tenant_id")?, row.try_get("key")?);
+            let answer = if row.try_get("reserved")? {
+                KeyReservation::Reserved(KeyFence(now))
+            } else {
+                match row.try_get::<Option<i32>, _>("http_status")? {
+                    Some(status) if status != PENDING_STATUS => KeyReservation::Done {
                         http_status: u16::try_from(status).map_err(corrupt)?,
                         response: row.try_get("response")?,
-                    }
+                    },
+                    _ => KeyReservation::Pending,
                 }
-            }
-        })
+            };
+            answers.insert(key, answer);
+        }
+        let mut answered = std::collections::HashSet::new();
+        keys.iter()
+            .map(|(tenant, key)| {
+                let place = (tenant.as_str().to_owned(), key.clone());
+                if !answered.insert(place.clone()) {
+                    return Ok(KeyReservation::Pending);
+                }
+                answers.remove(&place).ok_or_else(|| {
+                    StoreError::Corrupt(format!("no reservation answer for {key:?}"))
+                })
+            })
+            .collect()
     }
 
     /// Records the answer given to the request that reserved `key` (if its
