@@ -19,6 +19,7 @@ use refresh_pg::{Admission, ConsentRow, KeyAnswer, KeyFence, OutboxEvent, Store,
 use refresh_redis::{Gate, GateDecision, GateError, GateRequest, QuotaStatus, Ticket};
 use tokio::sync::Notify;
 
+use crate::group::{Group, GroupError};
 use crate::metrics::AdmissionMetrics;
 use crate::rebuild::GateRebuild;
 use crate::writer::{AdmissionWriter, WriteError};
@@ -49,9 +50,10 @@ pub enum Decision {
 pub enum Unavailable {
     #[error("database unavailable")]
     Database(#[source] StoreError),
-    /// The statement writing the admission's batch failed (shared by its batch).
+    /// The statement of the admission's batch (its consent's lookup, or its write)
+    /// failed: the error is shared by every admission of the batch.
     #[error("database unavailable")]
-    Write(#[source] Arc<StoreError>),
+    Batch(#[source] Arc<StoreError>),
     #[error("redis unavailable")]
     Redis(#[source] GateError),
     #[error("rabbitmq unreachable")]
@@ -79,6 +81,25 @@ pub struct Admitter {
     outbox: Arc<Notify>,
     rebuild: GateRebuild,
     writer: AdmissionWriter,
+    /// The consents of concurrent admissions, read in one statement per batch.
+    consents: Group<ConsentId, Option<ConsentRow>, StoreError>,
+}
+
+/// Consents per lookup statement at most, and lookups at once.
+const LOOKUP_BATCH: usize = 128;
+const LOOKUPS_IN_FLIGHT: usize = 4;
+
+/// Reads the consents of concurrent admissions together ([`Store::consents`]): a
+/// lone one at once, under load many per round trip.
+fn consent_reader(store: Store) -> Group<ConsentId, Option<ConsentRow>, StoreError> {
+    Group::start(
+        LOOKUP_BATCH,
+        LOOKUPS_IN_FLIGHT,
+        move |ids: Vec<ConsentId>| {
+            let store = store.clone();
+            async move { store.consents(&ids).await }
+        },
+    )
 }
 
 impl Admitter {
@@ -92,6 +113,7 @@ impl Admitter {
         Self {
             rebuild: GateRebuild::new(store.clone(), gate.clone()),
             writer: AdmissionWriter::start(store.clone()),
+            consents: consent_reader(store.clone()),
             store,
             gate,
             broker,
@@ -132,11 +154,16 @@ impl Admitter {
         request: &RefreshRequest,
         remember: Option<&Remember>,
     ) -> Result<Decision, Unavailable> {
-        let consent = self
-            .store
-            .consent(request.consent_id)
-            .await
-            .map_err(Unavailable::Database)?;
+        let consent =
+            self.consents
+                .submit(request.consent_id)
+                .await
+                .map_err(|error| match error {
+                    GroupError::Failed(error) => Unavailable::Batch(error),
+                    GroupError::Stopped => Unavailable::Database(StoreError::Corrupt(
+                        "the consent reader stopped".to_owned(),
+                    )),
+                })?;
         let now = Utc::now();
         if let Some(problem) = refuse_consent(consent.as_ref(), request.tenant.as_ref(), now) {
             return Ok(self.refused(request, consent.as_ref(), problem).await);
@@ -396,7 +423,7 @@ impl Admitter {
                     None => Enqueue::Unavailable(Unavailable::Database(StoreError::Conflict)),
                 })
             }
-            Err(WriteError::Failed(error)) => Err(Enqueue::Unavailable(Unavailable::Write(error))),
+            Err(WriteError::Failed(error)) => Err(Enqueue::Unavailable(Unavailable::Batch(error))),
         }
     }
 
