@@ -360,25 +360,3 @@ async fn a_batch_of_reservations_answers_each_key_as_one_reservation_would() {
         .unwrap();
     assert!(matches!(again[0], KeyReservation::Reserved(_)), "{again:?}");
 }
-
-#[tokio::test]
-async fn a_batch_of_consent_lookups_answers_each_id_in_its_place() {
-    let app = spawn_app().await;
-    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
-        .await
-        .unwrap();
-    let store = &services.store;
-    let (a, b) = (
-        admission_of_new_consent(store).await.record.consent_id,
-        admission_of_new_consent(store).await.record.consent_id,
-    );
-    let unknown = ConsentId::from_uuid(uuid::Uuid::new_v4());
-    let found = store.consents(&[b, unknown, a, b]).await.unwrap();
-    let ids: Vec<Option<ConsentId>> = found
-        .iter()
-        .map(|row| row.as_ref().map(|c| c.consent_id))
-        .collect();
-    assert_eq!(ids, [Some(b), None, Some(a), Some(b)]);
-    assert_eq!(found[2], store.consent(a).await.unwrap());
-    assert!(store.consents(&[]).await.unwrap().is_empty());
-}

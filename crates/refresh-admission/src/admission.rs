@@ -19,7 +19,6 @@ use refresh_pg::{Admission, ConsentRow, KeyAnswer, KeyFence, OutboxEvent, Store,
 use refresh_redis::{Gate, GateDecision, GateError, GateRequest, QuotaStatus, Ticket};
 use tokio::sync::Notify;
 
-use crate::group::{Group, GroupError};
 use crate::metrics::AdmissionMetrics;
 use crate::rebuild::GateRebuild;
 use crate::writer::{AdmissionWriter, WriteError};
@@ -50,10 +49,9 @@ pub enum Decision {
 pub enum Unavailable {
     #[error("database unavailable")]
     Database(#[source] StoreError),
-    /// The statement of the admission's batch (its consent's lookup, or its write)
-    /// failed: the error is shared by every admission of the batch.
+    /// The statement writing the admission's batch failed (shared by its batch).
     #[error("database unavailable")]
-    Batch(#[source] Arc<StoreError>),
+    Write(#[source] Arc<StoreError>),
     #[error("redis unavailable")]
     Redis(#[source] GateError),
     #[error("rabbitmq unreachable")]
@@ -81,25 +79,6 @@ pub struct Admitter {
     outbox: Arc<Notify>,
     rebuild: GateRebuild,
     writer: AdmissionWriter,
-    /// The consents of concurrent admissions, read in one statement per batch.
-    consents: Group<ConsentId, Option<ConsentRow>, StoreError>,
-}
-
-/// Consents per lookup statement at most, and lookups at once.
-const LOOKUP_BATCH: usize = 128;
-const LOOKUPS_IN_FLIGHT: usize = 4;
-
-/// Reads the consents of concurrent admissions together ([`Store::consents`]): a
-/// lone one at once, under load many per round trip.
-fn consent_reader(store: Store) -> Group<ConsentId, Option<ConsentRow>, StoreError> {
-    Group::start(
-        LOOKUP_BATCH,
-        LOOKUPS_IN_FLIGHT,
-        move |ids: Vec<ConsentId>| {
-            let store = store.clone();
-            async move { store.consents(&ids).await }
-        },
-    )
 }
 
 impl Admitter {
@@ -113,7 +92,6 @@ impl Admitter {
         Self {
             rebuild: GateRebuild::new(store.clone(), gate.clone()),
             writer: AdmissionWriter::start(store.clone()),
-            consents: consent_reader(store.clone()),
             store,
             gate,
             broker,
@@ -154,16 +132,11 @@ impl Admitter {
         request: &RefreshRequest,
         remember: Option<&Remember>,
     ) -> Result<Decision, Unavailable> {
-        let consent =
-            self.consents
-                .submit(request.consent_id)
-                .await
-                .map_err(|error| match error {
-                    GroupError::Failed(error) => Unavailable::Batch(error),
-                    GroupError::Stopped => Unavailable::Database(StoreError::Corrupt(
-                        "the consent reader stopped".to_owned(),
-                    )),
-                })?;
+        let consent = self
+            .store
+            .consent(request.consent_id)
+            .await
+            .map_err(Unavailable::Database)?;
         let now = Utc::now();
         if let Some(problem) = refuse_consent(consent.as_ref(), request.tenant.as_ref(), now) {
             return Ok(self.refused(request, consent.as_ref(), problem).await);
@@ -423,7 +396,7 @@ impl Admitter {
                     None => Enqueue::Unavailable(Unavailable::Database(StoreError::Conflict)),
                 })
             }
-            Err(WriteError::Failed(error)) => Err(Enqueue::Unavailable(Unavailable::Batch(error))),
+            Err(WriteError::Failed(error)) => Err(Enqueue::Unavailable(Unavailable::Write(error))),
         }
     }
 

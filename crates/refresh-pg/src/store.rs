@@ -502,23 +502,6 @@ impl Store {
         row.as_ref().map(consent_row).transpose()
     }
 
-    /// [`Store::consent`] for many consents in one statement: one answer per id, in
-    /// order (an id named twice is answered twice).
-    pub async fn consents(&self, ids: &[ConsentId]) -> Result<Vec<Option<ConsentRow>>, StoreError> {
-        let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {CONSENT_COLUMNS} FROM consents WHERE consent_id = ANY($1)"
-        )))
-        .bind(&uuids)
-        .fetch_all(&self.pool)
-        .await?;
-        let found = rows
-            .iter()
-            .map(|row| consent_row(row).map(|consent| (consent.consent_id, consent)))
-            .collect::<Result<std::collections::HashMap<_, _>, _>>()?;
-        Ok(ids.iter().map(|id| found.get(id).cloned()).collect())
-    }
-
     /// The decrypted bank access token (for the connector only; never log it), `None`
     /// when there is nothing to call the bank with: the consent is gone, or its token
     /// cannot be decrypted with `crypto.key` nor any of `crypto.retired_keys`. In that
