@@ -371,6 +371,36 @@ async fn raw_publish(broker: &refresh_amqp::Broker, budget: Duration) -> Result<
     Ok(confirmed as f64 / started.elapsed().as_secs_f64())
 }
 
+/// The stages of an admission the ingress times, as (histogram, name in the report):
+/// where a level's latency goes.
+const STAGES: [(&str, &str); 2] = [
+    ("refreshd_gate_seconds", "gate"),
+    ("refreshd_admission_write_seconds", "write"),
+];
+
+/// The ingress's `/metrics` text.
+async fn ingress_metrics(ingress: &Ingress) -> Result<String> {
+    Ok(reqwest::get(format!("{}/metrics", ingress.base))
+        .await?
+        .error_for_status()?
+        .text()
+        .await?)
+}
+
+/// The mean of histogram `metric` over the observations between two scrapes, in
+/// seconds (`None` when there were none).
+fn mean_between(before: &str, after: &str, metric: &str) -> Option<f64> {
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .filter(|line| line.split([' ', '{']).next() == Some(series))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let (sum, count) = (format!("{metric}_sum"), format!("{metric}_count"));
+    let observed = value(after, &count) - value(before, &count);
+    (observed > 0.0).then(|| (value(after, &sum) - value(before, &sum)) / observed)
+}
+
 /// Scenario 2: upstream requests published (confirmed) to `requests` with a reply
 /// queue; throughput is replies per second, latency publish → reply.
 async fn upstream(
@@ -845,7 +875,20 @@ pub(crate) async fn run(
         );
         for (share, key, label) in LEVELS {
             let rate = (rps * share).max(1.0);
+            let before = ingress_metrics(&ingress).await?;
             let mut tally = paced(&http, rest, rate, LEVEL_BUDGET).await;
+            let after = ingress_metrics(&ingress).await?;
+            for (metric, part) in STAGES {
+                if let Some(mean) = mean_between(&before, &after, metric) {
+                    report.figure(
+                        "admission",
+                        &format!("{key}_{part}_mean_ms"),
+                        &format!("{label}: mean time in the {part} (ingress metrics)"),
+                        mean * 1000.0,
+                        "ms",
+                    );
+                }
+            }
             rest = &rest[tally.latencies_ms.len().min(rest.len())..];
             report.figure(
                 "admission",
@@ -909,4 +952,22 @@ pub(crate) async fn run(
     drop(ingress);
     crate::stop_app(app).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_histograms_mean_is_taken_between_two_scrapes() {
+        let before = "# TYPE refreshd_gate_seconds histogram\nrefreshd_gate_seconds_sum 1.0\nrefreshd_gate_seconds_count 10\nrefreshd_gate_seconds_bucket{le=\"0.001\"} 4\n";
+        let after = "refreshd_gate_seconds_sum 1.5\nrefreshd_gate_seconds_count 110\nrefreshd_gate_seconds_bucket{le=\"0.001\"} 50\n";
+        let mean = mean_between(before, after, "refreshd_gate_seconds").unwrap();
+        assert!((mean - 0.005).abs() < 1e-12, "{mean}");
+        assert_eq!(mean_between(after, after, "refreshd_gate_seconds"), None);
+        assert_eq!(
+            mean_between(before, after, "refreshd_admission_write_seconds"),
+            None
+        );
+    }
 }
