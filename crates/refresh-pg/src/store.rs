@@ -841,18 +841,16 @@ impl Store {
             };
             answers.insert(key, answer);
         }
-        let mut answered = std::collections::HashSet::new();
-        keys.iter()
+        // Every wanted key has its row; a key named again finds its answer taken by
+        // its first place and waits as a concurrent duplicate would.
+        Ok(keys
+            .iter()
             .map(|(tenant, key)| {
-                let place = (tenant.as_str().to_owned(), key.clone());
-                if !answered.insert(place.clone()) {
-                    return Ok(KeyReservation::Pending);
-                }
-                answers.remove(&place).ok_or_else(|| {
-                    StoreError::Corrupt(format!("no reservation answer for {key:?}"))
-                })
+                answers
+                    .remove(&(tenant.as_str().to_owned(), key.clone()))
+                    .unwrap_or(KeyReservation::Pending)
             })
-            .collect()
+            .collect())
     }
 
     /// Records the answer given to the request that reserved `key` (if its
