@@ -301,7 +301,7 @@ fn job_sized_body(id: &str) -> Vec<u8> {
     serde_json::to_vec(&body).unwrap_or_default()
 }
 
-/// `Gate::admit` (the admit script on the consent's slot, then the stagger script)
+/// `Gate::admit` (on one Redis a single script: lock, quotas and the stagger slot)
 /// called directly, for distinct consents.
 async fn raw_gate(gate: &refresh_redis::Gate, budget: Duration) -> Result<f64> {
     let done = Arc::new(AtomicUsize::new(0));

@@ -20,13 +20,16 @@
 //! replica, holding the rebuild lock, has written the state back from the
 //! admissions still in their windows ([`Gate::rebuild`]) and then the epochs.
 //!
-//! An admission is two scripts, because the consent and the stagger bucket live in
-//! different slots: `admit` (lock, then quota; on success the lock is taken and the
-//! admission counted) and `take_slot`. When `take_slot` refuses `backlog_full`,
-//! `release_admission` undoes `admit`. In the few milliseconds between those two,
-//! a concurrent request for the same consent sees the lock and is refused 409
-//! with the id of a refresh that never comes to exist, and a quota status read
-//! counts it; the lock never outlives the undo (or, if Redis fails in between, its lease).
+//! On one Redis an admission is one script (`admit_with_slot`): lock and quota
+//! checked, the start slot taken, then the lock taken and the admission counted;
+//! a refusal writes nothing. On a cluster the consent and the stagger bucket live
+//! in different slots, so it is two: `admit` (lock, then quota; on success the lock
+//! is taken and the admission counted) and `take_slot`. When `take_slot` refuses
+//! `backlog_full`, `release_admission` undoes `admit`. In the few milliseconds
+//! between those two, a concurrent request for the same consent sees the lock and
+//! is refused 409 with the id of a refresh that never comes to exist, and a quota
+//! status read counts it; the lock never outlives the undo (or, if Redis fails in
+//! between, its lease).
 //!
 //! Every record is keyed by the refresh id, so undoing is idempotent, and after a
 //! timeout (when a script may or may not have run) the gate undoes blindly.
@@ -49,7 +52,7 @@ use refresh_core::{
 };
 
 use crate::ConnectionManager;
-use reply::{AdmitReply, InFlightReply, SlotReply, StartReply, UsageReply};
+use reply::{AdmitReply, AdmitSlotReply, InFlightReply, SlotReply, StartReply, UsageReply};
 
 /// What the gate needs from the settings.
 #[derive(Clone, Debug)]
@@ -204,6 +207,39 @@ fn classify(operation: &'static str, error: redis::RedisError) -> GateError {
     }
 }
 
+/// What the gate's scripts decided, before it becomes a [`Ticket`].
+enum Gated {
+    /// The lock is taken, the admission counted and the start slot taken.
+    Admitted {
+        /// Redis time of the consent's decision and of the slot's (ms).
+        now: i64,
+        epoch: i64,
+        slot_now: i64,
+        slot: i64,
+        previous: Option<String>,
+    },
+    Refused(Problem),
+}
+
+/// The refusal (or failure) an admission script's reply other than an admission means.
+fn refusal(reply: AdmitReply, rules: &[&QuotaRule]) -> Result<Problem, GateError> {
+    match reply {
+        AdmitReply::Locked { holder, .. } => holder
+            .parse()
+            .map(Problem::refresh_in_progress)
+            .map_err(|_| GateError::reply("admit", format!("lock holds {holder:?}"))),
+        AdmitReply::OverQuota { now, refusals } => {
+            reply::quota_problem(rules, &refusals, now).map_err(|e| GateError::reply("admit", e))
+        }
+        AdmitReply::Skew { .. } => Err(GateError::skew("admit")),
+        AdmitReply::Rebuild => Err(GateError::Rebuilding),
+        AdmitReply::Admitted { .. } => Err(GateError::reply(
+            "admit",
+            "an admission without a start slot",
+        )),
+    }
+}
+
 /// How far back a rebuild reads admissions: the longest quota window (a calendar
 /// day of 25 h) and a margin for clock skew between hosts.
 pub const REBUILD_LOOKBACK: TimeDelta = TimeDelta::hours(26);
@@ -308,12 +344,13 @@ impl Gate {
 
     /// SPEC §2 rules 3–5 in order (lock → quota → stagger); rules 1–2 are checked by the caller against the database first.
     ///
-    /// One script on the consent's slot checks the lock (409 `refresh_in_progress`,
-    /// naming the holder) and every quota rule counting `requested_by` (429
-    /// `daily_limit_reached`, reporting the rule with the longest wait), and if
-    /// both pass takes the lock and counts the admission; a second script on the
-    /// stagger bucket's slot hands out the start slot, or refuses 429
-    /// `backlog_full`, in which case the first is undone and nothing is consumed.
+    /// The lock (409 `refresh_in_progress`, naming the holder) and every quota rule
+    /// counting `requested_by` (429 `daily_limit_reached`, reporting the rule with
+    /// the longest wait) are checked, then the start slot is handed out (or 429
+    /// `backlog_full`); only if all pass is the lock taken and the admission counted.
+    /// On one Redis that is one script; on a cluster the consent's script takes the
+    /// lock and counts first, and is undone if the bucket's script refuses, so in
+    /// either case a refusal consumes nothing.
     pub async fn admit(&self, req: &GateRequest) -> Result<GateDecision, GateError> {
         let counted: Vec<usize> = if req.count_quota {
             self.rule_indices(req.requested_by)
@@ -321,111 +358,168 @@ impl Gate {
             Vec::new()
         };
         let rules = self.rules_at(&counted);
-        let mut invocation = lua::ADMIT_SCRIPT.prepare_invoke();
-        invocation
-            .key(reply::lock_key(&self.config.namespace, req.consent_id))
-            .arg(req.refresh_id.to_string())
-            .arg(self.lease_ms);
-        self.add_rules(&mut invocation, req.consent_id, &counted, &rules);
-        invocation.key(self.consent_epoch(req.consent_id));
-        let decided = self
-            .eval("admit", &invocation)
-            .await
-            .and_then(|value| reply::parse_admit(value).map_err(|e| GateError::reply("admit", e)));
-        let (now, epoch) = match decided {
-            Ok(AdmitReply::Admitted { now, epoch }) => (now, epoch),
-            Ok(AdmitReply::Locked { holder, .. }) => {
-                let holder: RefreshId = holder
-                    .parse()
-                    .map_err(|_| GateError::reply("admit", format!("lock holds {holder:?}")))?;
-                return Ok(GateDecision::Refused(Problem::refresh_in_progress(holder)));
-            }
-            Ok(AdmitReply::OverQuota { now, refusals }) => {
-                let problem = reply::quota_problem(&rules, &refusals, now)
-                    .map_err(|e| GateError::reply("admit", e))?;
-                return Ok(GateDecision::Refused(problem));
-            }
-            Ok(AdmitReply::Skew { .. }) => return Err(GateError::skew("admit")),
-            Ok(AdmitReply::Rebuild) => return Err(GateError::Rebuilding),
-            Err(error) => {
-                if error.may_have_run() {
-                    self.forget_quietly(req.consent_id, req.refresh_id, &counted)
-                        .await;
-                }
-                return Err(error);
-            }
-        };
-
         let bucket = self
             .config
             .stagger
             .scope
             .bucket(&req.tenant_id, &req.provider_id);
         let autosync = req.requested_by == RequestedBy::Autosync;
-        match self.take_slot(&bucket, req.refresh_id, autosync).await {
+        let gated = if self.conn.is_cluster() {
+            self.admit_then_take_slot(req, &counted, &rules, &bucket, autosync)
+                .await?
+        } else {
+            self.admit_with_slot(req, &counted, &rules, &bucket, autosync)
+                .await?
+        };
+        let (now, epoch, slot_now, slot, previous) = match gated {
+            Gated::Admitted {
+                now,
+                epoch,
+                slot_now,
+                slot,
+                previous,
+            } => (now, epoch, slot_now, slot, previous),
+            Gated::Refused(problem) => return Ok(GateDecision::Refused(problem)),
+        };
+        let times = reply::instant(now).and_then(|n| Ok((n, reply::instant(slot)?)));
+        let (now, not_before) = match times {
+            Ok(times) => times,
+            Err(detail) => {
+                self.forget_quietly(req.consent_id, req.refresh_id, &counted)
+                    .await;
+                return Err(GateError::reply("take_slot", detail));
+            }
+        };
+        let ticket = Ticket {
+            refresh_id: req.refresh_id,
+            consent_id: req.consent_id,
+            not_before,
+            now,
+            epoch,
+            counted,
+            bucket,
+            autosync,
+            slot,
+            previous_slot: previous,
+        };
+        // A start further off than half a lease: the lock must outlive the
+        // wait, or another refresh of the consent could be admitted meanwhile.
+        if slot - slot_now > self.lease_ms / 2 {
+            let wait = Duration::from_millis(u64::try_from(slot - slot_now).unwrap_or(0));
+            if let Err(error) = self
+                .hold_lock_across(req.consent_id, req.refresh_id, wait)
+                .await
+            {
+                // Nothing was admitted: the slot goes back with the rest.
+                if let Err(undo) = self.undo(&ticket).await {
+                    tracing::warn!(
+                        error = &undo as &dyn std::error::Error,
+                        consent = %req.consent_id,
+                        refresh = %req.refresh_id,
+                        "could not undo a failed admission; the lock expires with its lease"
+                    );
+                }
+                return Err(error);
+            }
+        }
+        Ok(GateDecision::Admitted(ticket))
+    }
+
+    /// Rules 3–5 in one script: on one Redis every key is on the same server.
+    async fn admit_with_slot(
+        &self,
+        req: &GateRequest,
+        counted: &[usize],
+        rules: &[&QuotaRule],
+        bucket: &str,
+        autosync: bool,
+    ) -> Result<Gated, GateError> {
+        let mut invocation = lua::ADMIT_WITH_SLOT_SCRIPT.prepare_invoke();
+        self.add_slot(&mut invocation, bucket, req.refresh_id, autosync);
+        self.add_admission(&mut invocation, req, counted, rules);
+        let decided = self.eval("admit", &invocation).await.and_then(|value| {
+            reply::parse_admit_with_slot(value).map_err(|e| GateError::reply("admit", e))
+        });
+        match decided {
+            Ok(AdmitSlotReply::Admitted {
+                now,
+                epoch,
+                slot,
+                previous,
+            }) => Ok(Gated::Admitted {
+                now,
+                epoch,
+                slot_now: now,
+                slot,
+                previous,
+            }),
+            Ok(AdmitSlotReply::Consent(refused)) => refusal(refused, rules).map(Gated::Refused),
+            Ok(AdmitSlotReply::Full { retry_after_ms, .. }) => Ok(Gated::Refused(
+                Problem::backlog_full(TimeDelta::milliseconds(retry_after_ms)),
+            )),
+            Err(error) => {
+                if error.may_have_run() {
+                    self.forget_quietly(req.consent_id, req.refresh_id, counted)
+                        .await;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Rules 3–4 on the consent's slot, then rule 5 on the bucket's: on a cluster
+    /// the two may be on different nodes. A refused or failed second script undoes
+    /// the first.
+    async fn admit_then_take_slot(
+        &self,
+        req: &GateRequest,
+        counted: &[usize],
+        rules: &[&QuotaRule],
+        bucket: &str,
+        autosync: bool,
+    ) -> Result<Gated, GateError> {
+        let mut invocation = lua::ADMIT_SCRIPT.prepare_invoke();
+        self.add_admission(&mut invocation, req, counted, rules);
+        let decided = self
+            .eval("admit", &invocation)
+            .await
+            .and_then(|value| reply::parse_admit(value).map_err(|e| GateError::reply("admit", e)));
+        let (now, epoch) = match decided {
+            Ok(AdmitReply::Admitted { now, epoch }) => (now, epoch),
+            Ok(refused) => return refusal(refused, rules).map(Gated::Refused),
+            Err(error) => {
+                if error.may_have_run() {
+                    self.forget_quietly(req.consent_id, req.refresh_id, counted)
+                        .await;
+                }
+                return Err(error);
+            }
+        };
+        match self.take_slot(bucket, req.refresh_id, autosync).await {
             Ok(SlotReply::Slot {
                 slot,
                 previous,
                 now: slot_now,
-            }) => {
-                let times = reply::instant(now).and_then(|n| Ok((n, reply::instant(slot)?)));
-                let (now, not_before) = match times {
-                    Ok(times) => times,
-                    Err(detail) => {
-                        self.forget_quietly(req.consent_id, req.refresh_id, &counted)
-                            .await;
-                        return Err(GateError::reply("take_slot", detail));
-                    }
-                };
-                let ticket = Ticket {
-                    refresh_id: req.refresh_id,
-                    consent_id: req.consent_id,
-                    not_before,
-                    now,
-                    epoch,
-                    counted,
-                    bucket,
-                    autosync,
-                    slot,
-                    previous_slot: previous,
-                };
-                // A start further off than half a lease: the lock must outlive the
-                // wait, or another refresh of the consent could be admitted meanwhile.
-                if slot - slot_now > self.lease_ms / 2 {
-                    let wait = Duration::from_millis(u64::try_from(slot - slot_now).unwrap_or(0));
-                    if let Err(error) = self
-                        .hold_lock_across(req.consent_id, req.refresh_id, wait)
-                        .await
-                    {
-                        // Nothing was admitted: the slot goes back with the rest.
-                        if let Err(undo) = self.undo(&ticket).await {
-                            tracing::warn!(
-                                error = &undo as &dyn std::error::Error,
-                                consent = %req.consent_id,
-                                refresh = %req.refresh_id,
-                                "could not undo a failed admission; the lock expires with its lease"
-                            );
-                        }
-                        return Err(error);
-                    }
-                }
-                Ok(GateDecision::Admitted(ticket))
-            }
+            }) => Ok(Gated::Admitted {
+                now,
+                epoch,
+                slot_now,
+                slot,
+                previous,
+            }),
             Ok(SlotReply::Rebuild) => {
                 // The bucket's slot lost its state, the consent's did not: undo.
-                self.forget(req.consent_id, req.refresh_id, &counted)
-                    .await?;
+                self.forget(req.consent_id, req.refresh_id, counted).await?;
                 Err(GateError::Rebuilding)
             }
             Ok(SlotReply::Full { retry_after_ms, .. }) => {
-                self.forget(req.consent_id, req.refresh_id, &counted)
-                    .await?;
-                Ok(GateDecision::Refused(Problem::backlog_full(
+                self.forget(req.consent_id, req.refresh_id, counted).await?;
+                Ok(Gated::Refused(Problem::backlog_full(
                     TimeDelta::milliseconds(retry_after_ms),
                 )))
             }
             Err(error) => {
-                self.forget_quietly(req.consent_id, req.refresh_id, &counted)
+                self.forget_quietly(req.consent_id, req.refresh_id, counted)
                     .await;
                 Err(error)
             }
@@ -901,12 +995,26 @@ impl Gate {
         refresh: RefreshId,
         autosync: bool,
     ) -> Result<SlotReply, GateError> {
+        let mut invocation = lua::TAKE_SLOT_SCRIPT.prepare_invoke();
+        self.add_slot(&mut invocation, bucket, refresh, autosync);
+        let value = self.eval("take_slot", &invocation).await?;
+        reply::parse_slot(value).map_err(|e| GateError::reply("take_slot", e))
+    }
+
+    /// The stagger script's keys (the class's chain, the bucket's slots, its
+    /// epoch) and arguments (spacings, max delay, period, refresh id).
+    fn add_slot(
+        &self,
+        invocation: &mut ScriptInvocation<'_>,
+        bucket: &str,
+        refresh: RefreshId,
+        autosync: bool,
+    ) {
         let own_spacing = if autosync {
             self.autosync_spacing_ms
         } else {
             self.spacing_ms
         };
-        let mut invocation = lua::TAKE_SLOT_SCRIPT.prepare_invoke();
         invocation
             .key(self.chain_key(bucket, autosync))
             .key(reply::slots_key(&self.config.namespace, bucket))
@@ -916,8 +1024,23 @@ impl Gate {
             .arg(self.period_ms)
             .arg(self.spacing_ms)
             .arg(refresh.to_string());
-        let value = self.eval("take_slot", &invocation).await?;
-        reply::parse_slot(value).map_err(|e| GateError::reply("take_slot", e))
+    }
+
+    /// The admission script's keys (lock, the `counted` rules' quota sets, the
+    /// consent's epoch) and arguments (refresh id, lease, the rules).
+    fn add_admission(
+        &self,
+        invocation: &mut ScriptInvocation<'_>,
+        req: &GateRequest,
+        counted: &[usize],
+        rules: &[&QuotaRule],
+    ) {
+        invocation
+            .key(reply::lock_key(&self.config.namespace, req.consent_id))
+            .arg(req.refresh_id.to_string())
+            .arg(self.lease_ms);
+        self.add_rules(invocation, req.consent_id, counted, rules);
+        invocation.key(self.consent_epoch(req.consent_id));
     }
 
     /// Undoes the consent half of an admission: the lock if `refresh` holds it,

@@ -24,11 +24,11 @@ local function lost(epoch) return redis.call('EXISTS', epoch) == 0 end
 /// Quota helpers shared by the admission and status scripts.
 const QUOTA: &str = r"
 -- The local day [start, stop) holding `now`, found among the client's ascending
--- day boundaries ARGV[first..]: Lua knows no time zones, Redis knows the time.
+-- day boundaries A[first..]: Lua knows no time zones, Redis knows the time.
 -- nil when Redis time lies outside them (a client clock off by days).
-local function local_day(now, first)
-  for j = first, #ARGV - 1 do
-    local start, stop = tonumber(ARGV[j]), tonumber(ARGV[j + 1])
+local function local_day(A, now, first)
+  for j = first, #A - 1 do
+    local start, stop = tonumber(A[j]), tonumber(A[j + 1])
     if start <= now and now < stop then return start, stop end
   end
 end
@@ -49,44 +49,61 @@ local function usage(key, limit, window, now, day_start, day_stop)
 end
 ";
 
-/// Admission rules 3 and 4 for one consent, and if both pass, the admission recorded.
+/// Admission rules 3 and 4 for one consent, as two steps: the check, and (once
+/// every rule passed) the admission recorded.
+const ADMIT_STEPS: &str = r"
+-- K[1]: the consent's lock; K[2..n+1]: the quota sets of the rules counting this
+-- request (score = admission time, member = refresh id); K[n+2]: the slot's epoch.
+-- A[1]: refresh id; A[2]: lease (ms); then limit and window of each quota set;
+-- then the local-day boundaries if a calendar_day rule is among them.
+-- Rules 3 and 4 at `now`: a refusal, or nil and the local day the rules count in.
+local function admit_check(K, A, now)
+  if lost(K[#K]) then return {'rebuild', now} end
+  local holder = redis.call('GET', K[1])
+  if holder then return {'locked', now, holder} end
+  local n = #K - 2
+  local day_start, day_stop = local_day(A, now, 3 + 2 * n)
+  local refused = {'quota', now}
+  for i = 1, n do
+    local limit, window = tonumber(A[1 + 2 * i]), A[2 + 2 * i]
+    if window ~= 'rolling_24h' and not day_start then return {'skew', now} end
+    local used, at = usage(K[i + 1], limit, window, now, day_start, day_stop)
+    if at then
+      table.insert(refused, i - 1)
+      table.insert(refused, used)
+      table.insert(refused, at)
+    end
+  end
+  if #refused > 2 then return refused end
+  return nil, day_start, day_stop
+end
+-- Takes the lock and counts the admission; the stamp of the state that decided.
+local function admit_record(K, A, now, day_start, day_stop)
+  redis.call('SET', K[1], A[1], 'PX', A[2])
+  for i = 1, #K - 2 do
+    local key = K[i + 1]
+    if A[2 + 2 * i] == 'rolling_24h' then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - DAY))
+      redis.call('ZADD', key, int(now), A[1])
+      redis.call('PEXPIREAT', key, int(now + DAY))
+    else
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(day_start))
+      redis.call('ZADD', key, int(now), A[1])
+      redis.call('PEXPIREAT', key, int(day_stop))
+    end
+  end
+  return redis.call('GET', K[#K])
+end
+";
+
+/// Admission rules 3 and 4 for one consent, and if both pass, the admission
+/// recorded: the consent's half of an admission on a cluster.
 const ADMIT: &str = r"
--- KEYS[1]: the consent's lock; KEYS[2..n+1]: the quota sets of the rules counting
--- this request (score = admission time, member = refresh id); KEYS[n+2]: the slot's epoch.
--- ARGV[1]: refresh id; ARGV[2]: lease (ms); then limit and window of each quota
--- set; then the local-day boundaries if a calendar_day rule is among them.
+-- KEYS and ARGV as K and A of admit_check.
 local now = now_ms()
-if lost(KEYS[#KEYS]) then return {'rebuild', now} end
-local holder = redis.call('GET', KEYS[1])
-if holder then return {'locked', now, holder} end
-local n = #KEYS - 2
-local day_start, day_stop = local_day(now, 3 + 2 * n)
-local refused = {'quota', now}
-for i = 1, n do
-  local limit, window = tonumber(ARGV[1 + 2 * i]), ARGV[2 + 2 * i]
-  if window ~= 'rolling_24h' and not day_start then return {'skew', now} end
-  local used, at = usage(KEYS[i + 1], limit, window, now, day_start, day_stop)
-  if at then
-    table.insert(refused, i - 1)
-    table.insert(refused, used)
-    table.insert(refused, at)
-  end
-end
-if #refused > 2 then return refused end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-for i = 1, n do
-  local key = KEYS[i + 1]
-  if ARGV[2 + 2 * i] == 'rolling_24h' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', int(now - DAY))
-    redis.call('ZADD', key, int(now), ARGV[1])
-    redis.call('PEXPIREAT', key, int(now + DAY))
-  else
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. int(day_start))
-    redis.call('ZADD', key, int(now), ARGV[1])
-    redis.call('PEXPIREAT', key, int(day_stop))
-  end
-end
-return {'ok', now, redis.call('GET', KEYS[#KEYS])}
+local refused, day_start, day_stop = admit_check(KEYS, ARGV, now)
+if refused then return refused end
+return {'ok', now, admit_record(KEYS, ARGV, now, day_start, day_stop)}
 ";
 
 /// Undoes [`ADMIT`]; idempotent, because everything it removes is keyed by the refresh id.
@@ -130,33 +147,58 @@ return out
 /// moves just past it. An on-demand request therefore starts about as early as if no
 /// auto-sync were queued (it steps past at most the few auto-sync slots in its way),
 /// while on-demand requests use less than the rest of the limit.
-const TAKE_SLOT: &str = r"
--- KEYS[1]: the class's last slot, as '<ms>:<refresh id>' (the owner makes giving it
--- back exact even when a later slot has the same time); KEYS[2]: every slot of the
--- bucket not yet past (sorted set: member refresh id, score slot); KEYS[3]: the slot's epoch.
--- ARGV: the class's own spacing, max delay, period, the bucket's spacing (ms); refresh id.
-local now = now_ms()
-if lost(KEYS[3]) then return {'rebuild', now} end
-local own, max_delay, period = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local spacing = tonumber(ARGV[4])
-local raw = redis.call('GET', KEYS[1])
-local last = raw and tonumber(string.match(raw, '^%d+'))
-local slot = now
-if last and last + own > now then slot = last + own end
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. int(now - spacing))
-while slot - now <= max_delay do
-  local near = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. int(slot - spacing),
-    '(' .. int(slot + spacing), 'WITHSCORES')
-  if #near == 0 then break end
-  slot = tonumber(near[#near]) + spacing
+const TAKE_SLOT_STEP: &str = r"
+-- K[1]: the class's last slot, as '<ms>:<refresh id>' (the owner makes giving it
+-- back exact even when a later slot has the same time); K[2]: every slot of the
+-- bucket not yet past (sorted set: member refresh id, score slot); K[3]: the slot's epoch.
+-- A: the class's own spacing, max delay, period, the bucket's spacing (ms); refresh id.
+local function take_slot(K, A, now)
+  if lost(K[3]) then return {'rebuild', now} end
+  local own, max_delay, period = tonumber(A[1]), tonumber(A[2]), tonumber(A[3])
+  local spacing = tonumber(A[4])
+  local raw = redis.call('GET', K[1])
+  local last = raw and tonumber(string.match(raw, '^%d+'))
+  local slot = now
+  if last and last + own > now then slot = last + own end
+  redis.call('ZREMRANGEBYSCORE', K[2], '-inf', '(' .. int(now - spacing))
+  while slot - now <= max_delay do
+    local near = redis.call('ZRANGEBYSCORE', K[2], '(' .. int(slot - spacing),
+      '(' .. int(slot + spacing), 'WITHSCORES')
+    if #near == 0 then break end
+    slot = tonumber(near[#near]) + spacing
+  end
+  if slot - now > max_delay then return {'full', now, slot - now - max_delay} end
+  -- Once `now` passes slot + spacing the value no longer matters; keep it a period.
+  redis.call('SET', K[1], int(slot) .. ':' .. A[5], 'PXAT', int(slot + period))
+  redis.call('ZADD', K[2], int(slot), A[5])
+  local newest = redis.call('ZRANGE', K[2], -1, -1, 'WITHSCORES')
+  redis.call('PEXPIREAT', K[2], int(tonumber(newest[2]) + period))
+  return {'slot', now, slot, raw or ''}
 end
-if slot - now > max_delay then return {'full', now, slot - now - max_delay} end
--- Once `now` passes slot + spacing the value no longer matters; keep it a period.
-redis.call('SET', KEYS[1], int(slot) .. ':' .. ARGV[5], 'PXAT', int(slot + period))
-redis.call('ZADD', KEYS[2], int(slot), ARGV[5])
-local newest = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[2], int(tonumber(newest[2]) + period))
-return {'slot', now, slot, raw or ''}
+";
+
+/// [`TAKE_SLOT_STEP`] alone, for a cluster, where the bucket's slot may be on
+/// another node than the consent's.
+const TAKE_SLOT: &str = r"
+-- KEYS and ARGV as K and A of take_slot.
+return take_slot(KEYS, ARGV, now_ms())
+";
+
+/// Rules 3, 4 and 5 in one script, where every key is on one server (a single
+/// Redis): lock and quota checked, then the start slot taken, and only then the
+/// lock taken and the admission counted, so a refusal writes nothing to undo.
+const ADMIT_WITH_SLOT: &str = r"
+-- KEYS[1..3] and ARGV[1..5]: take_slot's K and A; KEYS[4..] and ARGV[6..]:
+-- admit_check's K and A. Replies as the admit script's, or take_slot's 'full',
+-- or {'ok', now, epoch, slot, the class's last slot before it or ''}.
+local admit_keys, admit_args = {unpack(KEYS, 4, #KEYS)}, {unpack(ARGV, 6, #ARGV)}
+local now = now_ms()
+local refused, day_start, day_stop = admit_check(admit_keys, admit_args, now)
+if refused then return refused end
+local slot = take_slot(KEYS, ARGV, now)
+if slot[1] ~= 'slot' then return slot end
+local epoch = admit_record(admit_keys, admit_args, now, day_start, day_stop)
+return {'ok', now, epoch, slot[3], slot[4]}
 ";
 
 /// Gives a slot back: it no longer keeps other slots away, and its chain moves back
@@ -212,7 +254,7 @@ const QUOTA_STATUS: &str = r"
 local now = now_ms()
 if lost(KEYS[#KEYS]) then return {'rebuild'} end
 local n = #KEYS - 1
-local day_start, day_stop = local_day(now, 1 + 2 * n)
+local day_start, day_stop = local_day(ARGV, now, 1 + 2 * n)
 local reply = {'ok', now}
 for i = 1, n do
   local limit, window = tonumber(ARGV[2 * i - 1]), ARGV[2 * i]
@@ -290,13 +332,15 @@ fn script(parts: &[&str]) -> Script {
 }
 
 pub(super) static ADMIT_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[PRELUDE, QUOTA, ADMIT]));
+    LazyLock::new(|| script(&[PRELUDE, QUOTA, ADMIT_STEPS, ADMIT]));
 pub(super) static RELEASE_ADMISSION_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[RELEASE_ADMISSION]));
 pub(super) static COUNTED_BEFORE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRELUDE, COUNTED_BEFORE]));
 pub(super) static TAKE_SLOT_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[PRELUDE, TAKE_SLOT]));
+    LazyLock::new(|| script(&[PRELUDE, TAKE_SLOT_STEP, TAKE_SLOT]));
+pub(super) static ADMIT_WITH_SLOT_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(&[PRELUDE, QUOTA, ADMIT_STEPS, TAKE_SLOT_STEP, ADMIT_WITH_SLOT]));
 pub(super) static RETURN_SLOT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[RETURN_SLOT]));
 pub(super) static RENEW_LOCK_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(&[PRELUDE, RENEW_LOCK]));

@@ -117,6 +117,24 @@ pub(super) enum SlotReply {
     Rebuild,
 }
 
+/// The reply of the script deciding rules 3 to 5 at once (one Redis server).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum AdmitSlotReply {
+    /// Every rule passed: the lock is taken, the admission counted and `slot` taken,
+    /// on the state of the rebuild stamped `epoch`.
+    Admitted {
+        now: i64,
+        epoch: i64,
+        slot: i64,
+        /// The class's last slot before it, to restore when the slot is given back.
+        previous: Option<String>,
+    },
+    /// Rule 3 or 4 refused, or the state is lost (never [`AdmitReply::Admitted`]).
+    Consent(AdmitReply),
+    /// Rule 5 refused, as [`SlotReply::Full`]; nothing was written.
+    Full { now: i64, retry_after_ms: i64 },
+}
+
 /// The reply of the in-flight script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum InFlightReply {
@@ -194,23 +212,27 @@ fn arity(tag: &str, rest: &[Value], expected: usize) -> Result<(), String> {
 
 pub(super) fn parse_admit(value: Value) -> Result<AdmitReply, String> {
     let (tag, rest) = tagged(value)?;
-    match tag.as_str() {
+    admit_from(&tag, &rest)
+}
+
+fn admit_from(tag: &str, rest: &[Value]) -> Result<AdmitReply, String> {
+    match tag {
         "ok" => {
-            arity(&tag, &rest, 2)?;
+            arity(tag, rest, 2)?;
             Ok(AdmitReply::Admitted {
                 now: int(&rest[0])?,
                 epoch: int(&rest[1])?,
             })
         }
         "skew" => {
-            arity(&tag, &rest, 1)?;
+            arity(tag, rest, 1)?;
             Ok(AdmitReply::Skew {
                 now: int(&rest[0])?,
             })
         }
         "rebuild" => Ok(AdmitReply::Rebuild),
         "locked" => {
-            arity(&tag, &rest, 2)?;
+            arity(tag, rest, 2)?;
             Ok(AdmitReply::Locked {
                 now: int(&rest[0])?,
                 holder: text(&rest[1])?,
@@ -245,9 +267,13 @@ pub(super) fn parse_admit(value: Value) -> Result<AdmitReply, String> {
 
 pub(super) fn parse_slot(value: Value) -> Result<SlotReply, String> {
     let (tag, rest) = tagged(value)?;
-    match tag.as_str() {
+    slot_from(&tag, &rest)
+}
+
+fn slot_from(tag: &str, rest: &[Value]) -> Result<SlotReply, String> {
+    match tag {
         "slot" => {
-            arity(&tag, &rest, 3)?;
+            arity(tag, rest, 3)?;
             let previous = text(&rest[2])?;
             Ok(SlotReply::Slot {
                 now: int(&rest[0])?,
@@ -256,7 +282,7 @@ pub(super) fn parse_slot(value: Value) -> Result<SlotReply, String> {
             })
         }
         "full" => {
-            arity(&tag, &rest, 2)?;
+            arity(tag, rest, 2)?;
             Ok(SlotReply::Full {
                 now: int(&rest[0])?,
                 retry_after_ms: int(&rest[1])?,
@@ -264,6 +290,31 @@ pub(super) fn parse_slot(value: Value) -> Result<SlotReply, String> {
         }
         "rebuild" => Ok(SlotReply::Rebuild),
         _ => Err(format!("unknown reply tag {tag:?}")),
+    }
+}
+
+/// The reply of the script deciding rules 3 to 5 at once.
+pub(super) fn parse_admit_with_slot(value: Value) -> Result<AdmitSlotReply, String> {
+    let (tag, rest) = tagged(value)?;
+    match tag.as_str() {
+        "ok" => {
+            arity(&tag, &rest, 4)?;
+            let previous = text(&rest[3])?;
+            Ok(AdmitSlotReply::Admitted {
+                now: int(&rest[0])?,
+                epoch: int(&rest[1])?,
+                slot: int(&rest[2])?,
+                previous: (!previous.is_empty()).then_some(previous),
+            })
+        }
+        "full" => {
+            arity(&tag, &rest, 2)?;
+            Ok(AdmitSlotReply::Full {
+                now: int(&rest[0])?,
+                retry_after_ms: int(&rest[1])?,
+            })
+        }
+        _ => admit_from(&tag, &rest).map(AdmitSlotReply::Consent),
     }
 }
 
@@ -594,6 +645,68 @@ mod tests {
         check(
             array(vec![bulk("ok"), Value::Int(1)]),
             Err("\"ok\" reply with 1 values"),
+        );
+    }
+
+    #[test]
+    fn one_script_admission_replies() {
+        let parse = parse_admit_with_slot;
+        assert_eq!(
+            parse(array(vec![
+                bulk("ok"),
+                Value::Int(10),
+                bulk("1700"),
+                Value::Int(12),
+                bulk("9:0190f5d2-6c1a-7b3e-8d4f-0a1b2c3d4e5f"),
+            ])),
+            Ok(AdmitSlotReply::Admitted {
+                now: 10,
+                epoch: 1700,
+                slot: 12,
+                previous: Some("9:0190f5d2-6c1a-7b3e-8d4f-0a1b2c3d4e5f".to_owned()),
+            })
+        );
+        assert_eq!(
+            parse(array(vec![
+                bulk("ok"),
+                Value::Int(10),
+                bulk("1700"),
+                Value::Int(10),
+                bulk(""),
+            ])),
+            Ok(AdmitSlotReply::Admitted {
+                now: 10,
+                epoch: 1700,
+                slot: 10,
+                previous: None,
+            })
+        );
+        assert_eq!(
+            parse(array(vec![bulk("full"), Value::Int(10), Value::Int(500)])),
+            Ok(AdmitSlotReply::Full {
+                now: 10,
+                retry_after_ms: 500
+            })
+        );
+        assert_eq!(
+            parse(array(vec![bulk("locked"), Value::Int(5), bulk("abc")])),
+            Ok(AdmitSlotReply::Consent(AdmitReply::Locked {
+                now: 5,
+                holder: "abc".to_owned(),
+            }))
+        );
+        assert_eq!(
+            parse(array(vec![bulk("rebuild"), Value::Int(5)])),
+            Ok(AdmitSlotReply::Consent(AdmitReply::Rebuild))
+        );
+        // The consent script's own "ok" (no slot) is not an admission here.
+        assert_eq!(
+            parse(array(vec![bulk("ok"), Value::Int(10), bulk("1700")])),
+            Err("\"ok\" reply with 2 values, expected 4".to_owned())
+        );
+        assert_eq!(
+            parse(array(vec![bulk("full"), Value::Int(10)])),
+            Err("\"full\" reply with 1 values, expected 2".to_owned())
         );
     }
 
