@@ -79,6 +79,16 @@ impl PgError {
     }
 }
 
+/// A pooled connection idle for longer than this is pinged before it is handed out.
+///
+/// The pool pings every connection as it comes back (a broken one is closed then),
+/// so a connection idle for less than this was answered by the server moments ago.
+/// A restart or crash of PostgreSQL takes far longer than this, so a connection made
+/// before one has always been idle longer and is pinged (and replaced) before use;
+/// under load, where connections come back every few milliseconds, a query is one
+/// round trip instead of two.
+const PING_WHEN_IDLE_FOR: Duration = Duration::from_millis(100);
+
 /// A pool whose connections work inside `schema`. Connects lazily: an unreachable
 /// database shows on first use (and in `health`), not here.
 pub fn connect(settings: &DatabaseSettings, schema: &Schema) -> Result<PgPool, PgError> {
@@ -89,6 +99,15 @@ pub fn connect(settings: &DatabaseSettings, schema: &Schema) -> Result<PgPool, P
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= PING_WHEN_IDLE_FOR {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .connect_lazy_with(options))
 }
 
