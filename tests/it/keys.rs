@@ -308,6 +308,7 @@ async fn old_and_new_processes_side_by_side_through_a_rotation_all_reach_the_ban
             &api.metrics,
             refresh_admission::AdmissionMetrics::default(),
             Arc::new(Notify::new()),
+            &tokio_util::task::TaskTracker::new(),
         )
     };
     let (scheduler_old, scheduler_new) = (
@@ -425,6 +426,7 @@ async fn the_scheduler_re_encrypts_tokens_a_bounded_batch_per_tick() {
         &api_b.metrics,
         refresh_admission::AdmissionMetrics::default(),
         Arc::new(Notify::new()),
+        &tokio_util::task::TaskTracker::new(),
     );
     let mut progress = Vec::new();
     for _ in 0..4 {

@@ -27,6 +27,7 @@ fn replica(app: &TestApp, api: &Api) -> Scheduler {
         &api.metrics,
         refresh_admission::AdmissionMetrics::default(),
         Arc::new(Notify::new()),
+        &tokio_util::task::TaskTracker::new(),
     )
 }
 

@@ -18,6 +18,7 @@ use refresh_core::{
 use refresh_pg::{Admission, ConsentRow, KeyAnswer, KeyFence, OutboxEvent, Store, StoreError};
 use refresh_redis::{Gate, GateDecision, GateError, GateRequest, QuotaStatus, Ticket};
 use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 
 use crate::metrics::AdmissionMetrics;
 use crate::rebuild::GateRebuild;
@@ -82,16 +83,19 @@ pub struct Admitter {
 }
 
 impl Admitter {
+    /// The admission service; its group-commit writer runs on `tracker` until the
+    /// last clone is dropped.
     pub fn new(
         store: Store,
         gate: Gate,
         broker: Broker,
         metrics: AdmissionMetrics,
         outbox: Arc<Notify>,
+        tracker: &TaskTracker,
     ) -> Self {
         Self {
             rebuild: GateRebuild::new(store.clone(), gate.clone()),
-            writer: AdmissionWriter::start(store.clone()),
+            writer: AdmissionWriter::start(store.clone(), tracker),
             store,
             gate,
             broker,

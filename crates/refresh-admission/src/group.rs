@@ -6,7 +6,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 
 /// Why an item got no answer of its own.
 #[derive(Debug, thiserror::Error)]
@@ -24,7 +27,8 @@ type Answer<O, E> = oneshot::Sender<Result<O, GroupError<E>>>;
 /// Hands items to a batching task that writes them with `write`, at most
 /// `max_batch` per call and `in_flight` calls at once (one is written while the
 /// next batch gathers). `write` answers one output per input, in order. Cheap to
-/// clone; the task ends when the last clone is dropped.
+/// clone; the task, on the tracker it was started on, finishes the statements under
+/// way and ends when the last clone is dropped.
 pub struct Group<I, O, E: std::error::Error + 'static> {
     queue: mpsc::UnboundedSender<(I, Answer<O, E>)>,
 }
@@ -43,14 +47,14 @@ where
     O: Send + 'static,
     E: std::error::Error + Send + Sync + 'static,
 {
-    /// Starts the batching task on the current runtime.
-    pub fn start<F, W>(max_batch: usize, in_flight: usize, write: F) -> Self
+    /// Starts the batching task on `tracker`.
+    pub fn start<F, W>(tracker: &TaskTracker, max_batch: usize, in_flight: usize, write: F) -> Self
     where
         F: Fn(Vec<I>) -> W + Send + Sync + 'static,
         W: Future<Output = Result<Vec<O>, E>> + Send + 'static,
     {
         let (queue, pending) = mpsc::unbounded_channel();
-        tokio::spawn(run(pending, max_batch.max(1), in_flight.max(1), write));
+        tracker.spawn(run(pending, max_batch.max(1), in_flight.max(1), write));
         Self { queue }
     }
 
@@ -64,6 +68,8 @@ where
     }
 }
 
+/// Gathers batches while fewer than `in_flight` statements are under way, and drives
+/// those statements itself; once every handle is gone, finishes them and returns.
 async fn run<I, O, E, F, W>(
     mut pending: mpsc::UnboundedReceiver<(I, Answer<O, E>)>,
     max_batch: usize,
@@ -76,44 +82,50 @@ async fn run<I, O, E, F, W>(
     F: Fn(Vec<I>) -> W + Send + Sync + 'static,
     W: Future<Output = Result<Vec<O>, E>> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(in_flight));
+    let mut writing = FuturesUnordered::new();
     loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        let Some(first) = pending.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match pending.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+        tokio::select! {
+            Some(()) = writing.next(), if !writing.is_empty() => {}
+            first = pending.recv(), if writing.len() < in_flight => {
+                let Some(first) = first else { break };
+                let mut batch = vec![first];
+                while batch.len() < max_batch {
+                    match pending.try_recv() {
+                        Ok(next) => batch.push(next),
+                        Err(_) => break,
+                    }
+                }
+                let (items, waiters): (Vec<I>, Vec<Answer<O, E>>) = batch.into_iter().unzip();
+                writing.push(answer(write(items), waiters));
             }
         }
-        let (items, waiters): (Vec<I>, Vec<Answer<O, E>>) = batch.into_iter().unzip();
-        let written = write(items);
-        tokio::spawn(async move {
-            match written.await {
-                Ok(outputs) if outputs.len() == waiters.len() => {
-                    for (done, output) in waiters.into_iter().zip(outputs) {
-                        let _ = done.send(Ok(output));
-                    }
-                }
-                // A writer that answers a different count is a bug; its waiters are
-                // told the writer stopped rather than paired with the wrong output.
-                Ok(_) => {
-                    tracing::error!("a batch writer answered a different number of items");
-                }
-                Err(error) => {
-                    let error = Arc::new(error);
-                    for done in waiters {
-                        let _ = done.send(Err(GroupError::Failed(error.clone())));
-                    }
-                }
+    }
+    while writing.next().await.is_some() {}
+}
+
+/// Awaits one statement and hands each waiter its output, or the batch's failure.
+async fn answer<O, E, W>(written: W, waiters: Vec<Answer<O, E>>)
+where
+    E: std::error::Error + Send + Sync + 'static,
+    W: Future<Output = Result<Vec<O>, E>>,
+{
+    match written.await {
+        Ok(outputs) if outputs.len() == waiters.len() => {
+            for (done, output) in waiters.into_iter().zip(outputs) {
+                let _ = done.send(Ok(output));
             }
-            drop(slot);
-        });
+        }
+        // A writer that answers a different count is a bug; its waiters are told the
+        // writer stopped rather than paired with the wrong output.
+        Ok(_) => {
+            tracing::error!("a batch writer answered a different number of items");
+        }
+        Err(error) => {
+            let error = Arc::new(error);
+            for done in waiters {
+                let _ = done.send(Err(GroupError::Failed(error.clone())));
+            }
+        }
     }
 }
 
@@ -130,13 +142,14 @@ mod tests {
     async fn concurrent_items_share_a_batch_and_each_gets_its_own_output() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let seen = sizes.clone();
-        let group: Group<u32, u32, Boom> = Group::start(8, 1, move |items: Vec<u32>| {
-            seen.lock().unwrap().push(items.len());
-            async move {
-                tokio::task::yield_now().await;
-                Ok(items.iter().map(|i| i * 10).collect())
-            }
-        });
+        let group: Group<u32, u32, Boom> =
+            Group::start(&TaskTracker::new(), 8, 1, move |items: Vec<u32>| {
+                seen.lock().unwrap().push(items.len());
+                async move {
+                    tokio::task::yield_now().await;
+                    Ok(items.iter().map(|i| i * 10).collect())
+                }
+            });
         let calls: Vec<_> = (0..20)
             .map(|i| {
                 let group = group.clone();
@@ -154,13 +167,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_batch_fails_each_of_its_items_and_the_next_batch_goes_on() {
-        let group: Group<u32, u32, Boom> = Group::start(8, 1, |items: Vec<u32>| async move {
-            if items.contains(&13) {
-                Err(Boom)
-            } else {
-                Ok(items)
-            }
-        });
+        let group: Group<u32, u32, Boom> =
+            Group::start(&TaskTracker::new(), 8, 1, |items: Vec<u32>| async move {
+                if items.contains(&13) {
+                    Err(Boom)
+                } else {
+                    Ok(items)
+                }
+            });
         assert!(matches!(group.submit(13).await, Err(GroupError::Failed(_))));
         assert_eq!(group.submit(7).await.unwrap(), 7);
     }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use refresh_pg::{Admission, Store, StoreError, Written};
+use tokio_util::task::TaskTracker;
 
 use crate::group::{Group, GroupError};
 
@@ -28,19 +29,24 @@ pub enum WriteError {
 }
 
 /// Hands admissions to the batching task ([`Group`]). Cheap to clone; the task ends
-/// when the last clone is dropped.
+/// when the last clone is dropped (and the statements under way are answered).
 #[derive(Clone)]
 pub struct AdmissionWriter {
     group: Group<Admission, Written, StoreError>,
 }
 
 impl AdmissionWriter {
-    /// Starts the batching task on the current runtime.
-    pub fn start(store: Store) -> Self {
-        let group = Group::start(MAX_BATCH, IN_FLIGHT, move |admissions: Vec<Admission>| {
-            let store = store.clone();
-            async move { store.admit_many(&admissions).await }
-        });
+    /// Starts the batching task on `tracker`.
+    pub fn start(store: Store, tracker: &TaskTracker) -> Self {
+        let group = Group::start(
+            tracker,
+            MAX_BATCH,
+            IN_FLIGHT,
+            move |admissions: Vec<Admission>| {
+                let store = store.clone();
+                async move { store.admit_many(&admissions).await }
+            },
+        );
         Self { group }
     }
 

@@ -8,6 +8,7 @@ use chrono::{TimeDelta, Utc};
 use refresh_admission::{Decision, Group, GroupError};
 use refresh_core::{ProblemCode, TenantId};
 use refresh_pg::{KeyReservation, Store, StoreError};
+use tokio_util::task::TaskTracker;
 
 /// How long a reservation of an idempotency key stands without an answer: longer
 /// than any answer takes (the longest `Prefer: wait` plus the admission's own
@@ -34,9 +35,10 @@ pub(crate) struct KeyReserver {
 }
 
 impl KeyReserver {
-    /// Starts the batching task on the current runtime.
-    pub(crate) fn start(store: Store) -> Self {
+    /// Starts the batching task on `tracker`.
+    pub(crate) fn start(store: Store, tracker: &TaskTracker) -> Self {
         let group = Group::start(
+            tracker,
             RESERVE_BATCH,
             RESERVE_IN_FLIGHT,
             move |keys: Vec<(TenantId, String)>| {

@@ -134,9 +134,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let sources: Arc<[RequestedBy]> = sources.into();
-    let reserver = KeyReserver::start(store.clone());
     let outage = Arc::new(Outage::default());
     let tracker = TaskTracker::new();
+    let reserver = KeyReserver::start(store.clone(), &tracker);
     // Ends with the consumer (on shutdown, or if the consumer stops by itself).
     let probing = shutdown.child_token();
     {
@@ -166,6 +166,8 @@ pub async fn run(
         });
     }
     probing.cancel();
+    // The reservations' task ends once the decisions under way drop their handles.
+    drop(reserver);
     tracker.close();
     tracker.wait().await;
 }

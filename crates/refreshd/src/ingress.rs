@@ -43,6 +43,7 @@ pub async fn start(
         services.broker.clone(),
         admission_metrics.clone(),
         nudge.clone(),
+        tracker,
     );
     // Streams end with the HTTP server's shutdown, so they never hold up the drain.
     let events = refresh_ingress::events::EventHub::new(shutdown.child_token());

@@ -27,13 +27,15 @@ pub fn config(settings: &Settings) -> SchedulerConfig {
 
 /// A scheduler replica over `services`, its metrics added to `registry`, counting its
 /// admissions in `admission_metrics` (registered by the caller, once per process);
-/// `nudge` wakes the outbox relay that publishes what it writes.
+/// `nudge` wakes the outbox relay that publishes what it writes; its admissions are
+/// written by a task on `tracker`.
 pub fn build(
     settings: &Settings,
     services: &Services,
     registry: &Registry,
     admission_metrics: AdmissionMetrics,
     nudge: Arc<Notify>,
+    tracker: &TaskTracker,
 ) -> Scheduler {
     let metrics = SchedulerMetrics::default();
     registry.register(|r| metrics.register(r));
@@ -43,6 +45,7 @@ pub fn build(
         services.broker.clone(),
         admission_metrics,
         nudge.clone(),
+        tracker,
     );
     Scheduler::new(
         services.store.clone(),
@@ -71,6 +74,7 @@ pub fn start(
         registry,
         admission_metrics.clone(),
         nudge.clone(),
+        tracker,
     );
     tracker.spawn(refresh_admission::relay::run(
         services.store.clone(),
