@@ -8,6 +8,7 @@ use chrono::{TimeDelta, Utc};
 use refresh_admission::{Decision, Group, GroupError};
 use refresh_core::{ProblemCode, TenantId};
 use refresh_pg::{KeyReservation, Store, StoreError};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// How long a reservation of an idempotency key stands without an answer: longer
@@ -64,34 +65,59 @@ impl KeyReserver {
     }
 }
 
-/// Releases the reservation of an idempotency key whose request was not decided for
+/// Releases the reservations of idempotency keys whose requests were not decided for
 /// good, so that a retry with the key is decided afresh. When the database is what
 /// failed the request, the release fails too: it is then tried again in the
-/// background every [`RELEASE_RETRY`] until it succeeds or the lease runs out (the
-/// release is fenced by the reservation's time, so it never touches a later holder's).
-/// Without that, a retry after an outage of a few seconds would find the key still
-/// reserved, and wait or back off until the lease ran out.
-pub(crate) async fn release_key(
-    store: &Store,
-    tenant: &TenantId,
-    key: &str,
-    fence: refresh_pg::KeyFence,
-) {
-    let Err(error) = store.release_key(tenant, key, fence).await else {
-        return;
-    };
-    tracing::warn!(error = %error, "cannot release an idempotency key yet; trying again");
-    let (store, tenant, key) = (store.clone(), tenant.clone(), key.to_owned());
-    let deadline = tokio::time::Instant::now() + KEY_LEASE.to_std().unwrap_or_default();
-    tokio::spawn(async move {
-        while tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(RELEASE_RETRY).await;
-            if store.release_key(&tenant, &key, fence).await.is_ok() {
-                return;
-            }
+/// background, on the role's tracker, every [`RELEASE_RETRY`] until it succeeds, the
+/// lease runs out or the role stops (the key then stays reserved until its lease
+/// ends, as after a crash). A release is fenced by the reservation's time, so it
+/// never touches a later holder's. Without the retries, a retry of the request after
+/// an outage of a few seconds would find the key still reserved, and wait or back
+/// off until the lease ran out.
+#[derive(Clone)]
+pub struct KeyReleases {
+    store: Store,
+    tracker: TaskTracker,
+    shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for KeyReleases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyReleases").finish_non_exhaustive()
+    }
+}
+
+impl KeyReleases {
+    pub fn new(store: Store, tracker: &TaskTracker, shutdown: CancellationToken) -> Self {
+        Self {
+            store,
+            tracker: tracker.clone(),
+            shutdown,
         }
-        tracing::warn!("an idempotency key stays reserved until its lease ends");
-    });
+    }
+
+    /// Releases `key` of `tenant` reserved at `fence`, now or in the background.
+    pub(crate) async fn release(&self, tenant: &TenantId, key: &str, fence: refresh_pg::KeyFence) {
+        let Err(error) = self.store.release_key(tenant, key, fence).await else {
+            return;
+        };
+        tracing::warn!(error = %error, "cannot release an idempotency key yet; trying again");
+        let (store, tenant, key) = (self.store.clone(), tenant.clone(), key.to_owned());
+        let shutdown = self.shutdown.clone();
+        let deadline = tokio::time::Instant::now() + KEY_LEASE.to_std().unwrap_or_default();
+        self.tracker.spawn(async move {
+            while tokio::time::Instant::now() < deadline {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(RELEASE_RETRY) => {}
+                }
+                if store.release_key(&tenant, &key, fence).await.is_ok() {
+                    return;
+                }
+            }
+            tracing::warn!("an idempotency key stays reserved until its lease ends");
+        });
+    }
 }
 
 /// Whether a decision is remembered for its idempotency key (SPEC §3): an admission,

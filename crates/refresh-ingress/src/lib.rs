@@ -16,6 +16,7 @@ use std::time::Duration;
 
 pub use auth::{AuthConfigError, Principal, SCOPE_ADMIN, SCOPE_STORED_DATA, Verifier, mint_hs256};
 pub use error::{ApiError, error_chain};
+pub use idempotency::KeyReleases;
 use refresh_admission::Admitter;
 use refresh_amqp::Broker;
 use refresh_ops::Registry;
@@ -35,6 +36,8 @@ pub struct HttpConfig {
     pub namespace: String,
     /// `Secure` on the portal's cookies; off only in `dev`, which serves plain HTTP.
     pub secure_cookies: bool,
+    /// Where the releases of idempotency keys are retried.
+    pub key_releases: KeyReleases,
 }
 
 /// The HTTP API as a router (tests and `serve`).
@@ -65,6 +68,7 @@ pub fn router(
         events: config.events,
         sessions,
         secure_cookies: config.secure_cookies,
+        key_releases: config.key_releases,
     };
     // The portal has its own pages and headers; the API keeps the fallback.
     portal::router(state.clone())

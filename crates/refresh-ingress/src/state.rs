@@ -28,4 +28,5 @@ pub(crate) struct AppState {
     pub(crate) sessions: refresh_redis::Sessions,
     /// `Secure` on the portal's cookies (off only in `dev`, over plain HTTP).
     pub(crate) secure_cookies: bool,
+    pub(crate) key_releases: crate::idempotency::KeyReleases,
 }

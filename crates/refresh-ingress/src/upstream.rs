@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::error_chain;
-use crate::idempotency::{KeyReserver, release_key, remembered};
+use crate::idempotency::{KeyReleases, KeyReserver, remembered};
 use refresh_admission::{Admitter, Decision, RefreshRequest, Remember};
 
 /// The request message (wire type).
@@ -137,6 +137,9 @@ pub async fn run(
     let outage = Arc::new(Outage::default());
     let tracker = TaskTracker::new();
     let reserver = KeyReserver::start(store.clone(), &tracker);
+    // Ends with the consumer too: a release still failing then waits out its lease.
+    let releasing = shutdown.child_token();
+    let releases = KeyReleases::new(store.clone(), &tracker, releasing.clone());
     // Ends with the consumer (on shutdown, or if the consumer stops by itself).
     let probing = shutdown.child_token();
     {
@@ -154,18 +157,20 @@ pub async fn run(
         let Some(delivery) = delivery else { break };
         let (admitter, store, broker) = (admitter.clone(), store.clone(), broker.clone());
         let (sources, outage, shutdown) = (sources.clone(), outage.clone(), shutdown.clone());
-        let reserver = reserver.clone();
+        let (reserver, releases) = (reserver.clone(), releases.clone());
         tracker.spawn(async move {
             let context = Context {
                 admitter: &admitter,
                 store: &store,
                 reserver: &reserver,
+                releases: &releases,
                 sources: &sources,
             };
             answer(context, &broker, &outage, &shutdown, delivery).await;
         });
     }
     probing.cancel();
+    releasing.cancel();
     // The reservations' task ends once the decisions under way drop their handles.
     drop(reserver);
     tracker.close();
@@ -178,6 +183,7 @@ struct Context<'a> {
     admitter: &'a Admitter,
     store: &'a Store,
     reserver: &'a KeyReserver,
+    releases: &'a KeyReleases,
     sources: &'a [RequestedBy],
 }
 
@@ -233,6 +239,7 @@ async fn handle(context: Context<'_>, delivery: &Delivery) -> (Outcome, Option<V
         admitter,
         store,
         reserver,
+        releases,
         sources,
     } = context;
     let message: RequestMessage = match serde_json::from_slice(&delivery.body) {
@@ -300,7 +307,7 @@ async fn handle(context: Context<'_>, delivery: &Delivery) -> (Outcome, Option<V
         Err(error) => {
             tracing::warn!(error = %error_chain(&error), "upstream request held back: a dependency is unavailable");
             if let Some((key, fence)) = fence {
-                release_key(store, &message.tenant_id, key, fence).await;
+                releases.release(&message.tenant_id, key, fence).await;
             }
             return (
                 Outcome::retry(unavailable_backoff(delivery.retries())),
@@ -329,7 +336,7 @@ async fn handle(context: Context<'_>, delivery: &Delivery) -> (Outcome, Option<V
                 .await
                 .map(|_| ())
         } else {
-            release_key(store, &message.tenant_id, key, fence).await;
+            releases.release(&message.tenant_id, key, fence).await;
             Ok(())
         };
         if let Err(error) = recorded {

@@ -66,6 +66,11 @@ pub async fn start(
             events,
             namespace: settings.namespace.clone(),
             secure_cookies: settings.http.secure_cookies,
+            key_releases: refresh_ingress::KeyReleases::new(
+                services.store.clone(),
+                tracker,
+                shutdown.child_token(),
+            ),
         },
     );
     let addr = listener.local_addr().map_err(|source| RunError::Bind {

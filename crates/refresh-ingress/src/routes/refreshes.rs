@@ -23,7 +23,7 @@ use super::extract::{
 };
 use crate::auth::Principal;
 use crate::error::{ApiError, problem_response};
-use crate::idempotency::{KEY_LEASE, KEY_TTL, release_key, remembered};
+use crate::idempotency::{KEY_LEASE, KEY_TTL, remembered};
 use crate::state::AppState;
 use refresh_admission::{Decision, RefreshRequest};
 
@@ -266,7 +266,7 @@ pub(crate) async fn request_refresh(
         other => {
             // Not an answer to remember (it may change, or a dependency failed): a
             // retry with this key is decided afresh.
-            release_key(&state.store, &key_tenant, &key, fence).await;
+            state.key_releases.release(&key_tenant, &key, fence).await;
             other.map(|(response, _)| response)
         }
     }
