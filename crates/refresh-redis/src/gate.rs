@@ -217,6 +217,8 @@ enum Gated {
         slot_now: i64,
         slot: i64,
         previous: Option<String>,
+        /// The lock already lasts until a lease past the slot.
+        held_across: bool,
     },
     Refused(Problem),
 }
@@ -371,14 +373,15 @@ impl Gate {
             self.admit_with_slot(req, &counted, &rules, &bucket, autosync)
                 .await?
         };
-        let (now, epoch, slot_now, slot, previous) = match gated {
+        let (now, epoch, slot_now, slot, previous, held_across) = match gated {
             Gated::Admitted {
                 now,
                 epoch,
                 slot_now,
                 slot,
                 previous,
-            } => (now, epoch, slot_now, slot, previous),
+                held_across,
+            } => (now, epoch, slot_now, slot, previous, held_across),
             Gated::Refused(problem) => return Ok(GateDecision::Refused(problem)),
         };
         let times = reply::instant(now).and_then(|n| Ok((n, reply::instant(slot)?)));
@@ -404,7 +407,7 @@ impl Gate {
         };
         // A start further off than half a lease: the lock must outlive the
         // wait, or another refresh of the consent could be admitted meanwhile.
-        if slot - slot_now > self.lease_ms / 2 {
+        if !held_across && slot - slot_now > self.lease_ms / 2 {
             let wait = Duration::from_millis(u64::try_from(slot - slot_now).unwrap_or(0));
             if let Err(error) = self
                 .hold_lock_across(req.consent_id, req.refresh_id, wait)
@@ -452,6 +455,7 @@ impl Gate {
                 slot_now: now,
                 slot,
                 previous,
+                held_across: true,
             }),
             Ok(AdmitSlotReply::Consent(refused)) => refusal(refused, rules).map(Gated::Refused),
             Ok(AdmitSlotReply::Full { retry_after_ms, .. }) => Ok(Gated::Refused(
@@ -506,6 +510,7 @@ impl Gate {
                 slot_now,
                 slot,
                 previous,
+                held_across: false,
             }),
             Ok(SlotReply::Rebuild) => {
                 // The bucket's slot lost its state, the consent's did not: undo.

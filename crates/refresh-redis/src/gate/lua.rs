@@ -186,7 +186,8 @@ return take_slot(KEYS, ARGV, now_ms())
 
 /// Rules 3, 4 and 5 in one script, where every key is on one server (a single
 /// Redis): lock and quota checked, then the start slot taken, and only then the
-/// lock taken and the admission counted, so a refusal writes nothing to undo.
+/// lock taken (for a lease past the start when that is more than half a lease away)
+/// and the admission counted, so a refusal writes nothing to undo.
 const ADMIT_WITH_SLOT: &str = r"
 -- KEYS[1..3] and ARGV[1..5]: take_slot's K and A; KEYS[4..] and ARGV[6..]:
 -- admit_check's K and A. Replies as the admit script's, or take_slot's 'full',
@@ -197,6 +198,9 @@ local refused, day_start, day_stop = admit_check(admit_keys, admit_args, now)
 if refused then return refused end
 local slot = take_slot(KEYS, ARGV, now)
 if slot[1] ~= 'slot' then return slot end
+-- A start further off than half a lease: the lock outlives the wait (a lease past it).
+local lease, wait = tonumber(admit_args[2]), slot[3] - now
+if wait > lease / 2 then admit_args[2] = int(lease + wait) end
 local epoch = admit_record(admit_keys, admit_args, now, day_start, day_stop)
 return {'ok', now, epoch, slot[3], slot[4]}
 ";
