@@ -181,6 +181,11 @@ pub async fn health(conn: &ConnectionManager) -> Result<(), RedisError> {
 }
 
 /// Removes every key of the namespace; returns how many were removed.
+///
+/// On one Redis the keys are all removed at once (one `MULTI`/`EXEC`), as a restart
+/// without persistence loses them: no script ever sees part of a namespace's state
+/// gone and the rest (its epoch keys) still there. Keys made after the scan began may
+/// stay. On a cluster the keys are removed slot by slot.
 pub async fn delete_namespace(
     conn: &ConnectionManager,
     namespace: &str,
@@ -202,10 +207,10 @@ pub async fn delete_namespace(
         }
         return Ok(removed);
     }
-    let mut removed = 0u64;
+    let mut keys: Vec<String> = Vec::new();
     let mut cursor = 0u64;
     loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
             .arg(&pattern)
@@ -214,15 +219,28 @@ pub async fn delete_namespace(
             .query_async(&mut conn)
             .await
             .map_err(RedisError::Unavailable)?;
-        if !keys.is_empty() {
-            let n: u64 = conn.unlink(&keys).await.map_err(RedisError::Unavailable)?;
-            removed += n;
-        }
+        keys.extend(found);
         if next == 0 {
-            return Ok(removed);
+            break;
         }
         cursor = next;
     }
+    // SCAN may return a key twice; UNLINK counts each key it removed once.
+    keys.sort_unstable();
+    keys.dedup();
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let mut transaction = redis::pipe();
+    transaction.atomic();
+    for chunk in keys.chunks(10_000) {
+        transaction.unlink(chunk);
+    }
+    let removed: Vec<u64> = transaction
+        .query_async(&mut conn)
+        .await
+        .map_err(RedisError::Unavailable)?;
+    Ok(removed.iter().sum())
 }
 
 #[cfg(test)]
