@@ -211,11 +211,14 @@ fn classify(operation: &'static str, error: redis::RedisError) -> GateError {
 enum Gated {
     /// The lock is taken, the admission counted and the start slot taken.
     Admitted {
-        /// Redis time of the consent's decision and of the slot's (ms).
+        /// Redis time of the consent's decision (ms): the admission time counted.
         now: i64,
+        /// The stamp of the state that decided.
         epoch: i64,
+        /// Redis time of the slot's decision (ms), and the slot.
         slot_now: i64,
         slot: i64,
+        /// The class's last slot before it, to give the slot back.
         previous: Option<String>,
         /// The lock already lasts until a lease past the slot.
         held_across: bool,

@@ -77,9 +77,10 @@ local function admit_check(K, A, now)
   if #refused > 2 then return refused end
   return nil, day_start, day_stop
 end
--- Takes the lock and counts the admission; the stamp of the state that decided.
-local function admit_record(K, A, now, day_start, day_stop)
-  redis.call('SET', K[1], A[1], 'PX', A[2])
+-- Takes the lock for `lease` ms and counts the admission; the stamp of the state
+-- that decided.
+local function admit_record(K, A, now, day_start, day_stop, lease)
+  redis.call('SET', K[1], A[1], 'PX', lease)
   for i = 1, #K - 2 do
     local key = K[i + 1]
     if A[2 + 2 * i] == 'rolling_24h' then
@@ -103,7 +104,7 @@ const ADMIT: &str = r"
 local now = now_ms()
 local refused, day_start, day_stop = admit_check(KEYS, ARGV, now)
 if refused then return refused end
-return {'ok', now, admit_record(KEYS, ARGV, now, day_start, day_stop)}
+return {'ok', now, admit_record(KEYS, ARGV, now, day_start, day_stop, ARGV[2])}
 ";
 
 /// Undoes [`ADMIT`]; idempotent, because everything it removes is keyed by the refresh id.
@@ -200,8 +201,8 @@ local slot = take_slot(KEYS, ARGV, now)
 if slot[1] ~= 'slot' then return slot end
 -- A start further off than half a lease: the lock outlives the wait (a lease past it).
 local lease, wait = tonumber(admit_args[2]), slot[3] - now
-if wait > lease / 2 then admit_args[2] = int(lease + wait) end
-local epoch = admit_record(admit_keys, admit_args, now, day_start, day_stop)
+if wait > lease / 2 then lease = lease + wait end
+local epoch = admit_record(admit_keys, admit_args, now, day_start, day_stop, int(lease))
 return {'ok', now, epoch, slot[3], slot[4]}
 ";
 

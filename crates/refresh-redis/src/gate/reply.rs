@@ -267,13 +267,9 @@ fn admit_from(tag: &str, rest: &[Value]) -> Result<AdmitReply, String> {
 
 pub(super) fn parse_slot(value: Value) -> Result<SlotReply, String> {
     let (tag, rest) = tagged(value)?;
-    slot_from(&tag, &rest)
-}
-
-fn slot_from(tag: &str, rest: &[Value]) -> Result<SlotReply, String> {
-    match tag {
+    match tag.as_str() {
         "slot" => {
-            arity(tag, rest, 3)?;
+            arity(&tag, &rest, 3)?;
             let previous = text(&rest[2])?;
             Ok(SlotReply::Slot {
                 now: int(&rest[0])?,
@@ -282,7 +278,7 @@ fn slot_from(tag: &str, rest: &[Value]) -> Result<SlotReply, String> {
             })
         }
         "full" => {
-            arity(tag, rest, 2)?;
+            arity(&tag, &rest, 2)?;
             Ok(SlotReply::Full {
                 now: int(&rest[0])?,
                 retry_after_ms: int(&rest[1])?,
