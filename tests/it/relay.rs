@@ -10,9 +10,18 @@ use refresh_admission::relay::relay_jobs;
 use refresh_core::{ConsentId, Outcome, ProviderId, TenantId};
 use refresh_pg::{KeyAnswer, KeyReservation, NewConsent, Store, Written};
 use refresh_tests::admission::AdmissionRows;
-use refresh_tests::spawn_app;
+use refresh_tests::{TestApp, spawn_app};
 use refreshd::services::Services;
 use secrecy::SecretString;
+
+/// A new app and the services a role of it connects (no role runs).
+async fn app_and_services() -> (TestApp, Services) {
+    let app = spawn_app().await;
+    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
+        .await
+        .unwrap();
+    (app, services)
+}
 
 /// A consent of `acme` and the rows of one admission of it.
 async fn admission_of_new_consent(store: &Store) -> AdmissionRows {
@@ -36,10 +45,7 @@ async fn admission_of_new_consent(store: &Store) -> AdmissionRows {
 #[tokio::test]
 async fn a_job_leaves_the_outbox_only_once_committed_and_confirmed_and_comes_again_after_a_crash_before_its_delete()
  {
-    let app = spawn_app().await;
-    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
-        .await
-        .unwrap();
+    let (app, services) = app_and_services().await;
     let (store, broker) = (&services.store, &services.broker);
     let metrics = AdmissionMetrics::default();
     let admitted = admission_of_new_consent(store).await;
@@ -101,10 +107,7 @@ async fn a_job_leaves_the_outbox_only_once_committed_and_confirmed_and_comes_aga
 
 #[tokio::test]
 async fn a_rolled_back_admission_leaves_no_job() {
-    let app = spawn_app().await;
-    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
-        .await
-        .unwrap();
+    let (app, services) = app_and_services().await;
     let (store, broker) = (&services.store, &services.broker);
     let admitted = admission_of_new_consent(store).await;
     let mut open = app.pg.begin().await.unwrap();
@@ -126,10 +129,7 @@ async fn a_rolled_back_admission_leaves_no_job() {
 
 #[tokio::test]
 async fn a_batch_of_admissions_writes_each_that_may_be_and_says_why_not_of_the_others() {
-    let app = spawn_app().await;
-    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
-        .await
-        .unwrap();
+    let (app, services) = app_and_services().await;
     let store = &services.store;
     let first = admission_of_new_consent(store).await;
     // A second refresh of the same consent in the same batch, and one decided on a
@@ -179,10 +179,7 @@ async fn a_batch_of_admissions_writes_each_that_may_be_and_says_why_not_of_the_o
 
 #[tokio::test]
 async fn an_admission_answers_its_idempotency_key_in_its_own_commit_only_while_reserved() {
-    let app = spawn_app().await;
-    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
-        .await
-        .unwrap();
+    let (app, services) = app_and_services().await;
     let store = &services.store;
     let tenant = TenantId::parse("acme").unwrap();
     let now = Utc::now();
@@ -264,10 +261,7 @@ async fn an_admission_answers_its_idempotency_key_in_its_own_commit_only_while_r
 
 #[tokio::test]
 async fn a_batch_of_reservations_answers_each_key_as_one_reservation_would() {
-    let app = spawn_app().await;
-    let services = Services::connect(&app.settings, &app.shutdown, &app.tracker)
-        .await
-        .unwrap();
+    let (_app, services) = app_and_services().await;
     let store = &services.store;
     let (acme, beta) = (
         TenantId::parse("acme").unwrap(),
