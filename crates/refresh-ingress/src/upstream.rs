@@ -208,29 +208,18 @@ async fn answer(
         Outcome::Ack => outage.answered(),
         Outcome::DeadLetter { .. } => {}
     }
-    // The reply is best effort (a failed one is logged and the request settled all
-    // the same: its decision is recorded with its key), so the settle need not wait
-    // for the reply's confirm, and the request's prefetch place frees a round trip
-    // sooner.
-    let (reply_to, correlation_id) = (delivery.reply_to.clone(), delivery.correlation_id.clone());
-    let send_reply = async {
-        let (Some(reply), Some(reply_to)) = (reply, reply_to) else {
-            return;
-        };
+    if let (Some(reply), Some(reply_to)) = (reply, delivery.reply_to.clone()) {
         let body = serde_json::to_vec(&reply).unwrap_or_default();
         if let Err(error) = broker
-            .reply(&reply_to, correlation_id.as_deref(), &body)
+            .reply(&reply_to, delivery.correlation_id.as_deref(), &body)
             .await
         {
             tracing::warn!(error = %error_chain(&error), "cannot send the decision reply");
         }
-    };
-    let settle = async {
-        if let Err(error) = delivery.settle(outcome).await {
-            tracing::warn!(error = %error_chain(&error), "cannot settle a request; the broker redelivers it");
-        }
-    };
-    tokio::join!(send_reply, settle);
+    }
+    if let Err(error) = delivery.settle(outcome).await {
+        tracing::warn!(error = %error_chain(&error), "cannot settle a request; the broker redelivers it");
+    }
 }
 
 /// The outcome for the message and the reply (if any) to send.
