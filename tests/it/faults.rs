@@ -916,6 +916,80 @@ async fn rabbitmq_unreachable_for_10_s_loses_and_doubles_nothing() {
         .await;
 }
 
+/// The statement writing an admission reaches PostgreSQL and commits, but its answer
+/// is lost with its connection: the ingress asks the database whether it was written
+/// and answers 202 with its record, its lock and quota entry kept (not 503 with its
+/// gate undone while the refresh exists).
+#[tokio::test]
+async fn an_admission_whose_answer_is_lost_after_its_commit_is_answered_as_admitted() {
+    let (app, direct, proxied, pg) = behind_a_database_proxy().await;
+    let consent = direct.seed_consent("acme", None, None).await;
+    let token = dev_token(&app, Some("acme"), "api:stored_data");
+
+    pg.lose_answer_after(b"admit_refreshes(");
+    let path = format!("/v1/consents/{consent}/refresh");
+    let answer = proxied.post(&path, &token, None).await;
+    assert!(pg.answer_lost(), "the admission's answer was not lost");
+    assert_eq!(answer.status, 202, "{answer:?}");
+    let refresh_id = answer.body["refreshId"].as_str().expect("a refreshId");
+    let record = direct
+        .get(&format!("/v1/refreshes/{refresh_id}"), &token)
+        .await;
+    assert_eq!(record.status, 200, "{record:?}");
+    assert_eq!(record.body["status"], "INITIALIZED");
+
+    // Its lock is held and its quota entry counted.
+    let again = proxied.post(&path, &token, None).await;
+    assert_eq!(again.status, 409, "{again:?}");
+    assert_eq!(again.body["code"], "refresh_in_progress");
+    assert_eq!(again.body["refreshId"], refresh_id);
+    let seen = direct.get(&format!("/v1/consents/{consent}"), &token).await;
+    assert_eq!(seen.body["quota"]["used"], 1, "{seen:?}");
+}
+
+/// The statement writing an admission loses its connection before it ran (its
+/// preparation's answer is lost): asked, the database says it was not written, so the
+/// ingress answers 503 and gives the gate back; the next request is admitted.
+#[tokio::test]
+async fn an_admission_whose_statement_never_ran_is_answered_503_and_consumes_nothing() {
+    let (app, direct, proxied, pg) = behind_a_database_proxy().await;
+    let consent = direct.seed_consent("acme", None, None).await;
+    let token = dev_token(&app, Some("acme"), "api:stored_data");
+
+    pg.lose_answer_to(b"admit_refreshes(");
+    let path = format!("/v1/consents/{consent}/refresh");
+    let answer = proxied.post(&path, &token, None).await;
+    assert!(pg.answer_lost(), "the statement's answer was not lost");
+    assert_eq!(answer.status, 503, "{answer:?}");
+    assert_eq!(answer.body["code"], "unavailable");
+    let seen = direct.get(&format!("/v1/consents/{consent}"), &token).await;
+    assert_eq!(seen.body["quota"]["used"], 0, "{seen:?}");
+    assert_eq!(seen.body["refreshing"], false, "{seen:?}");
+
+    let again = proxied.post(&path, &token, None).await;
+    assert_eq!(again.status, 202, "{again:?}");
+}
+
+/// An app with its own ingress (`direct`) and a second one whose PostgreSQL
+/// connections go through the returned proxy.
+async fn behind_a_database_proxy() -> (TestApp, Api, Api, Proxy) {
+    let app = refresh_tests::spawn_app_with(&COMMON).await;
+    let direct = app.start_ingress().await;
+    let pg = Proxy::start("127.0.0.1:5432").await;
+    let database_url = app
+        .settings
+        .database
+        .url
+        .replace("127.0.0.1:5432", &format!("127.0.0.1:{}", pg.port));
+    let mut overrides = COMMON.to_vec();
+    overrides.push(("database.url", database_url.as_str()));
+    let settings = test_settings(&app.namespace, &overrides);
+    let proxied = ingress_with(&app, &settings)
+        .await
+        .expect("the proxied ingress starts");
+    (app, direct, proxied, pg)
+}
+
 /// The bank failing 30 % of its calls, half with 503 and half by never answering
 /// (the connector's timeout, 1 s here): attempts are retried and counted, and every
 /// accepted refresh still ends exactly once (`UPDATED`, or `ERROR bank_unavailable`

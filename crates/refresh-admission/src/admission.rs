@@ -192,7 +192,11 @@ impl Admitter {
                 Ok(Decision::Admitted(record))
             }
             Err(failure) => {
-                if let Err(error) = self.gate.undo(&ticket).await {
+                // One that may have been written keeps its lock and quota entry, to
+                // lapse with the lease (heal_quota forgets the entry if it never was).
+                if !matches!(failure, Enqueue::InDoubt(_))
+                    && let Err(error) = self.gate.undo(&ticket).await
+                {
                     tracing::error!(error = %error, refresh_id = %ticket.refresh_id, "cannot undo the gate; the lock expires with its lease");
                 }
                 match failure {
@@ -211,7 +215,7 @@ impl Admitter {
                         self.rebuild.recover().await;
                         Err(Unavailable::Database(StoreError::StaleGate))
                     }
-                    Enqueue::Unavailable(error) => Err(error),
+                    Enqueue::Unavailable(error) | Enqueue::InDoubt(error) => Err(error),
                 }
             }
         }
@@ -401,6 +405,7 @@ impl Admitter {
                 })
             }
             Err(WriteError::Failed(error)) => Err(Enqueue::Unavailable(Unavailable::Write(error))),
+            Err(WriteError::InDoubt(error)) => Err(Enqueue::InDoubt(Unavailable::Write(error))),
         }
     }
 
@@ -450,6 +455,8 @@ enum Enqueue {
     /// A gate rebuild began after the state that admitted it.
     StaleGate,
     Unavailable(Unavailable),
+    /// Whether it was written is unknown: the gate must stay.
+    InDoubt(Unavailable),
 }
 
 /// SPEC §2 rules 1–2: unknown or another tenant's consent → 404; not active → 403.

@@ -17,6 +17,9 @@ use crate::crypto::{CryptoError, TokenCipher};
 pub enum StoreError {
     #[error("database unavailable")]
     Unavailable(#[source] sqlx::Error),
+    /// The connection failed after a statement was sent: it may have committed.
+    #[error("database unavailable; the statement may have committed")]
+    InDoubt(#[source] sqlx::Error),
     #[error("database query failed")]
     Query(#[source] sqlx::Error),
     #[error("a row with this key exists already")]
@@ -38,7 +41,7 @@ const GATE_LOCK_EXCLUSIVE: &str =
 impl StoreError {
     /// Whether the database could not be reached (answer 503) rather than a bug.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Self::Unavailable(_))
+        matches!(self, Self::Unavailable(_) | Self::InDoubt(_))
     }
 }
 
@@ -544,8 +547,36 @@ impl Store {
     }
 
     /// Writes a batch of admissions on the pool, one commit ([`write_admissions`]).
+    /// A connection lost once the statement was sent is [`StoreError::InDoubt`]:
+    /// the batch may have committed ([`Store::written_admissions`] tells).
     pub async fn admit_many(&self, admissions: &[Admission]) -> Result<Vec<Written>, StoreError> {
-        write_admissions(&self.pool, admissions).await
+        let mut connection = self.pool.acquire().await?;
+        write_admissions(&mut *connection, admissions)
+            .await
+            .map_err(|error| match error {
+                StoreError::Unavailable(error) => StoreError::InDoubt(error),
+                other => other,
+            })
+    }
+
+    /// Which of `ids` have a record, once every admission statement under way has
+    /// ended: it takes the gate's advisory lock exclusively, which each of them holds
+    /// shared until it commits or aborts, also one whose connection is already gone.
+    /// Resolves [`StoreError::InDoubt`]: what is not found then was never written.
+    pub async fn written_admissions(
+        &self,
+        ids: &[RefreshId],
+    ) -> Result<std::collections::HashSet<RefreshId>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(GATE_LOCK_EXCLUSIVE).execute(&mut *tx).await?;
+        let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
+        let found: Vec<uuid::Uuid> =
+            sqlx::query_scalar("SELECT refresh_id FROM refreshes WHERE refresh_id = ANY($1)")
+                .bind(&uuids)
+                .fetch_all(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(found.into_iter().map(RefreshId::from_uuid).collect())
     }
 
     /// Marks a gate rebuild as begun, once every admission writing its record has
