@@ -118,7 +118,9 @@ impl Admitter {
         request: &RefreshRequest,
         remember: Option<&Remember>,
     ) -> Result<Decision, Unavailable> {
+        let started = Instant::now();
         let decision = self.decide(request, remember).await;
+        self.metrics.decide_latency(started.elapsed());
         match &decision {
             Ok(Decision::Admitted(_)) => self.metrics.admitted(request.requested_by),
             Ok(Decision::Refused(problem)) => {

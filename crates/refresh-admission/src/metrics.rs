@@ -1,5 +1,5 @@
-//! Prometheus metrics of admission: admissions and refusals by code and source, gate
-//! latency, the latency of an admission's write and of the relay's confirmed job
+//! Prometheus metrics of admission: admissions and refusals by code and source, the
+//! latency of a whole decision and of its gate, the latency of an admission's write and of the relay's confirmed job
 //! publishes, quota entries of failed admissions forgotten.
 
 use std::time::Duration;
@@ -18,6 +18,7 @@ type Labels = Vec<(&'static str, &'static str)>;
 pub struct AdmissionMetrics {
     admissions: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
+    decide_seconds: Histogram,
     gate_seconds: Histogram,
     write_seconds: Histogram,
     publish_seconds: Histogram,
@@ -36,6 +37,7 @@ impl Default for AdmissionMetrics {
         Self {
             admissions: Family::default(),
             refusals: Family::default(),
+            decide_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             gate_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             write_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             publish_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
@@ -57,6 +59,11 @@ impl AdmissionMetrics {
             "refusals",
             "Refused refresh requests, by problem code and source",
             self.refusals.clone(),
+        );
+        registry.register(
+            "admission_seconds",
+            "Latency of deciding a refresh request (consent, gate, write), whatever the answer",
+            self.decide_seconds.clone(),
         );
         registry.register(
             "gate_seconds",
@@ -99,6 +106,10 @@ impl AdmissionMetrics {
         self.refusals
             .get_or_create(&vec![("code", code.as_str()), ("source", source.as_str())])
             .inc();
+    }
+
+    pub(crate) fn decide_latency(&self, elapsed: Duration) {
+        self.decide_seconds.observe(elapsed.as_secs_f64());
     }
 
     pub(crate) fn gate_latency(&self, elapsed: Duration) {
