@@ -47,12 +47,14 @@ const LEVELS: [(f64, &str, &str); 3] = [
     (0.5, "half", "half load"),
     (0.9, "load90", "90 % load"),
 ];
-const UPSTREAM_REQUESTS: usize = 3_000;
+const UPSTREAM_REQUESTS: usize = 10_000;
 const UPSTREAM_BUDGET: Duration = Duration::from_secs(30);
 /// How long the decisions of the open-loop upstream requests may take after the last
 /// is published.
 const UPSTREAM_DRAIN: Duration = Duration::from_secs(10);
-const CONSENTS: usize = 60_000;
+/// Enough for every phase at up to about 4,500 admissions/s (each admission takes a
+/// consent no other has used); a phase that runs out says so.
+const CONSENTS: usize = 120_000;
 
 /// A consent as the drivers need it: id and tenant.
 #[derive(Clone)]
@@ -373,7 +375,8 @@ async fn raw_publish(broker: &refresh_amqp::Broker, budget: Duration) -> Result<
 
 /// The stages of an admission the ingress times, as (histogram, name in the report):
 /// where a level's latency goes.
-const STAGES: [(&str, &str); 2] = [
+const STAGES: [(&str, &str); 3] = [
+    ("refreshd_admission_seconds", "admission"),
     ("refreshd_gate_seconds", "gate"),
     ("refreshd_admission_write_seconds", "write"),
 ];
@@ -401,12 +404,52 @@ fn mean_between(before: &str, after: &str, metric: &str) -> Option<f64> {
     (observed > 0.0).then(|| (value(after, &sum) - value(before, &sum)) / observed)
 }
 
+/// The upper bound of the histogram bucket holding quantile `q` of what `metric`
+/// observed between two scrapes (its buckets double, so this is within 2× of it).
+fn quantile_bound_between(before: &str, after: &str, metric: &str, q: f64) -> Option<f64> {
+    let buckets = |text: &str| -> Vec<(f64, f64)> {
+        let series = format!("{metric}_bucket{{le=\"");
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix(series.as_str())?;
+                let (le, count) = rest.split_once("\"}")?;
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().ok()?
+                };
+                Some((le, count.trim().parse().ok()?))
+            })
+            .collect()
+    };
+    let (before, after) = (buckets(before), buckets(after));
+    let observed: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, count)| {
+            let earlier = before
+                .iter()
+                .find(|(b, _)| b == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, count - earlier)
+        })
+        .collect();
+    let total = observed.iter().map(|(_, c)| *c).fold(0.0, f64::max);
+    if total <= 0.0 {
+        return None;
+    }
+    observed
+        .iter()
+        .find(|(_, cumulative)| *cumulative >= q * total)
+        .map(|(le, _)| *le)
+}
+
 /// Scenario 2: upstream requests published (confirmed) to `requests` with a reply
 /// queue; throughput is replies per second, latency publish → reply.
 async fn upstream(
     report: &mut Report,
     broker: &refresh_amqp::Broker,
     consents: &[Seeded],
+    cpu_groups: Vec<cpu::Group>,
 ) -> Result<()> {
     let n = UPSTREAM_REQUESTS.min(consents.len());
     let queue = broker.declare_reply_queue().await?;
@@ -414,6 +457,7 @@ async fn upstream(
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let done = Arc::new(AtomicUsize::new(0));
     let _ticker = Ticker::start("upstream".into(), done.clone(), n);
+    let measuring = cpu::start(cpu_groups);
     let started = Instant::now();
     let deadline = started + UPSTREAM_BUDGET;
     let collector = {
@@ -478,7 +522,9 @@ async fn upstream(
     while set.join_next().await.is_some() {}
     let published = started.elapsed();
     let (mut latencies, accepted, last) = collector.await?;
+    let cpu_used = measuring.finish();
     let elapsed = last.duration_since(started);
+    cpu_figures(report, "upstream", &cpu_used, latencies.len());
     report.figure(
         "upstream",
         "requests",
@@ -554,7 +600,14 @@ async fn upstream_paced(
     consents: &[Seeded],
     rate: f64,
 ) -> Result<()> {
-    let n = ((rate * LEVEL_BUDGET.as_secs_f64()) as usize).min(consents.len());
+    let wanted = (rate * LEVEL_BUDGET.as_secs_f64()) as usize;
+    let n = wanted.min(consents.len());
+    if n < wanted {
+        report.note(
+            "upstream",
+            &format!("half load ran out of consents: {n} requests of {wanted}"),
+        );
+    }
     let queue = broker.declare_reply_queue().await?;
     let mut replies = broker.consume(&queue, 1000);
     let pending: Arc<Mutex<HashMap<String, tokio::time::Instant>>> = Arc::default();
@@ -730,8 +783,9 @@ fn cpu_groups(app: &TestApp, ingress: &Ingress, report: &mut Report) -> Vec<cpu:
 }
 
 /// CPU per admission and share of the machine (cores × wall time) of each group, the
-/// machine's busy share, and the rest (busy, but in none of the groups).
-fn cpu_figures(report: &mut Report, used: &cpu::Used, admissions: usize) {
+/// machine's busy share, and the rest (busy, but in none of the groups), as figures
+/// of `section` (its saturated run decided `admissions`).
+fn cpu_figures(report: &mut Report, section: &str, used: &cpu::Used, admissions: usize) {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let capacity = used.wall.as_secs_f64() * cores as f64;
     let per_admission = |cpu: Duration| ms(cpu) / admissions.max(1) as f64;
@@ -739,14 +793,14 @@ fn cpu_figures(report: &mut Report, used: &cpu::Used, admissions: usize) {
     for (group, cpu) in &used.groups {
         counted += *cpu;
         report.figure(
-            "admission",
+            section,
             &format!("cpu_ms_{}", group.key),
             &format!("saturated: CPU per admission, {}", group.label),
             per_admission(*cpu),
             "ms",
         );
         report.figure(
-            "admission",
+            section,
             &format!("cpu_share_{}", group.key),
             &format!("saturated: share of machine CPU, {}", group.label),
             cpu.as_secs_f64() / capacity,
@@ -755,21 +809,21 @@ fn cpu_figures(report: &mut Report, used: &cpu::Used, admissions: usize) {
     }
     if let Some(busy) = used.busy {
         report.figure(
-            "admission",
+            section,
             "cpu_ms_machine",
             "saturated: CPU per admission, whole machine (busy)",
             per_admission(busy),
             "ms",
         );
         report.figure(
-            "admission",
+            section,
             "cpu_share_machine",
             "saturated: share of machine CPU, busy",
             busy.as_secs_f64() / capacity,
             "of all cores",
         );
         report.figure(
-            "admission",
+            section,
             "cpu_share_other",
             "saturated: share of machine CPU, busy in none of the above",
             busy.saturating_sub(counted).as_secs_f64() / capacity,
@@ -777,7 +831,7 @@ fn cpu_figures(report: &mut Report, used: &cpu::Used, admissions: usize) {
         );
     }
     report.note(
-        "admission",
+        section,
         &format!(
             "CPU shares are of {cores} cores × {:.1} s of the saturated run; the servers \
              are every process under the one listening on the service's port",
@@ -846,7 +900,7 @@ pub(crate) async fn run(
                 "ms",
             );
         }
-        cpu_figures(report, &cpu_used, tally.accepted);
+        cpu_figures(report, "admission", &cpu_used, tally.accepted);
         progress("admission: raw limit of the gate (Gate::admit directly)");
         let gate_rps = raw_gate(&services.gate, RAW_BUDGET).await?;
         report.figure(
@@ -875,6 +929,16 @@ pub(crate) async fn run(
         );
         for (share, key, label) in LEVELS {
             let rate = (rps * share).max(1.0);
+            let wanted = (rate * LEVEL_BUDGET.as_secs_f64()) as usize;
+            if rest.len() < wanted {
+                report.note(
+                    "admission",
+                    &format!(
+                        "{label} ran out of consents: {} requests of {wanted}",
+                        rest.len()
+                    ),
+                );
+            }
             let before = ingress_metrics(&ingress).await?;
             let mut tally = paced(&http, rest, rate, LEVEL_BUDGET).await;
             let after = ingress_metrics(&ingress).await?;
@@ -885,6 +949,15 @@ pub(crate) async fn run(
                         &format!("{key}_{part}_mean_ms"),
                         &format!("{label}: mean time in the {part} (ingress metrics)"),
                         mean * 1000.0,
+                        "ms",
+                    );
+                }
+                if let Some(p99) = quantile_bound_between(&before, &after, metric, 0.99) {
+                    report.figure(
+                        "admission",
+                        &format!("{key}_{part}_p99_le_ms"),
+                        &format!("{label}: p99 of the {part}, at most (ingress histogram bucket)"),
+                        p99 * 1000.0,
                         "ms",
                     );
                 }
@@ -937,7 +1010,8 @@ pub(crate) async fn run(
     if upstream_wanted {
         progress("upstream: publishing refresh requests to the requests queue");
         let (queued, later) = rest.split_at(UPSTREAM_REQUESTS.min(rest.len()));
-        upstream(report, &services.broker, queued).await?;
+        let groups = cpu_groups(&app, &ingress, report);
+        upstream(report, &services.broker, queued, groups).await?;
         match report.get("admission", "http_rps") {
             Some(http_rps) => {
                 progress("upstream: open loop at half the HTTP admission rate");
@@ -967,6 +1041,26 @@ mod tests {
         assert_eq!(mean_between(after, after, "refreshd_gate_seconds"), None);
         assert_eq!(
             mean_between(before, after, "refreshd_admission_write_seconds"),
+            None
+        );
+    }
+
+    #[test]
+    fn a_quantiles_bucket_is_found_between_two_scrapes() {
+        let scrape = |counts: [u32; 3]| {
+            format!(
+                "refreshd_gate_seconds_bucket{{le=\"0.001\"}} {}\nrefreshd_gate_seconds_bucket{{le=\"0.002\"}} {}\nrefreshd_gate_seconds_bucket{{le=\"+Inf\"}} {}\n",
+                counts[0], counts[1], counts[2]
+            )
+        };
+        // Between the scrapes: 90 at most 1 ms, 9 more at most 2 ms, 1 beyond.
+        let (before, after) = (scrape([10, 10, 10]), scrape([100, 109, 110]));
+        let bound = |q| quantile_bound_between(&before, &after, "refreshd_gate_seconds", q);
+        assert_eq!(bound(0.5), Some(0.001));
+        assert_eq!(bound(0.99), Some(0.002));
+        assert_eq!(bound(0.999), Some(f64::INFINITY));
+        assert_eq!(
+            quantile_bound_between(&after, &after, "refreshd_gate_seconds", 0.99),
             None
         );
     }
