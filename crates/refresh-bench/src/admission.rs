@@ -404,6 +404,38 @@ fn mean_between(before: &str, after: &str, metric: &str) -> Option<f64> {
     (observed > 0.0).then(|| (value(after, &sum) - value(before, &sum)) / observed)
 }
 
+/// Where a level's time went, from the ingress's histograms scraped `before` and
+/// `after` it: each stage's mean and the bucket holding its p99.
+fn stage_figures(
+    report: &mut Report,
+    section: &str,
+    key: &str,
+    label: &str,
+    before: &str,
+    after: &str,
+) {
+    for (metric, part) in STAGES {
+        if let Some(mean) = mean_between(before, after, metric) {
+            report.figure(
+                section,
+                &format!("{key}_{part}_mean_ms"),
+                &format!("{label}: mean time in the {part} (ingress metrics)"),
+                mean * 1000.0,
+                "ms",
+            );
+        }
+        if let Some(p99) = quantile_bound_between(before, after, metric, 0.99) {
+            report.figure(
+                section,
+                &format!("{key}_{part}_p99_le_ms"),
+                &format!("{label}: p99 of the {part}, at most (ingress histogram bucket)"),
+                p99 * 1000.0,
+                "ms",
+            );
+        }
+    }
+}
+
 /// The upper bound of the histogram bucket holding quantile `q` of what `metric`
 /// observed between two scrapes (its buckets double, so this is within 2× of it).
 fn quantile_bound_between(before: &str, after: &str, metric: &str, q: f64) -> Option<f64> {
@@ -942,26 +974,7 @@ pub(crate) async fn run(
             let before = ingress_metrics(&ingress).await?;
             let mut tally = paced(&http, rest, rate, LEVEL_BUDGET).await;
             let after = ingress_metrics(&ingress).await?;
-            for (metric, part) in STAGES {
-                if let Some(mean) = mean_between(&before, &after, metric) {
-                    report.figure(
-                        "admission",
-                        &format!("{key}_{part}_mean_ms"),
-                        &format!("{label}: mean time in the {part} (ingress metrics)"),
-                        mean * 1000.0,
-                        "ms",
-                    );
-                }
-                if let Some(p99) = quantile_bound_between(&before, &after, metric, 0.99) {
-                    report.figure(
-                        "admission",
-                        &format!("{key}_{part}_p99_le_ms"),
-                        &format!("{label}: p99 of the {part}, at most (ingress histogram bucket)"),
-                        p99 * 1000.0,
-                        "ms",
-                    );
-                }
-            }
+            stage_figures(report, "admission", key, label, &before, &after);
             rest = &rest[tally.latencies_ms.len().min(rest.len())..];
             report.figure(
                 "admission",
@@ -1015,7 +1028,10 @@ pub(crate) async fn run(
         match report.get("admission", "http_rps") {
             Some(http_rps) => {
                 progress("upstream: open loop at half the HTTP admission rate");
+                let before = ingress_metrics(&ingress).await?;
                 upstream_paced(report, &services.broker, later, (http_rps / 2.0).max(1.0)).await?;
+                let after = ingress_metrics(&ingress).await?;
+                stage_figures(report, "upstream", "half", "half load", &before, &after);
             }
             None => report.not_measured(
                 "upstream",
