@@ -563,11 +563,17 @@ impl Store {
     /// ended: it takes the gate's advisory lock exclusively, which each of them holds
     /// shared until it commits or aborts, also one whose connection is already gone.
     /// Resolves [`StoreError::InDoubt`]: what is not found then was never written.
+    /// Gives up on the lock after 2 s (an error; the caller asks again).
     pub async fn written_admissions(
         &self,
         ids: &[RefreshId],
     ) -> Result<std::collections::HashSet<RefreshId>, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // Admissions queue behind the exclusive request: wait for it briefly, and
+        // let the caller ask again rather than hold every admission up.
+        sqlx::query("SET LOCAL lock_timeout = '2s'")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query(GATE_LOCK_EXCLUSIVE).execute(&mut *tx).await?;
         let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
         let found: Vec<uuid::Uuid> =
