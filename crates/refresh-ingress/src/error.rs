@@ -45,6 +45,28 @@ impl From<refresh_pg::StoreError> for ApiError {
     }
 }
 
+/// A batched statement (an idempotency key's reservation) that failed, or whose
+/// batching task is gone because the role is stopping.
+impl From<refresh_admission::GroupError<refresh_pg::StoreError>> for ApiError {
+    fn from(error: refresh_admission::GroupError<refresh_pg::StoreError>) -> Self {
+        match error {
+            refresh_admission::GroupError::Failed(error) => {
+                if error.is_unavailable() {
+                    tracing::warn!(error = %error_chain(&*error), "database unavailable");
+                    Self::from(Problem::unavailable())
+                } else {
+                    tracing::error!(error = %error_chain(&*error), "database error");
+                    Self::from(Problem::internal())
+                }
+            }
+            refresh_admission::GroupError::Stopped => {
+                tracing::warn!("refusing with 503: the ingress is stopping");
+                Self::from(Problem::unavailable())
+            }
+        }
+    }
+}
+
 impl From<refresh_redis::GateError> for ApiError {
     fn from(error: refresh_redis::GateError) -> Self {
         tracing::warn!(error = %error_chain(&error), "redis unavailable");

@@ -15,10 +15,10 @@ use tokio_util::task::TaskTracker;
 /// than any answer takes (the longest `Prefer: wait` plus the admission's own
 /// timeouts). A reservation older than this belongs to a process that died before it
 /// answered, and the next request with the key takes it over.
-pub(crate) const KEY_LEASE: TimeDelta = TimeDelta::seconds(90);
+const KEY_LEASE: TimeDelta = TimeDelta::seconds(90);
 
 /// How long an answer stays remembered for its key (SPEC §3).
-pub(crate) const KEY_TTL: TimeDelta = TimeDelta::hours(24);
+const KEY_TTL: TimeDelta = TimeDelta::hours(24);
 /// How often a release that failed is tried again, within the reservation's lease.
 const RELEASE_RETRY: Duration = Duration::from_millis(500);
 
@@ -31,13 +31,13 @@ const RESERVE_IN_FLIGHT: usize = 2;
 /// ([`Store::reserve_keys`]): under load a reservation costs the database a share of
 /// a round trip instead of one of its own.
 #[derive(Clone)]
-pub(crate) struct KeyReserver {
+pub struct KeyReserver {
     group: Group<(TenantId, String), KeyReservation, StoreError>,
 }
 
 impl KeyReserver {
     /// Starts the batching task on `tracker`.
-    pub(crate) fn start(store: Store, tracker: &TaskTracker) -> Self {
+    pub fn start(store: Store, tracker: &TaskTracker) -> Self {
         let group = Group::start(
             tracker,
             RESERVE_BATCH,
@@ -79,6 +79,12 @@ pub struct KeyReleases {
     store: Store,
     tracker: TaskTracker,
     shutdown: CancellationToken,
+}
+
+impl std::fmt::Debug for KeyReserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyReserver").finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for KeyReleases {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 pub use auth::{AuthConfigError, Principal, SCOPE_ADMIN, SCOPE_STORED_DATA, Verifier, mint_hs256};
 pub use error::{ApiError, error_chain};
-pub use idempotency::KeyReleases;
+pub use idempotency::{KeyReleases, KeyReserver};
 use refresh_admission::Admitter;
 use refresh_amqp::Broker;
 use refresh_ops::Registry;
@@ -38,6 +38,8 @@ pub struct HttpConfig {
     pub secure_cookies: bool,
     /// Where the releases of idempotency keys are retried.
     pub key_releases: KeyReleases,
+    /// Reserves the keys of `Idempotency-Key` requests, many per statement.
+    pub key_reserver: KeyReserver,
 }
 
 /// The HTTP API as a router (tests and `serve`).
@@ -69,6 +71,7 @@ pub fn router(
         sessions,
         secure_cookies: config.secure_cookies,
         key_releases: config.key_releases,
+        key_reserver: config.key_reserver,
     };
     // The portal has its own pages and headers; the API keeps the fallback.
     portal::router(state.clone())

@@ -29,4 +29,5 @@ pub(crate) struct AppState {
     /// `Secure` on the portal's cookies (off only in `dev`, over plain HTTP).
     pub(crate) secure_cookies: bool,
     pub(crate) key_releases: crate::idempotency::KeyReleases,
+    pub(crate) key_reserver: crate::idempotency::KeyReserver,
 }

@@ -71,6 +71,7 @@ pub async fn start(
                 tracker,
                 shutdown.child_token(),
             ),
+            key_reserver: refresh_ingress::KeyReserver::start(services.store.clone(), tracker),
         },
     );
     let addr = listener.local_addr().map_err(|source| RunError::Bind {

@@ -23,7 +23,7 @@ use super::extract::{
 };
 use crate::auth::Principal;
 use crate::error::{ApiError, problem_response};
-use crate::idempotency::{KEY_LEASE, KEY_TTL, remembered};
+use crate::idempotency::remembered;
 use crate::state::AppState;
 use refresh_admission::{Decision, RefreshRequest};
 
@@ -222,12 +222,7 @@ pub(crate) async fn request_refresh(
     let key = format!("POST /v1/consents/{id}/refresh {key}");
     let deadline = tokio::time::Instant::now() + KEY_WAIT;
     let fence = loop {
-        let now = Utc::now();
-        match state
-            .store
-            .reserve_key(&key_tenant, &key, now, now - KEY_TTL, now - KEY_LEASE)
-            .await?
-        {
+        match state.key_reserver.reserve(&key_tenant, &key).await? {
             KeyReservation::Done {
                 http_status,
                 response,
