@@ -834,7 +834,10 @@ async fn health_readiness_and_metrics() {
     );
     assert!(text.contains("refreshd_gate_seconds_bucket"), "{text}");
     // Both decisions, the admission and the refusal, are timed.
-    assert!(text.contains("refreshd_admission_seconds_count 2"), "{text}");
+    assert!(
+        text.contains("refreshd_admission_seconds_count 2"),
+        "{text}"
+    );
     assert!(text.contains("refreshd_publish_seconds_bucket"), "{text}");
     let openapi = api
         .call(Method::GET, "/openapi.json", None, None, &[])
