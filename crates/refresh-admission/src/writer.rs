@@ -44,7 +44,8 @@ pub enum WriteError {
     #[error("the admissions could not be written")]
     Failed(#[source] Arc<StoreError>),
     /// The statement of its batch lost its connection once sent, and the database
-    /// could not be asked within [`IN_DOUBT_PATIENCE`] whether it committed.
+    /// could not be asked within [`IN_DOUBT_PATIENCE`] (or before the role stopped)
+    /// whether it committed.
     #[error("whether the admission was written is unknown")]
     InDoubt(#[source] Arc<StoreError>),
 }
@@ -117,7 +118,10 @@ impl AdmissionWriter {
                     tracing::warn!(%refresh_id, error = %error, "an admission's statement lost its answer; it was not written");
                     return Err(WriteError::Failed(error));
                 }
-                Err(GroupError::Stopped) => return Err(stopped()),
+                Err(GroupError::Stopped) => {
+                    tracing::error!(%refresh_id, "the ingress stopped before it could tell whether an admission was written; its gate is kept until its lease runs out");
+                    return Err(WriteError::InDoubt(error));
+                }
                 Err(GroupError::Failed(asked)) => {
                     if Instant::now() + pause > give_up {
                         tracing::error!(%refresh_id, error = %asked, "cannot tell whether an admission was written; its gate is kept until its lease runs out");
