@@ -970,6 +970,40 @@ async fn an_admission_whose_statement_never_ran_is_answered_503_and_consumes_not
     assert_eq!(again.status, 202, "{again:?}");
 }
 
+/// An admitted request's `Idempotency-Key` is answered by the admission's own
+/// statement: the database lost right after the admission (every later statement on
+/// the key cut off) neither turns the 202 into a 503 nor leaves the key unanswered,
+/// so a repeat replays the 202 instead of admitting again.
+#[tokio::test]
+async fn an_admitted_requests_key_is_answered_with_the_admission_itself() {
+    let (app, direct, proxied, pg) = behind_a_database_proxy().await;
+    let consent = direct.seed_consent("acme", None, None).await;
+    let token = dev_token(&app, Some("acme"), "api:stored_data");
+    let path = format!("/v1/consents/{consent}/refresh");
+    let key = [("idempotency-key", "once")];
+
+    // A statement writing the key's answer after the admission would never run.
+    pg.lose_answer_to(b"UPDATE idempotency_keys");
+    let first = proxied
+        .call(reqwest::Method::POST, &path, Some(&token), None, &key)
+        .await;
+    assert_eq!(first.status, 202, "{first:?}");
+    let answered: Option<i32> =
+        sqlx::query_scalar("SELECT http_status FROM idempotency_keys WHERE key = $1")
+            .bind(format!("POST /v1/consents/{consent}/refresh once"))
+            .fetch_optional(&app.pg)
+            .await
+            .expect("the key's row");
+    assert_eq!(answered, Some(202));
+
+    let repeat = direct
+        .call(reqwest::Method::POST, &path, Some(&token), None, &key)
+        .await;
+    assert_eq!(repeat.status, 202, "{repeat:?}");
+    assert_eq!(repeat.header("idempotent-replayed"), Some("true"));
+    assert_eq!(repeat.body, first.body);
+}
+
 /// An app with its own ingress (`direct`) and a second one whose PostgreSQL
 /// connections go through the returned proxy.
 async fn behind_a_database_proxy() -> (TestApp, Api, Api, Proxy) {

@@ -259,3 +259,43 @@ async fn an_upstream_message_id_remembers_admissions_but_not_a_409() {
     assert_eq!(again, admitted, "the admission is replayed");
     assert_eq!(count(&app, "SELECT count(*) FROM refreshes").await, 2);
 }
+
+/// With `Prefer: wait`, the answer the key keeps is the one the request gave after
+/// its wait (200 once the refresh ended), replacing the 202 its admission recorded.
+#[tokio::test]
+async fn a_waited_answer_replaces_the_admissions_202_for_its_key() {
+    let app = spawn_app().await;
+    let api = app.start_ingress().await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await;
+    let pool = app.pg.clone();
+    let finisher = tokio::spawn(async move {
+        for _ in 0..200 {
+            let done = sqlx::query(
+                "UPDATE refreshes SET status = 'UPDATED', started_at = now(), finished_at = now(), \
+                 summary = '{\"accountsUpdated\":0,\"balancesUpdated\":0,\"transactionsAdded\":0,\"transactionsUpdated\":0,\"transactionsRemoved\":0}' \
+                 WHERE consent_id = $1 AND status = 'INITIALIZED'",
+            )
+            .bind(consent.as_uuid())
+            .execute(&pool)
+            .await
+            .unwrap();
+            if done.rows_affected() == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let path = format!("/v1/consents/{consent}/refresh");
+    let headers = [("idempotency-key", "waited"), ("prefer", "wait=5")];
+    let first = api
+        .call(Method::POST, &path, Some(&token), None, &headers)
+        .await;
+    finisher.await.unwrap();
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.body["status"], "UPDATED");
+    let repeat = api
+        .call(Method::POST, &path, Some(&token), None, &headers)
+        .await;
+    assert_replay(&repeat, &first);
+}

@@ -900,6 +900,35 @@ impl Store {
         http_status: u16,
         response: &Value,
     ) -> Result<bool, StoreError> {
+        self.answer_key(tenant, key, fence, PENDING_STATUS, http_status, response)
+            .await
+    }
+
+    /// Replaces the answer an admission recorded for `key` (`from`, its status) with
+    /// the one its request finally gave (after `Prefer: wait`); false if the row is
+    /// no longer that one.
+    pub async fn revise_key(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        fence: KeyFence,
+        from: u16,
+        http_status: u16,
+        response: &Value,
+    ) -> Result<bool, StoreError> {
+        self.answer_key(tenant, key, fence, i32::from(from), http_status, response)
+            .await
+    }
+
+    async fn answer_key(
+        &self,
+        tenant: &TenantId,
+        key: &str,
+        fence: KeyFence,
+        from: i32,
+        http_status: u16,
+        response: &Value,
+    ) -> Result<bool, StoreError> {
         let updated = sqlx::query(
             "UPDATE idempotency_keys SET http_status = $4, response = $5 \
              WHERE tenant_id = $1 AND key = $2 AND created_at = $3 AND http_status = $6",
@@ -909,7 +938,7 @@ impl Store {
         .bind(fence.0)
         .bind(i32::from(http_status))
         .bind(response)
-        .bind(PENDING_STATUS)
+        .bind(from)
         .execute(&self.pool)
         .await?;
         Ok(updated.rows_affected() == 1)

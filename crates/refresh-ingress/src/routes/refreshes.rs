@@ -25,7 +25,7 @@ use crate::auth::Principal;
 use crate::error::{ApiError, problem_response};
 use crate::idempotency::remembered;
 use crate::state::AppState;
-use refresh_admission::{Decision, RefreshRequest};
+use refresh_admission::{Decision, RefreshRequest, Remember};
 
 /// Longest `Prefer: wait=N`.
 const MAX_WAIT_SECS: u64 = 60;
@@ -143,15 +143,33 @@ pub(crate) fn admitted_response(record: &RefreshRecord) -> Response {
     response
 }
 
-/// Runs one refresh request to its HTTP answer, and says whether that answer is
-/// [`remembered`] for an idempotency key.
+/// What an idempotency key keeps of a request's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum KeyAnswer {
+    /// Admitted: its 202 was recorded with the admission itself.
+    Admitted,
+    /// A refusal that cannot change: to be recorded.
+    Remember,
+    /// A refusal that may change: the key is released.
+    Forget,
+}
+
+/// The answer an admission records for its idempotency key, in its own statement:
+/// the 202 with the record (a `Prefer: wait` answer replaces it afterwards).
+fn admitted_answer(record: &RefreshRecord) -> (u16, Value) {
+    (202, serde_json::to_value(record).unwrap_or(Value::Null))
+}
+
+/// Runs one refresh request to its HTTP answer (an admission records
+/// `remember`'s key's answer with itself), and says what its key keeps of it.
 pub(crate) async fn refresh_answer(
     state: &AppState,
     principal: &Principal,
     id: ConsentId,
     wait: Option<Duration>,
     traceparent: TraceContext,
-) -> Result<(Response, bool), ApiError> {
+    remember: Option<&Remember>,
+) -> Result<(Response, KeyAnswer), ApiError> {
     let request = RefreshRequest {
         consent_id: id,
         tenant: principal.scope_tenant().cloned(),
@@ -159,8 +177,12 @@ pub(crate) async fn refresh_answer(
         initial: false,
         traceparent,
     };
-    let decision = state.admitter.request(&request).await?;
-    let remember = remembered(&decision);
+    let decision = state.admitter.request_answering(&request, remember).await?;
+    let kept = match &decision {
+        Decision::Admitted(_) => KeyAnswer::Admitted,
+        refused if remembered(refused) => KeyAnswer::Remember,
+        Decision::Refused(_) => KeyAnswer::Forget,
+    };
     let response = match decision {
         Decision::Refused(problem) => problem_response(&problem),
         Decision::Admitted(record) => {
@@ -171,7 +193,7 @@ pub(crate) async fn refresh_answer(
             admitted_response(&record)
         }
     };
-    Ok((response, remember))
+    Ok((response, kept))
 }
 
 #[utoipa::path(
@@ -212,7 +234,9 @@ pub(crate) async fn request_refresh(
         }
     };
     let Some(key) = key else {
-        return Ok(refresh_answer(&state, &principal, id, wait, trace).await?.0);
+        return Ok(refresh_answer(&state, &principal, id, wait, trace, None)
+            .await?
+            .0);
     };
     // Keys are per tenant (operators share one space) and per consent.
     let key_tenant = match principal.scope_tenant() {
@@ -239,15 +263,46 @@ pub(crate) async fn request_refresh(
             KeyReservation::Reserved(fence) => break fence,
         }
     };
-    match refresh_answer(&state, &principal, id, wait, trace).await {
-        Ok((response, true)) => {
+    // An admission records the key's 202 in its own statement, so an admitted
+    // request's key is never left unanswered (a crash, or the database lost right
+    // after the admission, would otherwise let a retry admit again once the
+    // reservation's lease ran out).
+    let remember = Remember {
+        tenant: key_tenant.clone(),
+        key: key.clone(),
+        fence,
+        answer: admitted_answer,
+    };
+    match refresh_answer(&state, &principal, id, wait, trace, Some(&remember)).await {
+        Ok((response, KeyAnswer::Admitted)) if response.status() == StatusCode::ACCEPTED => {
+            Ok(response)
+        }
+        Ok((response, kept @ (KeyAnswer::Admitted | KeyAnswer::Remember))) => {
             let status = response.status();
             let (parts, body) = response.into_parts();
             let bytes = axum::body::to_bytes(body, BODY_LIMIT * 16)
                 .await
                 .unwrap_or_default();
             let stored: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            if !state
+            if kept == KeyAnswer::Admitted {
+                // The wait's answer (200, or the refresh's problem) replaces the 202
+                // recorded with the admission; if that fails, a repeat gets the 202,
+                // whose record tells how the refresh ended.
+                match state
+                    .store
+                    .revise_key(&key_tenant, &key, fence, 202, status.as_u16(), &stored)
+                    .await
+                {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(
+                        "an idempotency key's answer was taken over before the wait's answer replaced it"
+                    ),
+                    Err(error) => tracing::warn!(
+                        error = %crate::error_chain(&error),
+                        "cannot record the wait's answer for an idempotency key; a repeat gets the 202"
+                    ),
+                }
+            } else if !state
                 .store
                 .complete_key(&key_tenant, &key, fence, status.as_u16(), &stored)
                 .await?
