@@ -320,6 +320,20 @@ pub async fn write_admissions(
         .collect()
 }
 
+/// Which of `ids` have a refresh record.
+async fn recorded(
+    executor: impl sqlx::PgExecutor<'_>,
+    ids: &[RefreshId],
+) -> Result<std::collections::HashSet<RefreshId>, StoreError> {
+    let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
+    let found: Vec<uuid::Uuid> =
+        sqlx::query_scalar("SELECT refresh_id FROM refreshes WHERE refresh_id = ANY($1)")
+            .bind(&uuids)
+            .fetch_all(executor)
+            .await?;
+    Ok(found.into_iter().map(RefreshId::from_uuid).collect())
+}
+
 /// Writes one admission ([`write_admissions`]): [`StoreError::StaleGate`] if a gate
 /// rebuild began since its state, `Conflict` when another refresh of the consent is
 /// still INITIALIZED.
@@ -575,14 +589,9 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         sqlx::query(GATE_LOCK_EXCLUSIVE).execute(&mut *tx).await?;
-        let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
-        let found: Vec<uuid::Uuid> =
-            sqlx::query_scalar("SELECT refresh_id FROM refreshes WHERE refresh_id = ANY($1)")
-                .bind(&uuids)
-                .fetch_all(&mut *tx)
-                .await?;
+        let found = recorded(&mut *tx, ids).await?;
         tx.commit().await?;
-        Ok(found.into_iter().map(RefreshId::from_uuid).collect())
+        Ok(found)
     }
 
     /// Marks a gate rebuild as begun, once every admission writing its record has
@@ -625,13 +634,7 @@ impl Store {
         &self,
         ids: &[RefreshId],
     ) -> Result<std::collections::HashSet<RefreshId>, StoreError> {
-        let uuids: Vec<uuid::Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
-        let found: Vec<uuid::Uuid> =
-            sqlx::query_scalar("SELECT refresh_id FROM refreshes WHERE refresh_id = ANY($1)")
-                .bind(&uuids)
-                .fetch_all(&self.pool)
-                .await?;
-        Ok(found.into_iter().map(RefreshId::from_uuid).collect())
+        recorded(&self.pool, ids).await
     }
 
     /// The consent's refreshes requested since `since`, newest first.
