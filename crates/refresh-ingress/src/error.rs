@@ -35,13 +35,18 @@ impl From<Unavailable> for ApiError {
 
 impl From<refresh_pg::StoreError> for ApiError {
     fn from(error: refresh_pg::StoreError) -> Self {
-        if error.is_unavailable() {
-            tracing::warn!(error = %error_chain(&error), "database unavailable");
-            Self::from(Problem::unavailable())
-        } else {
-            tracing::error!(error = %error_chain(&error), "database error");
-            Self::from(Problem::internal())
-        }
+        database_failed(&error)
+    }
+}
+
+/// 503 when the database could not be reached, else 500 (a bug); logged either way.
+fn database_failed(error: &refresh_pg::StoreError) -> ApiError {
+    if error.is_unavailable() {
+        tracing::warn!(error = %error_chain(error), "database unavailable");
+        ApiError::from(Problem::unavailable())
+    } else {
+        tracing::error!(error = %error_chain(error), "database error");
+        ApiError::from(Problem::internal())
     }
 }
 
@@ -50,15 +55,7 @@ impl From<refresh_pg::StoreError> for ApiError {
 impl From<refresh_admission::GroupError<refresh_pg::StoreError>> for ApiError {
     fn from(error: refresh_admission::GroupError<refresh_pg::StoreError>) -> Self {
         match error {
-            refresh_admission::GroupError::Failed(error) => {
-                if error.is_unavailable() {
-                    tracing::warn!(error = %error_chain(&*error), "database unavailable");
-                    Self::from(Problem::unavailable())
-                } else {
-                    tracing::error!(error = %error_chain(&*error), "database error");
-                    Self::from(Problem::internal())
-                }
-            }
+            refresh_admission::GroupError::Failed(error) => database_failed(&error),
             refresh_admission::GroupError::Stopped => {
                 tracing::warn!("refusing with 503: the ingress is stopping");
                 Self::from(Problem::unavailable())
