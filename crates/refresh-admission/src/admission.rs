@@ -120,7 +120,7 @@ impl Admitter {
     ) -> Result<Decision, Unavailable> {
         let started = Instant::now();
         let decision = self.decide(request, remember).await;
-        self.metrics.decide_latency(started.elapsed());
+        self.metrics.admission_latency(started.elapsed());
         match &decision {
             Ok(Decision::Admitted(_)) => self.metrics.admitted(request.requested_by),
             Ok(Decision::Refused(problem)) => {

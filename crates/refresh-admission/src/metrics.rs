@@ -1,6 +1,6 @@
-//! Prometheus metrics of admission: admissions and refusals by code and source, the
-//! latency of a whole decision and of its gate, the latency of an admission's write and of the relay's confirmed job
-//! publishes, quota entries of failed admissions forgotten.
+//! Prometheus metrics of admission: admissions and refusals by code and source; the
+//! latency of a whole decision, of its gate, of an admission's write and of the
+//! relay's confirmed job publishes; quota entries of failed admissions forgotten.
 
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ type Labels = Vec<(&'static str, &'static str)>;
 pub struct AdmissionMetrics {
     admissions: Family<Labels, Counter>,
     refusals: Family<Labels, Counter>,
-    decide_seconds: Histogram,
+    admission_seconds: Histogram,
     gate_seconds: Histogram,
     write_seconds: Histogram,
     publish_seconds: Histogram,
@@ -37,7 +37,7 @@ impl Default for AdmissionMetrics {
         Self {
             admissions: Family::default(),
             refusals: Family::default(),
-            decide_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
+            admission_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             gate_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             write_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
             publish_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 14)),
@@ -63,7 +63,7 @@ impl AdmissionMetrics {
         registry.register(
             "admission_seconds",
             "Latency of deciding a refresh request (consent, gate, write), whatever the answer",
-            self.decide_seconds.clone(),
+            self.admission_seconds.clone(),
         );
         registry.register(
             "gate_seconds",
@@ -108,8 +108,8 @@ impl AdmissionMetrics {
             .inc();
     }
 
-    pub(crate) fn decide_latency(&self, elapsed: Duration) {
-        self.decide_seconds.observe(elapsed.as_secs_f64());
+    pub(crate) fn admission_latency(&self, elapsed: Duration) {
+        self.admission_seconds.observe(elapsed.as_secs_f64());
     }
 
     pub(crate) fn gate_latency(&self, elapsed: Duration) {

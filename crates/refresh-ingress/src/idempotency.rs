@@ -35,6 +35,12 @@ pub struct KeyReserver {
     group: Group<(TenantId, String), KeyReservation, StoreError>,
 }
 
+impl std::fmt::Debug for KeyReserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyReserver").finish_non_exhaustive()
+    }
+}
+
 impl KeyReserver {
     /// Starts the batching task on `tracker`.
     pub fn start(store: Store, tracker: &TaskTracker) -> Self {
@@ -79,12 +85,6 @@ pub struct KeyReleases {
     store: Store,
     tracker: TaskTracker,
     shutdown: CancellationToken,
-}
-
-impl std::fmt::Debug for KeyReserver {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KeyReserver").finish_non_exhaustive()
-    }
 }
 
 impl std::fmt::Debug for KeyReleases {

@@ -143,9 +143,10 @@ pub(crate) fn admitted_response(record: &RefreshRecord) -> Response {
     response
 }
 
-/// What an idempotency key keeps of a request's answer.
+/// What an idempotency key keeps of a request's answer (not to be confused with
+/// `refresh_pg::KeyAnswer`, the answer an admission writes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum KeyAnswer {
+pub(crate) enum KeyKeeps {
     /// Admitted: its 202 was recorded with the admission itself.
     Admitted,
     /// A refusal that cannot change: to be recorded.
@@ -169,7 +170,7 @@ pub(crate) async fn refresh_answer(
     wait: Option<Duration>,
     traceparent: TraceContext,
     remember: Option<&Remember>,
-) -> Result<(Response, KeyAnswer), ApiError> {
+) -> Result<(Response, KeyKeeps), ApiError> {
     let request = RefreshRequest {
         consent_id: id,
         tenant: principal.scope_tenant().cloned(),
@@ -179,9 +180,9 @@ pub(crate) async fn refresh_answer(
     };
     let decision = state.admitter.request_answering(&request, remember).await?;
     let kept = match &decision {
-        Decision::Admitted(_) => KeyAnswer::Admitted,
-        refused if remembered(refused) => KeyAnswer::Remember,
-        Decision::Refused(_) => KeyAnswer::Forget,
+        Decision::Admitted(_) => KeyKeeps::Admitted,
+        refused if remembered(refused) => KeyKeeps::Remember,
+        Decision::Refused(_) => KeyKeeps::Forget,
     };
     let response = match decision {
         Decision::Refused(problem) => problem_response(&problem),
@@ -274,17 +275,17 @@ pub(crate) async fn request_refresh(
         answer: admitted_answer,
     };
     match refresh_answer(&state, &principal, id, wait, trace, Some(&remember)).await {
-        Ok((response, KeyAnswer::Admitted)) if response.status() == StatusCode::ACCEPTED => {
+        Ok((response, KeyKeeps::Admitted)) if response.status() == StatusCode::ACCEPTED => {
             Ok(response)
         }
-        Ok((response, kept @ (KeyAnswer::Admitted | KeyAnswer::Remember))) => {
+        Ok((response, kept @ (KeyKeeps::Admitted | KeyKeeps::Remember))) => {
             let status = response.status();
             let (parts, body) = response.into_parts();
             let bytes = axum::body::to_bytes(body, BODY_LIMIT * 16)
                 .await
                 .unwrap_or_default();
             let stored: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-            if kept == KeyAnswer::Admitted {
+            if kept == KeyKeeps::Admitted {
                 // The wait's answer (200, or the refresh's problem) replaces the 202
                 // recorded with the admission; if that fails, a repeat gets the 202,
                 // whose record tells how the refresh ended.
