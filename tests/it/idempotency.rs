@@ -268,24 +268,7 @@ async fn a_waited_answer_replaces_the_admissions_202_for_its_key() {
     let api = app.start_ingress().await;
     let token = dev_token(&app, Some("acme"), STORED);
     let consent = api.seed_consent("acme", None, None).await;
-    let pool = app.pg.clone();
-    let finisher = tokio::spawn(async move {
-        for _ in 0..200 {
-            let done = sqlx::query(
-                "UPDATE refreshes SET status = 'UPDATED', started_at = now(), finished_at = now(), \
-                 summary = '{\"accountsUpdated\":0,\"balancesUpdated\":0,\"transactionsAdded\":0,\"transactionsUpdated\":0,\"transactionsRemoved\":0}' \
-                 WHERE consent_id = $1 AND status = 'INITIALIZED'",
-            )
-            .bind(consent.as_uuid())
-            .execute(&pool)
-            .await
-            .unwrap();
-            if done.rows_affected() == 1 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    });
+    let finisher = api.complete_once_admitted(consent);
     let path = format!("/v1/consents/{consent}/refresh");
     let headers = [("idempotency-key", "waited"), ("prefer", "wait=5")];
     let first = api

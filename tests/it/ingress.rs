@@ -555,22 +555,7 @@ async fn compatibility_routes() {
 
     // Completed while waiting → the reference platform's success answer.
     let third = api.seed_consent("acme", None, None).await;
-    let finisher = {
-        let pool = app.pg.clone();
-        tokio::spawn(async move {
-            for _ in 0..50 {
-                let done = sqlx::query("UPDATE refreshes SET status = 'UPDATED', finished_at = now() WHERE consent_id = $1 AND status = 'INITIALIZED'")
-                    .bind(third.as_uuid())
-                    .execute(&pool)
-                    .await
-                    .unwrap();
-                if done.rows_affected() == 1 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-    };
+    let finisher = api.complete_once_admitted(third);
     let done = api
         .post(
             &format!("/stored-data/v1/consents/{third}/refresh"),

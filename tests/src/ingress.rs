@@ -192,15 +192,51 @@ impl Api {
     /// What a worker does at the end of a refresh: UPDATED, lock released.
     pub async fn complete(&self, consent_id: refresh_core::ConsentId, refresh_id: &str) {
         let refresh_id: refresh_core::RefreshId = refresh_id.parse().expect("a refresh id");
-        sqlx::query("UPDATE refreshes SET status = 'UPDATED', started_at = now(), finished_at = now(), summary = '{\"accountsUpdated\":0,\"balancesUpdated\":0,\"transactionsAdded\":0,\"transactionsUpdated\":0,\"transactionsRemoved\":0}' WHERE refresh_id = $1")
-            .bind(refresh_id.as_uuid())
-            .execute(self.services.store.pool())
-            .await
-            .expect("harness: finish the refresh");
-        self.services
-            .gate
-            .release_lock(consent_id, refresh_id)
-            .await
-            .expect("harness: release the lock");
+        complete(&self.services, consent_id, refresh_id).await;
     }
+
+    /// Completes the consent's refresh as [`Api::complete`] does as soon as one is
+    /// admitted (looked for every 20 ms, for 4 s at most): for a request that waits
+    /// for its refresh to end (`Prefer: wait`). Await the handle after the request.
+    pub fn complete_once_admitted(
+        &self,
+        consent_id: refresh_core::ConsentId,
+    ) -> tokio::task::JoinHandle<()> {
+        let services = self.services.clone();
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                let admitted: Option<uuid::Uuid> = sqlx::query_scalar(
+                    "SELECT refresh_id FROM refreshes WHERE consent_id = $1 AND status = 'INITIALIZED'",
+                )
+                .bind(consent_id.as_uuid())
+                .fetch_optional(services.store.pool())
+                .await
+                .expect("harness: look for the admitted refresh");
+                if let Some(refresh_id) = admitted {
+                    let refresh_id = refresh_core::RefreshId::from_uuid(refresh_id);
+                    complete(&services, consent_id, refresh_id).await;
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            panic!("harness: no refresh of {consent_id} was admitted within 4 s");
+        })
+    }
+}
+
+async fn complete(
+    services: &Services,
+    consent_id: refresh_core::ConsentId,
+    refresh_id: refresh_core::RefreshId,
+) {
+    sqlx::query("UPDATE refreshes SET status = 'UPDATED', started_at = now(), finished_at = now(), summary = '{\"accountsUpdated\":0,\"balancesUpdated\":0,\"transactionsAdded\":0,\"transactionsUpdated\":0,\"transactionsRemoved\":0}' WHERE refresh_id = $1")
+        .bind(refresh_id.as_uuid())
+        .execute(services.store.pool())
+        .await
+        .expect("harness: finish the refresh");
+    services
+        .gate
+        .release_lock(consent_id, refresh_id)
+        .await
+        .expect("harness: release the lock");
 }
