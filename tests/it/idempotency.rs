@@ -282,3 +282,44 @@ async fn a_waited_answer_replaces_the_admissions_202_for_its_key() {
         .await;
     assert_replay(&repeat, &first);
 }
+
+/// A wait that ends with the refresh still running answers 202 with the record as it
+/// then was (here started); that answer, not the admission's, is what a repeat
+/// replays.
+#[tokio::test]
+async fn a_wait_that_ends_before_the_refresh_replays_its_own_202() {
+    let app = spawn_app().await;
+    let api = app.start_ingress().await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let consent = api.seed_consent("acme", None, None).await;
+    // A worker starting the refresh during the wait.
+    let pool = app.pg.clone();
+    let starter = tokio::spawn(async move {
+        for _ in 0..100 {
+            let started = sqlx::query(
+                "UPDATE refreshes SET started_at = now() \
+                 WHERE consent_id = $1 AND status = 'INITIALIZED' AND started_at IS NULL",
+            )
+            .bind(consent.as_uuid())
+            .execute(&pool)
+            .await
+            .unwrap();
+            if started.rows_affected() == 1 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let path = format!("/v1/consents/{consent}/refresh");
+    let headers = [("idempotency-key", "still-running"), ("prefer", "wait=1")];
+    let first = api
+        .call(Method::POST, &path, Some(&token), None, &headers)
+        .await;
+    starter.await.unwrap();
+    assert_eq!(first.status, 202, "{first:?}");
+    assert!(first.body["startedAt"].is_string(), "{first:?}");
+    let repeat = api
+        .call(Method::POST, &path, Some(&token), None, &headers)
+        .await;
+    assert_replay(&repeat, &first);
+}

@@ -275,9 +275,8 @@ pub(crate) async fn request_refresh(
         answer: admitted_answer,
     };
     match refresh_answer(&state, &principal, id, wait, trace, Some(&remember)).await {
-        Ok((response, KeyKeeps::Admitted)) if response.status() == StatusCode::ACCEPTED => {
-            Ok(response)
-        }
+        // Without a wait the answer is the 202 the admission recorded.
+        Ok((response, KeyKeeps::Admitted)) if wait.is_none() => Ok(response),
         Ok((response, kept @ (KeyKeeps::Admitted | KeyKeeps::Remember))) => {
             let status = response.status();
             let (parts, body) = response.into_parts();
@@ -286,8 +285,8 @@ pub(crate) async fn request_refresh(
                 .unwrap_or_default();
             let stored: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
             if kept == KeyKeeps::Admitted {
-                // The wait's answer (200, or the refresh's problem) replaces the 202
-                // recorded with the admission; if that fails, a repeat gets the 202,
+                // The wait's answer (200, the refresh's problem, or a 202 with the
+                // record as it then was) replaces the 202 recorded with the admission; if that fails, a repeat gets the 202,
                 // whose record tells how the refresh ended.
                 match state
                     .store
