@@ -18,7 +18,9 @@ use refresh_redis::{
     Gate, GateConfig, GateDecision, GateError, GateRequest, QuotaStatus, StartDecision, Ticket,
 };
 use refresh_tests::admission::AdmissionRows;
-use refresh_tests::{RedisCluster, TestApp, spawn_app_from, spawn_app_with, test_settings};
+use refresh_tests::{
+    RedisCluster, RedisServer, TestApp, spawn_app_from, spawn_app_with, test_settings,
+};
 use tokio::task::JoinSet;
 
 /// Where a scenario's gate keeps its state.
@@ -815,6 +817,103 @@ async fn a_redis_cluster_that_is_gone_is_unavailable() {
     assert!(gate.in_flight(new_consent()).await.unwrap().is_none());
     cluster.kill();
     check_unavailable(&gate).await;
+}
+
+/// An app whose Redis is its own (a standalone server or a cluster started for it), so
+/// that the test may change the server's settings.
+async fn app_on_own_redis(redis: Redis) -> (TestApp, OwnRedis) {
+    let mut settings = test_settings(&refresh_tests::fresh_namespace(), &[]);
+    let own = match redis {
+        Redis::Standalone => {
+            let server = RedisServer::start().await;
+            settings.redis.url = server.url();
+            OwnRedis::Server(server)
+        }
+        Redis::Cluster => {
+            let cluster = RedisCluster::start().await;
+            settings.redis.cluster_nodes = cluster.urls();
+            OwnRedis::Cluster(cluster)
+        }
+    };
+    (spawn_app_from(settings).await, own)
+}
+
+enum OwnRedis {
+    Server(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl OwnRedis {
+    /// `CONFIG SET name value` on every server.
+    fn config_set(&self, name: &str, value: &str) {
+        match self {
+            Self::Server(server) => server.config_set(name, value),
+            Self::Cluster(cluster) => cluster.config_set(name, value),
+        }
+    }
+}
+
+on_both!(a_full_redis_admits_nothing_and_lets_admitted_refreshes_go_on);
+/// SPEC §2 rule 6 with Redis full (past `maxmemory` under `noeviction`, the policy
+/// OPERATIONS.md asks for): an admission is answered 503 `unavailable` with nothing
+/// consumed, while a refresh admitted before keeps its lease, takes its bank start
+/// and frees its lock; once Redis has room again, the consent is admitted.
+async fn a_full_redis_admits_nothing_and_lets_admitted_refreshes_go_on(redis: Redis) {
+    let (app, own) = app_on_own_redis(redis).await;
+    let api = app.start_ingress().await;
+    let token = refresh_tests::dev_token(&app, Some("acme"), "api:stored_data");
+    let running = api.seed_consent("acme", None, None).await;
+    let refused = api.seed_consent("acme", None, None).await;
+    let path = |consent: ConsentId| format!("/v1/consents/{consent}/refresh");
+    let admitted = api.post(&path(running), &token, None).await;
+    assert_eq!(admitted.status, 202, "{admitted:?}");
+    let holder: RefreshId = admitted.body["refreshId"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    own.config_set("maxmemory-policy", "noeviction");
+    own.config_set("maxmemory", "1");
+    let full = api.post(&path(refused), &token, None).await;
+    assert_eq!(full.status, 503, "{full:?}");
+    assert_eq!(full.body["code"], "unavailable", "{full:?}");
+    assert_eq!(
+        full.body["detail"], "A required service is unavailable; nothing was admitted",
+        "{full:?}"
+    );
+    let gate = Gate::new(app.redis.clone(), config(&app));
+    assert!(matches!(
+        gate.admit(&request(new_consent(), RequestedBy::Api)).await,
+        Err(GateError::Unavailable(_))
+    ));
+    // What runs already goes on: its lease renewed, its bank start taken, its lock freed.
+    assert!(gate.renew_lock(running, holder).await.unwrap());
+    assert_eq!(
+        gate.take_start_slot("global", &format!("{holder}:1"))
+            .await
+            .unwrap(),
+        StartDecision::Go
+    );
+    assert!(gate.release_lock(running, holder).await.unwrap());
+
+    own.config_set("maxmemory", "0");
+    let view = api.get(&format!("/v1/consents/{refused}"), &token).await;
+    assert_eq!(
+        (
+            view.body["refreshing"].clone(),
+            view.body["quota"]["used"].clone()
+        ),
+        (serde_json::json!(false), serde_json::json!(0)),
+        "{view:?}"
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM refreshes WHERE consent_id = $1")
+        .bind(refused.as_uuid())
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0);
+    assert_eq!(api.post(&path(refused), &token, None).await.status, 202);
 }
 
 #[tokio::test]

@@ -1,6 +1,7 @@
-//! A real local Redis Cluster for a test: three masters (`redis-server` processes on
-//! free ports, each in its own folder under a temp dir), joined with `redis-cli
-//! --cluster create`; killed and removed when dropped, also when the test panics.
+//! Real local Redis processes of a test's own: a Redis Cluster of three masters
+//! (`redis-server` processes on free ports, each in its own folder under a temp dir),
+//! joined with `redis-cli --cluster create`, or one standalone server; killed and
+//! removed when dropped, also when the test panics.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -96,48 +97,11 @@ impl RedisCluster {
     }
 
     fn spawn(&self, port: u16) -> Child {
-        let node_dir = self.dir.join(port.to_string());
-        std::fs::create_dir_all(&node_dir).expect("harness: a node's folder");
-        let log = std::fs::File::create(node_dir.join("redis.log")).expect("harness: node log");
-        Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-            ])
-            .args(["--cluster-node-timeout", "2000"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .arg("--dir")
-            .arg(&node_dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("harness: cannot start redis-server ({e}); it comes with `make services`")
-            })
+        spawn(&self.dir, port, true)
     }
 
     async fn wait_for(&self, port: u16, expected: &str, command: &[&str]) {
-        let deadline = Instant::now() + FORM_TIMEOUT;
-        loop {
-            let answer = run(Command::new("redis-cli")
-                .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-                .args(command)
-                .stdin(Stdio::null()));
-            if String::from_utf8_lossy(&answer.stdout).contains(expected) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "harness: redis node {port} did not answer {expected:?} to {command:?}; its log:\n{}",
-                std::fs::read_to_string(self.dir.join(port.to_string()).join("redis.log"))
-                    .unwrap_or_default()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_for(&self.dir, port, expected, command).await;
     }
 
     /// The seed nodes, as `redis.cluster_nodes` takes them.
@@ -146,6 +110,15 @@ impl RedisCluster {
             .iter()
             .map(|n| format!("redis://127.0.0.1:{}", n.port))
             .collect()
+    }
+
+    /// `CONFIG SET name value` on every node.
+    pub fn config_set(&self, name: &str, value: &str) {
+        for node in &self.nodes {
+            if node.child.is_some() {
+                config_set(node.port, name, value);
+            }
+        }
     }
 
     /// Kills every node (SIGKILL): the cluster is gone, its ports closed.
@@ -234,6 +207,118 @@ impl RedisCluster {
             self.wait_for(node.port, "cluster_state:ok", &["CLUSTER", "INFO"])
                 .await;
         }
+    }
+}
+
+/// `redis-server` on `port`, in its own folder under `dir`, without persistence.
+fn spawn(dir: &std::path::Path, port: u16, cluster: bool) -> Child {
+    let node_dir = dir.join(port.to_string());
+    std::fs::create_dir_all(&node_dir).expect("harness: a node's folder");
+    let log = std::fs::File::create(node_dir.join("redis.log")).expect("harness: node log");
+    let mut command = Command::new("redis-server");
+    command.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+    if cluster {
+        command
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+            .args(["--cluster-node-timeout", "2000"]);
+    }
+    command
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(&node_dir)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("harness: cannot start redis-server ({e}); it comes with `make services`")
+        })
+}
+
+/// Waits until the node on `port` answers `command` with `expected`; panics with its
+/// log after [`FORM_TIMEOUT`].
+async fn wait_for(dir: &std::path::Path, port: u16, expected: &str, command: &[&str]) {
+    let deadline = Instant::now() + FORM_TIMEOUT;
+    loop {
+        let answer = run(Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(command)
+            .stdin(Stdio::null()));
+        if String::from_utf8_lossy(&answer.stdout).contains(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "harness: redis node {port} did not answer {expected:?} to {command:?}; its log:\n{}",
+            std::fs::read_to_string(dir.join(port.to_string()).join("redis.log"))
+                .unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `CONFIG SET name value` on the node on `port`.
+fn config_set(port: u16, name: &str, value: &str) {
+    let answer = run(Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["CONFIG", "SET", name, value])
+        .stdin(Stdio::null()));
+    assert!(
+        String::from_utf8_lossy(&answer.stdout).contains("OK"),
+        "harness: CONFIG SET {name} {value} on redis node {port}: {}{}",
+        String::from_utf8_lossy(&answer.stdout),
+        String::from_utf8_lossy(&answer.stderr)
+    );
+}
+
+/// One standalone `redis-server` of a test's own, for a test that changes the
+/// server's settings (which the shared Redis of every other test must keep).
+pub struct RedisServer {
+    dir: PathBuf,
+    node: Node,
+}
+
+impl RedisServer {
+    /// Starts it and waits until it answers.
+    pub async fn start() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("refreshd-redis-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("harness: the server's folder");
+        let port = free_port();
+        let child = spawn(&dir, port, false);
+        wait_for(&dir, port, "PONG", &["PING"]).await;
+        Self {
+            dir,
+            node: Node {
+                port,
+                child: Some(child),
+            },
+        }
+    }
+
+    /// Its address, as `redis.url` takes it.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.node.port)
+    }
+
+    /// `CONFIG SET name value` on it.
+    pub fn config_set(&self, name: &str, value: &str) {
+        config_set(self.node.port, name, value);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -28,7 +28,7 @@ mod process;
 mod proxy;
 mod services;
 mod worker;
-pub use cluster::RedisCluster;
+pub use cluster::{RedisCluster, RedisServer};
 pub use ingress::{Answer, Api, dev_token, ingress_with};
 pub use process::{
     WorkerProcess, refreshctl_binary, refreshctl_command, refreshd_binary, role_command,

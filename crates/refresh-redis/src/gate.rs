@@ -133,7 +133,8 @@ pub enum StartDecision {
 
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
-    /// Redis did not answer (refused, dropped, timed out, loading, failing over):
+    /// Redis did not answer (refused, dropped, timed out, loading, failing over), or
+    /// refused a script that adds state because it is full:
     /// the caller answers 503. A script runs whole or not at all.
     #[error("redis unavailable")]
     Unavailable(#[source] redis::RedisError),
@@ -185,6 +186,9 @@ fn classify(operation: &'static str, error: redis::RedisError) -> GateError {
         || error.is_connection_dropped()
         || error.is_unrecoverable_error()
         || error.code() == Some("BUSY")
+        // Full (`maxmemory` under `noeviction`): a script that adds state is refused
+        // whole before it runs (see `lua::WhenFull`).
+        || error.code() == Some("OOM")
         || matches!(
             error.kind(),
             ErrorKind::ClusterConnectionNotFound

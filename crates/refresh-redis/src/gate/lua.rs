@@ -6,6 +6,7 @@
 
 use std::sync::LazyLock;
 
+use WhenFull::{ReadsOnly, Refused, Runs};
 use redis::Script;
 
 /// Helpers every script starts with.
@@ -332,33 +333,66 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 ";
 
-fn script(parts: &[&str]) -> Script {
-    Script::new(&parts.concat())
+/// What a script may do while Redis is full (`used_memory` past `maxmemory` under
+/// the `noeviction` policy that OPERATIONS.md asks for), declared in its shebang
+/// line so that Redis decides before the script runs, never halfway through it.
+#[derive(Clone, Copy)]
+enum WhenFull {
+    /// It adds state (an admission, a start slot, a rebuild): refused whole, with
+    /// Redis's `OOM` error, so the caller answers 503 and nothing is consumed. A
+    /// script without a shebang would instead be refused only at its first write
+    /// command that Redis denies when full, and the admission scripts' first write
+    /// (a `ZREMRANGEBYSCORE`) is not one: they would admit into a full Redis.
+    Refused,
+    /// It keeps what runs going (a lease renewed, a bank start of a refresh already
+    /// admitted) or frees state (an undo, a release): it runs anyway.
+    Runs,
+    /// It writes nothing: it runs anyway (and on a replica).
+    ReadsOnly,
+}
+
+fn script(when_full: WhenFull, parts: &[&str]) -> Script {
+    let shebang = match when_full {
+        Refused => "#!lua\n",
+        Runs => "#!lua flags=allow-oom\n",
+        ReadsOnly => "#!lua flags=no-writes\n",
+    };
+    let mut code = String::from(shebang);
+    code.push_str(&parts.concat());
+    Script::new(&code)
 }
 
 pub(super) static ADMIT_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[PRELUDE, QUOTA, ADMIT_STEPS, ADMIT]));
+    LazyLock::new(|| script(Refused, &[PRELUDE, QUOTA, ADMIT_STEPS, ADMIT]));
 pub(super) static RELEASE_ADMISSION_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[RELEASE_ADMISSION]));
+    LazyLock::new(|| script(Runs, &[RELEASE_ADMISSION]));
 pub(super) static COUNTED_BEFORE_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[PRELUDE, COUNTED_BEFORE]));
+    LazyLock::new(|| script(ReadsOnly, &[PRELUDE, COUNTED_BEFORE]));
 pub(super) static TAKE_SLOT_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[PRELUDE, TAKE_SLOT_STEP, TAKE_SLOT]));
-pub(super) static ADMIT_WITH_SLOT_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[PRELUDE, QUOTA, ADMIT_STEPS, TAKE_SLOT_STEP, ADMIT_WITH_SLOT]));
-pub(super) static RETURN_SLOT_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[RETURN_SLOT]));
+    LazyLock::new(|| script(Refused, &[PRELUDE, TAKE_SLOT_STEP, TAKE_SLOT]));
+pub(super) static ADMIT_WITH_SLOT_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
+    script(
+        Refused,
+        &[PRELUDE, QUOTA, ADMIT_STEPS, TAKE_SLOT_STEP, ADMIT_WITH_SLOT],
+    )
+});
+pub(super) static RETURN_SLOT_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(Runs, &[RETURN_SLOT]));
 pub(super) static RENEW_LOCK_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[PRELUDE, RENEW_LOCK]));
+    LazyLock::new(|| script(Runs, &[PRELUDE, RENEW_LOCK]));
 pub(super) static IN_FLIGHT_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[PRELUDE, IN_FLIGHT]));
-pub(super) static REBUILD_SET_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[REBUILD_SET]));
-pub(super) static REBUILD_LOCK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[REBUILD_LOCK]));
+    LazyLock::new(|| script(ReadsOnly, &[PRELUDE, IN_FLIGHT]));
+pub(super) static REBUILD_SET_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(Refused, &[REBUILD_SET]));
+pub(super) static REBUILD_LOCK_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(Refused, &[REBUILD_LOCK]));
 pub(super) static REBUILD_EPOCHS_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[REBUILD_EPOCHS]));
+    LazyLock::new(|| script(Refused, &[REBUILD_EPOCHS]));
 pub(super) static REBUILD_CHAIN_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[REBUILD_CHAIN]));
-pub(super) static RELEASE_LOCK_SCRIPT: LazyLock<Script> = LazyLock::new(|| script(&[RELEASE_LOCK]));
+    LazyLock::new(|| script(Refused, &[REBUILD_CHAIN]));
+pub(super) static RELEASE_LOCK_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| script(Runs, &[RELEASE_LOCK]));
 pub(super) static QUOTA_STATUS_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[PRELUDE, QUOTA, QUOTA_STATUS]));
+    LazyLock::new(|| script(ReadsOnly, &[PRELUDE, QUOTA, QUOTA_STATUS]));
 pub(super) static TAKE_START_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(&[PRELUDE, TAKE_START]));
+    LazyLock::new(|| script(Runs, &[PRELUDE, TAKE_START]));
