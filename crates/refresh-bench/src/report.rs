@@ -114,6 +114,11 @@ impl Report {
             "p99 admission latency ≤ 10 ms at half load",
             p99.map(|p| (format!("{p:.1} ms"), p <= 10.0)),
         );
+        let upstream = self.get("upstream", "vs_http");
+        self.verdict(
+            "upstream AMQP admissions/s ≥ 0.9 × HTTP admissions/s",
+            upstream.map(|r| (format!("{r:.2} ×"), r >= 0.9)),
+        );
         let overhead = self.get("worker", "overhead_ms_1");
         self.verdict(
             "worker overhead ≤ 5 ms per refresh beyond the bank calls",
