@@ -11,11 +11,12 @@ use std::time::Duration;
 
 use redis::AsyncCommands as _;
 use refresh_core::{
-    ConsentId, Problem, ProblemCode, ProviderId, QuotaRule, QuotaWindow, ROLLING_WINDOW, RefreshId,
-    RequestedBy, TenantId, next_midnight, start_of_current_day,
+    ConsentId, ConsentStatus, Problem, ProblemCode, ProviderId, QuotaRule, QuotaWindow,
+    ROLLING_WINDOW, RefreshId, RequestedBy, TenantId, next_midnight, start_of_current_day,
 };
 use refresh_redis::{
-    Gate, GateConfig, GateDecision, GateError, GateRequest, QuotaStatus, StartDecision, Ticket,
+    ConsentFacts, Gate, GateConfig, GateDecision, GateError, GateRequest, QuotaStatus,
+    StartDecision, Ticket,
 };
 use refresh_tests::admission::AdmissionRows;
 use refresh_tests::{
@@ -113,11 +114,21 @@ fn new_refresh() -> RefreshId {
     RefreshId::from_uuid(uuid::Uuid::now_v7())
 }
 
+/// An ACTIVE consent of `tenant` at provider `sim`, as a caller looked it up.
+fn active_facts(tenant: &str) -> ConsentFacts {
+    ConsentFacts {
+        tenant_id: TenantId::parse(tenant).unwrap(),
+        provider_id: ProviderId::parse("sim").unwrap(),
+        status: ConsentStatus::Active,
+        expires_at: chrono::Utc::now() + chrono::TimeDelta::days(90),
+    }
+}
+
 fn request(consent: ConsentId, source: RequestedBy) -> GateRequest {
     GateRequest {
         consent_id: consent,
         tenant_id: TenantId::parse("acme").unwrap(),
-        provider_id: ProviderId::parse("sim").unwrap(),
+        facts: Some(active_facts("acme")),
         requested_by: source,
         refresh_id: new_refresh(),
         count_quota: true,
@@ -128,6 +139,7 @@ fn admitted(decision: GateDecision) -> Ticket {
     match decision {
         GateDecision::Admitted(ticket) => ticket,
         GateDecision::Refused(problem) => panic!("expected an admission, got {problem}"),
+        GateDecision::LookUp => panic!("expected an admission, got a lookup"),
     }
 }
 
@@ -135,6 +147,7 @@ fn refused(decision: GateDecision) -> Problem {
     match decision {
         GateDecision::Refused(problem) => problem,
         GateDecision::Admitted(ticket) => panic!("expected a refusal, got {ticket:?}"),
+        GateDecision::LookUp => panic!("expected a refusal, got a lookup"),
     }
 }
 
@@ -610,6 +623,7 @@ async fn two_hundred_simultaneous_requests_for_one_consent_admit_exactly_one(red
                 assert_eq!(problem.code, ProblemCode::RefreshInProgress);
                 holders.push(problem.refresh_id.unwrap());
             }
+            GateDecision::LookUp => panic!("a lookup with the facts given"),
         }
     }
     assert_eq!(winners.len(), 1, "{winners:?}");
@@ -1427,6 +1441,7 @@ async fn the_admit_script_decides_as_the_pure_model(redis: Redis) {
                     *seen.entry("locked").or_default() += 1;
                     break;
                 }
+                GateDecision::LookUp => panic!("{context}: a lookup with the facts given"),
                 GateDecision::Refused(problem) => {
                     assert_eq!(problem.code, ProblemCode::DailyLimitReached, "{context}");
                     let matches = expected.iter().any(|m| match m {
@@ -1540,6 +1555,7 @@ async fn the_take_slot_script_decides_as_the_pure_model(redis: Redis) {
             };
             let req = GateRequest {
                 tenant_id: tenant.clone(),
+                facts: Some(active_facts(tenant.as_str())),
                 ..request(new_consent(), source)
             };
             let before = redis_ms(&app).await;
@@ -1570,6 +1586,7 @@ async fn the_take_slot_script_decides_as_the_pure_model(redis: Redis) {
                         })
                         .or_default() += 1;
                 }
+                GateDecision::LookUp => panic!("{context}: a lookup with the facts given"),
                 GateDecision::Refused(problem) => {
                     assert_eq!(problem.code, ProblemCode::BacklogFull, "{context}");
                     let seconds = problem.retry_after_seconds.unwrap();

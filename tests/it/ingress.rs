@@ -238,6 +238,137 @@ async fn calendar_day_rule_resets_at_the_next_local_midnight() {
     assert_eq!(next, midnight);
 }
 
+/// The consent's facts as the gate mirrors them in Redis (`None`: not mirrored).
+async fn mirrored_facts(app: &TestApp, consent: impl std::fmt::Display) -> Option<String> {
+    let mut redis = app.redis.clone();
+    redis::cmd("GET")
+        .arg(format!("{}:{{c:{consent}}}:facts", app.namespace))
+        .query_async(&mut redis)
+        .await
+        .unwrap()
+}
+
+/// Revokes a consent in the database alone, as no refreshd path would: its mirrored
+/// facts stay ACTIVE.
+async fn revoke_in_the_database(app: &TestApp, consent: refresh_core::ConsentId) {
+    sqlx::query("UPDATE consents SET status = 'REVOKED' WHERE consent_id = $1")
+        .bind(consent.as_uuid())
+        .execute(&app.pg)
+        .await
+        .unwrap();
+}
+
+async fn quota_used(api: &Api, consent: impl std::fmt::Display, token: &str) -> (Value, Value) {
+    let view = api.get(&format!("/v1/consents/{consent}"), token).await;
+    (
+        view.body["refreshing"].clone(),
+        view.body["quota"]["used"].clone(),
+    )
+}
+
+/// SPEC §2 rules 1–2 on the consent's facts as mirrored in Redis: a tenant's
+/// admission reads them there (stored by the first lookup, written through by a
+/// revoke), and a mirror gone stale never changes an answer: the database decides
+/// every refusal, and the admission statement refuses a consent the stale facts let
+/// past the gate, which is then undone (nothing consumed).
+#[tokio::test]
+async fn the_gate_decides_on_mirrored_consent_facts_and_a_stale_mirror_never_changes_an_answer() {
+    let (app, api) = started(&[]).await;
+    let token = dev_token(&app, Some("acme"), STORED);
+    let revoked = "The consent or account access has been revoked";
+
+    // Not mirrored yet: looked up, then mirrored by the admission.
+    let consent = api.seed_consent("acme", None, None).await;
+    assert_eq!(mirrored_facts(&app, consent).await, None);
+    let done = api.complete_once_admitted(consent);
+    assert_eq!(
+        api.post(&refresh_path(consent), &token, None).await.status,
+        202
+    );
+    done.await.unwrap();
+    let facts = mirrored_facts(&app, consent).await.unwrap();
+    assert!(
+        facts.starts_with("ACTIVE ") && facts.ends_with(" acme sim"),
+        "{facts}"
+    );
+
+    // Another tenant's token: 404, whatever the mirror holds.
+    assert_problem(
+        &api.post(
+            &refresh_path(consent),
+            &dev_token(&app, Some("other"), STORED),
+            None,
+        )
+        .await,
+        404,
+        "consent_not_found",
+        "Consent not found",
+    );
+
+    // Revoked behind the mirror's back: the stale facts let the request past the
+    // gate, the admission statement refuses it, the gate is undone.
+    revoke_in_the_database(&app, consent).await;
+    assert_problem(
+        &api.post(&refresh_path(consent), &token, None).await,
+        403,
+        "consent_revoked",
+        revoked,
+    );
+    assert_eq!(
+        quota_used(&api, consent, &token).await,
+        (json!(false), json!(1))
+    );
+    let facts = mirrored_facts(&app, consent).await.unwrap();
+    assert!(
+        facts.starts_with("REVOKED "),
+        "the refusal repaired the mirror: {facts}"
+    );
+
+    // Rules 1–2 come before rule 3: a consent revoked behind the mirror's back while
+    // a refresh is in flight is refused 403, not 409.
+    let busy = api.seed_consent("acme", None, None).await;
+    assert_eq!(
+        api.post(&refresh_path(busy), &token, None).await.status,
+        202
+    );
+    revoke_in_the_database(&app, busy).await;
+    assert_problem(
+        &api.post(&refresh_path(busy), &token, None).await,
+        403,
+        "consent_revoked",
+        revoked,
+    );
+
+    // A revoke through the API writes the facts through before it answers.
+    let third = api.seed_consent("acme", None, None).await;
+    let done = api.complete_once_admitted(third);
+    assert_eq!(
+        api.post(&refresh_path(third), &token, None).await.status,
+        202
+    );
+    done.await.unwrap();
+    assert_eq!(
+        api.post(&format!("/v1/consents/{third}/revoke"), &token, None)
+            .await
+            .status,
+        200
+    );
+    let facts = mirrored_facts(&app, third).await.unwrap();
+    assert!(facts.starts_with("REVOKED "), "{facts}");
+    assert_problem(
+        &api.post(&refresh_path(third), &token, None).await,
+        403,
+        "consent_revoked",
+        revoked,
+    );
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM refreshes WHERE consent_id = ANY($1)")
+        .bind(vec![*consent.as_uuid(), *busy.as_uuid(), *third.as_uuid()])
+        .fetch_one(&app.pg)
+        .await
+        .unwrap();
+    assert_eq!(rows, 3, "one refresh each, none admitted after the revokes");
+}
+
 #[tokio::test]
 async fn consent_rules_404_and_403_in_order() {
     let (app, api) = started(&[]).await;

@@ -750,7 +750,12 @@ async fn a_failed_undo_frees_the_quota_within_a_lease() {
         let phantom = GateRequest {
             consent_id: consent,
             tenant_id: TenantId::parse("acme").unwrap(),
-            provider_id: ProviderId::parse("sim").unwrap(),
+            facts: Some(refresh_redis::ConsentFacts {
+                tenant_id: TenantId::parse("acme").unwrap(),
+                provider_id: ProviderId::parse("sim").unwrap(),
+                status: refresh_core::ConsentStatus::Active,
+                expires_at: Utc::now() + TimeDelta::days(90),
+            }),
             requested_by: RequestedBy::Api,
             refresh_id: RefreshId::from_uuid(uuid::Uuid::now_v7()),
             count_quota: true,

@@ -1,10 +1,13 @@
 //! Admission: SPEC §2 for one request, whatever channel it came by.
 //!
-//! Order: the consent (rules 1–2, from the database), then the gate (rules 3–5, one
-//! Redis script per slot), then the refresh record and its INITIALIZED event are
-//! written in a transaction that stays open while the job is published; the
-//! transaction commits only once the broker confirmed the job. Anything failing after
-//! the gate undoes the gate (lock, quota, slot), so nothing is half-done.
+//! Order: the gate (one Redis script per slot: rules 1–2 on the consent's facts as
+//! mirrored in Redis, then rules 3–5), then the record, its INITIALIZED event and its
+//! job written by one statement shared with concurrent admissions, which checks the
+//! consent again (PostgreSQL is the record). The consent is looked up in the database
+//! only when the mirror cannot decide (facts missing or refusing), when the gate
+//! refuses (rules 1–2 come first), when the statement refuses the consent, and for a
+//! platform operator. Anything failing after the gate undoes the gate (lock, quota,
+//! slot), so nothing is half-done.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +19,9 @@ use refresh_core::{
     RejectedRequest, RequestedBy, TenantId, TraceContext, consent_refusal,
 };
 use refresh_pg::{Admission, ConsentRow, KeyAnswer, KeyFence, OutboxEvent, Store, StoreError};
-use refresh_redis::{Gate, GateDecision, GateError, GateRequest, QuotaStatus, Ticket};
+use refresh_redis::{
+    ConsentFacts, Gate, GateDecision, GateError, GateRequest, QuotaStatus, Ticket,
+};
 use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
@@ -138,46 +143,49 @@ impl Admitter {
         request: &RefreshRequest,
         remember: Option<&Remember>,
     ) -> Result<Decision, Unavailable> {
-        let consent = self
-            .store
-            .consent(request.consent_id)
-            .await
-            .map_err(Unavailable::Database)?;
-        let now = Utc::now();
-        if let Some(problem) = refuse_consent(consent.as_ref(), request.tenant.as_ref(), now) {
-            return Ok(self.refused(request, consent.as_ref(), problem).await);
-        }
-        let Some(consent) = consent else {
-            // refuse_consent answers 404 for a missing consent.
-            return Ok(Decision::Refused(Problem::consent_not_found()));
+        // A tenant's request is decided on the consent's facts as mirrored in Redis
+        // (the admit script checks rules 1–2 on them), so that an admission needs no
+        // lookup; an operator's names no tenant for them to match, and is looked up.
+        let mut looked = None;
+        let tenant = match &request.tenant {
+            Some(tenant) => tenant.clone(),
+            None => match self.look_up(request).await? {
+                Ok(consent) => looked.insert(consent).tenant_id.clone(),
+                Err(refused) => return Ok(refused),
+            },
         };
-
-        // The job is durable once committed, but a 202 promises it reaches the
-        // workers soon: with the broker known to be unreachable, admit nothing (SPEC
-        // §2 rule 6), as when a publish could not be confirmed.
-        if !self.broker.is_connected() {
-            return Err(Unavailable::Broker(refresh_amqp::AmqpError::NotConnected));
-        }
-        let refresh_id = RefreshId::from_uuid(uuid::Uuid::now_v7());
-        let gate_request = GateRequest {
-            consent_id: consent.consent_id,
-            tenant_id: consent.tenant_id.clone(),
-            provider_id: consent.provider_id.clone(),
+        let mut gate_request = GateRequest {
+            consent_id: request.consent_id,
+            tenant_id: tenant,
+            facts: looked.as_ref().map(facts_of),
             requested_by: request.requested_by,
-            refresh_id,
+            refresh_id: RefreshId::from_uuid(uuid::Uuid::now_v7()),
             count_quota: !request.initial,
         };
         let mut decision = self.admit(&gate_request).await?;
+        // The mirror cannot decide (facts missing or refusing), or refused by rules
+        // 3–5, which come after rules 1–2: only the database tells those for sure.
+        if looked.is_none() && !matches!(decision, GateDecision::Admitted(_)) {
+            let consent = match self.look_up(request).await? {
+                Ok(consent) => looked.insert(consent),
+                Err(refused) => return Ok(refused),
+            };
+            gate_request.tenant_id = consent.tenant_id.clone();
+            gate_request.facts = Some(facts_of(consent));
+            if matches!(decision, GateDecision::LookUp) {
+                decision = self.admit(&gate_request).await?;
+            }
+        }
         if let GateDecision::Refused(problem) = &decision
             && let Some(holder) = problem.refresh_id
-            && self.release_stale_lock(consent.consent_id, holder).await?
+            && self.release_stale_lock(request.consent_id, holder).await?
         {
             decision = self.admit(&gate_request).await?;
         }
         if let GateDecision::Refused(problem) = &decision
             && problem.code == ProblemCode::DailyLimitReached
             && self
-                .heal_quota(consent.consent_id, request.requested_by)
+                .heal_quota(request.consent_id, request.requested_by)
                 .await?
         {
             decision = self.admit(&gate_request).await?;
@@ -185,10 +193,27 @@ impl Admitter {
         let ticket = match decision {
             GateDecision::Admitted(ticket) => ticket,
             GateDecision::Refused(problem) => {
-                return Ok(self.refused(request, Some(&consent), problem).await);
+                return Ok(self.refused(request, looked.as_ref(), problem).await);
+            }
+            // Facts given, yet refused by them: the consent expired meanwhile.
+            GateDecision::LookUp => {
+                return match self.look_up(request).await? {
+                    Err(refused) => Ok(refused),
+                    Ok(_) => Err(Unavailable::Database(StoreError::ConsentRefused)),
+                };
             }
         };
-        match self.enqueue(&consent, request, &ticket, remember).await {
+        // The job is durable once committed, but a 202 promises it reaches the
+        // workers soon: with the broker known to be unreachable, admit nothing (SPEC
+        // §2 rule 6), as when a publish could not be confirmed.
+        if !self.broker.is_connected() {
+            self.undo(&ticket).await;
+            return Err(Unavailable::Broker(refresh_amqp::AmqpError::NotConnected));
+        }
+        match self
+            .enqueue(&gate_request.tenant_id, request, &ticket, remember)
+            .await
+        {
             Ok(record) => {
                 self.outbox.notify_one();
                 Ok(Decision::Admitted(record))
@@ -196,19 +221,19 @@ impl Admitter {
             Err(failure) => {
                 // One that may have been written keeps its lock and quota entry, to
                 // lapse with the lease (heal_quota forgets the entry if it never was).
-                if !matches!(failure, Enqueue::InDoubt(_))
-                    && let Err(error) = self.gate.undo(&ticket).await
-                {
-                    tracing::error!(error = %error, refresh_id = %ticket.refresh_id, "cannot undo the gate; the lock expires with its lease");
+                if !matches!(failure, Enqueue::InDoubt(_)) {
+                    self.undo(&ticket).await;
                 }
                 match failure {
-                    Enqueue::InFlight(holder) => Ok(self
-                        .refused(
-                            request,
-                            Some(&consent),
-                            Problem::refresh_in_progress(holder),
-                        )
-                        .await),
+                    Enqueue::InFlight(holder) => {
+                        let problem = Problem::refresh_in_progress(holder);
+                        Ok(self.refused(request, looked.as_ref(), problem).await)
+                    }
+                    // Admitted on stale mirrored facts: the database's answer.
+                    Enqueue::ConsentRefused => match self.look_up(request).await? {
+                        Err(refused) => Ok(refused),
+                        Ok(_) => Err(Unavailable::Database(StoreError::ConsentRefused)),
+                    },
                     Enqueue::StaleGate => {
                         // The state that admitted this is older than the latest rebuild
                         // begun: that rebuild has not finished (it answers soon), or it
@@ -220,6 +245,38 @@ impl Admitter {
                     Enqueue::Unavailable(error) | Enqueue::InDoubt(error) => Err(error),
                 }
             }
+        }
+    }
+
+    /// The consent from the database (rules 1–2): `Ok` if they admit it, else the
+    /// refusal, announced. A refusal also writes the consent's facts through to the
+    /// mirror, which may have admitted it on stale ones.
+    async fn look_up(
+        &self,
+        request: &RefreshRequest,
+    ) -> Result<Result<ConsentRow, Decision>, Unavailable> {
+        let consent = self
+            .store
+            .consent(request.consent_id)
+            .await
+            .map_err(Unavailable::Database)?;
+        let Some(problem) = refuse_consent(consent.as_ref(), request.tenant.as_ref(), Utc::now())
+        else {
+            // refuse_consent answers 404 for a missing consent.
+            return Ok(consent.ok_or(Decision::Refused(Problem::consent_not_found())));
+        };
+        let facts = consent.as_ref().map(facts_of);
+        if let Err(error) = self.gate.mirror(&[(request.consent_id, facts)]).await {
+            tracing::warn!(error = %error, consent = %request.consent_id, "cannot write a consent's facts through to the gate");
+        }
+        Ok(Err(self.refused(request, consent.as_ref(), problem).await))
+    }
+
+    /// Undoes the gate of an admission that was not written; a failure is logged
+    /// (the lock expires with its lease).
+    async fn undo(&self, ticket: &Ticket) {
+        if let Err(error) = self.gate.undo(ticket).await {
+            tracing::error!(error = %error, refresh_id = %ticket.refresh_id, "cannot undo the gate; the lock expires with its lease");
         }
     }
 
@@ -265,6 +322,24 @@ impl Admitter {
         let (redis, database) =
             tokio::join!(self.gate.redis_now(), refresh_pg::health(self.store.pool()));
         redis.is_ok() && database.is_ok() && self.broker.is_connected()
+    }
+
+    /// Writes consents' changed facts (status, expiry) through to the gate's mirror
+    /// once the change committed: revoked, expired and inactivated consents are then
+    /// refused by the admit script itself. A failure is logged, not returned: the
+    /// change stands, and an admission the stale facts let past the gate is refused
+    /// by the admission statement, which checks the consent again.
+    pub async fn write_through(
+        &self,
+        consents: impl IntoIterator<Item = (ConsentId, ConsentFacts)>,
+    ) {
+        let consents: Vec<_> = consents
+            .into_iter()
+            .map(|(consent, facts)| (consent, Some(facts)))
+            .collect();
+        if let Err(error) = self.gate.mirror(&consents).await {
+            tracing::warn!(error = %error, consents = consents.len(), "cannot write consents' facts through to the gate; the admission statement checks them");
+        }
     }
 
     /// The gate's rebuild, for the other readers of the gate (the scheduler's
@@ -340,15 +415,15 @@ impl Admitter {
     /// the job is durable, and the relay publishes it with a confirm.
     async fn enqueue(
         &self,
-        consent: &ConsentRow,
+        tenant: &TenantId,
         request: &RefreshRequest,
         ticket: &Ticket,
         remember: Option<&Remember>,
     ) -> Result<RefreshRecord, Enqueue> {
         let record = RefreshRecord::initialized(
             ticket.refresh_id,
-            consent.consent_id,
-            consent.tenant_id.clone(),
+            ticket.consent_id,
+            tenant.clone(),
             request.requested_by,
             ticket.now,
             ticket.not_before,
@@ -363,7 +438,7 @@ impl Admitter {
             refresh_id: record.refresh_id,
             consent_id: record.consent_id,
             tenant_id: record.tenant_id.clone(),
-            provider_id: consent.provider_id.clone(),
+            provider_id: ticket.provider_id.clone(),
             requested_by: record.requested_by,
             initial: request.initial,
             not_before: record.not_before,
@@ -393,12 +468,13 @@ impl Admitter {
         match written {
             Ok(()) => Ok(record),
             Err(WriteError::StaleGate) => Err(Enqueue::StaleGate),
+            Err(WriteError::ConsentRefused) => Err(Enqueue::ConsentRefused),
             Err(WriteError::InFlight) => {
                 // The database still has a refresh in flight whose Redis lock lapsed
                 // (its worker died and the job awaits redelivery).
                 let holder = self
                     .store
-                    .in_flight(consent.consent_id)
+                    .in_flight(ticket.consent_id)
                     .await
                     .map_err(|e| Enqueue::Unavailable(Unavailable::Database(e)))?;
                 Err(match holder {
@@ -454,11 +530,23 @@ impl Admitter {
 
 enum Enqueue {
     InFlight(RefreshId),
+    /// The database refused the consent (the gate decided on stale facts).
+    ConsentRefused,
     /// A gate rebuild began after the state that admitted it.
     StaleGate,
     Unavailable(Unavailable),
     /// Whether it was written is unknown: the gate must stay.
     InDoubt(Unavailable),
+}
+
+/// The consent's facts the gate mirrors.
+pub fn facts_of(consent: &ConsentRow) -> ConsentFacts {
+    ConsentFacts {
+        tenant_id: consent.tenant_id.clone(),
+        provider_id: consent.provider_id.clone(),
+        status: consent.status,
+        expires_at: consent.expires_at,
+    }
 }
 
 /// SPEC §2 rules 1–2: unknown or another tenant's consent → 404; not active → 403.

@@ -40,6 +40,10 @@ pub enum WriteError {
     /// Another refresh of the consent is still INITIALIZED.
     #[error("another refresh of the consent is in flight")]
     InFlight,
+    /// The consent may not be refreshed: gone, of another tenant, not ACTIVE or
+    /// expired (the gate decided on stale mirrored facts).
+    #[error("the consent may not be refreshed")]
+    ConsentRefused,
     /// The statement of its batch failed (nothing of the batch was written).
     #[error("the admissions could not be written")]
     Failed(#[source] Arc<StoreError>),
@@ -89,6 +93,7 @@ impl AdmissionWriter {
             Ok(Written::Admitted) => Ok(()),
             Ok(Written::StaleGate) => Err(WriteError::StaleGate),
             Ok(Written::InFlight) => Err(WriteError::InFlight),
+            Ok(Written::ConsentRefused) => Err(WriteError::ConsentRefused),
             Err(GroupError::Failed(error)) if matches!(*error, StoreError::InDoubt(_)) => {
                 self.resolve(refresh_id, error).await
             }

@@ -13,8 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use refresh_core::{ConsentId, Outcome, ProviderId, RefreshId, RequestedBy, TenantId};
-use refresh_redis::{GateDecision, GateRequest};
+use refresh_core::{
+    ConsentId, ConsentStatus, Outcome, ProviderId, RefreshId, RequestedBy, TenantId,
+};
+use refresh_redis::{ConsentFacts, GateDecision, GateRequest};
 use refresh_tests::{TestApp, dev_token, spawn_app_with};
 use refreshd::services::Services;
 use serde_json::json;
@@ -321,7 +323,12 @@ async fn raw_gate(gate: &refresh_redis::Gate, budget: Duration) -> Result<f64> {
                 let request = GateRequest {
                     consent_id: ConsentId::from_uuid(Uuid::new_v4()),
                     tenant_id: tenant.clone(),
-                    provider_id: provider.clone(),
+                    facts: Some(ConsentFacts {
+                        tenant_id: tenant.clone(),
+                        provider_id: provider.clone(),
+                        status: ConsentStatus::Active,
+                        expires_at: chrono::Utc::now() + chrono::TimeDelta::days(90),
+                    }),
                     requested_by: RequestedBy::Api,
                     refresh_id: RefreshId::from_uuid(Uuid::now_v7()),
                     count_quota: true,
@@ -888,6 +895,23 @@ pub(crate) async fn run(
         "admission: seeding {CONSENTS} consents over {TENANTS} tenants"
     ));
     let consents = bulk_consents(&app.pg, "bench", CONSENTS).await?;
+    // Registered through the API, each would be mirrored at the gate by its initial
+    // load: mirrored here, so that an admission reads its facts there.
+    let provider = ProviderId::parse("sim")?;
+    let expires_at = chrono::Utc::now() + chrono::TimeDelta::days(90);
+    let facts = consents
+        .iter()
+        .map(|c| {
+            let facts = ConsentFacts {
+                tenant_id: TenantId::parse(&c.tenant)?,
+                provider_id: provider.clone(),
+                status: ConsentStatus::Active,
+                expires_at,
+            };
+            Ok((ConsentId::from_uuid(c.id), Some(facts)))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    services.gate.mirror(&facts).await?;
     let http = Http::new(&app, &ingress.base, &consents)?;
     let mut rest: &[Seeded] = &consents;
     if http_wanted {

@@ -29,6 +29,16 @@ impl StaggerScope {
             Self::Provider => format!("provider.{provider}"),
         }
     }
+
+    /// [`Self::bucket`] when the provider is not known: `None` for
+    /// [`Self::Provider`], which needs it.
+    pub fn bucket_without_provider(self, tenant: &TenantId) -> Option<String> {
+        match self {
+            Self::Global => Some("global".to_owned()),
+            Self::Tenant => Some(format!("tenant.{tenant}")),
+            Self::Provider => None,
+        }
+    }
 }
 
 /// The `stagger` settings: at most `limit` refresh starts in any

@@ -26,6 +26,8 @@ pub enum StoreError {
     Conflict,
     #[error("the gate's state was rebuilt after this admission was decided")]
     StaleGate,
+    #[error("the consent may not be refreshed")]
+    ConsentRefused,
     #[error("a stored value is invalid: {0}")]
     Corrupt(String),
     #[error(transparent)]
@@ -257,6 +259,9 @@ pub enum Written {
     StaleGate,
     /// Another refresh of the consent is still INITIALIZED; nothing written.
     InFlight,
+    /// The consent is gone, of another tenant, not ACTIVE or expired at the
+    /// admission's time (the gate decided on stale facts); nothing written.
+    ConsentRefused,
 }
 
 /// Writes `admissions` in one statement (the function `admit_refreshes`), under the
@@ -314,6 +319,7 @@ pub async fn write_admissions(
                 "written" => Ok(Written::Admitted),
                 "stale" => Ok(Written::StaleGate),
                 "in_flight" => Ok(Written::InFlight),
+                "consent" => Ok(Written::ConsentRefused),
                 other => Err(corrupt(format!("admit_refreshes answered {other:?}"))),
             }
         })
@@ -336,7 +342,8 @@ async fn recorded(
 
 /// Writes one admission ([`write_admissions`]): [`StoreError::StaleGate`] if a gate
 /// rebuild began since its state, `Conflict` when another refresh of the consent is
-/// still INITIALIZED.
+/// still INITIALIZED, [`StoreError::ConsentRefused`] when the consent may not be
+/// refreshed (anymore).
 pub async fn write_admission(
     executor: impl sqlx::PgExecutor<'_>,
     admission: &Admission,
@@ -345,6 +352,7 @@ pub async fn write_admission(
         [Written::Admitted] => Ok(()),
         [Written::StaleGate] => Err(StoreError::StaleGate),
         [Written::InFlight] => Err(StoreError::Conflict),
+        [Written::ConsentRefused] => Err(StoreError::ConsentRefused),
         _ => Err(corrupt("admit_refreshes answered another number of rows")),
     }
 }

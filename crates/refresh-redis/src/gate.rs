@@ -1,4 +1,5 @@
-//! The admission gate (SPEC §2 rules 3–5) and the workers' start slots, as atomic Redis scripts.
+//! The admission gate (SPEC §2 rules 3–5, and 1–2 on the consent's mirrored facts) and
+//! the workers' start slots, as atomic Redis scripts.
 //!
 //! Key layout (every key starts with `{namespace}:`; the `{…}` after it is the
 //! Redis Cluster hash tag, so each script touches one slot):
@@ -6,6 +7,7 @@
 //! | key | type | holds |
 //! | --- | --- | --- |
 //! | `{ns}:{c:<consentId>}:lock` | string, PX lease | the refresh id in flight |
+//! | `{ns}:{c:<consentId>}:facts` | string, PX 7 days | the consent's admission facts as last looked up or written through ([`ConsentFacts`]): `<status> <expiresAt ms> <tenant> <provider>` |
 //! | `{ns}:{c:<consentId>}:q:<rule>` | sorted set | admissions counted by `quota.rules[rule]`: member refresh id, score admission time (ms); expires 24 h after the newest (rolling) or at the next local midnight (calendar day) |
 //! | `{ns}:{stagger:<bucket>}` | string, expires a period after the slot | the last on-demand start slot handed out: `<ms>:<refresh id>` |
 //! | `{ns}:{stagger:<bucket>}:autosync` | string, expires a period after the slot | the last `AUTOSYNC` start slot handed out, likewise |
@@ -33,6 +35,13 @@
 //!
 //! Every record is keyed by the refresh id, so undoing is idempotent, and after a
 //! timeout (when a script may or may not have run) the gate undoes blindly.
+//!
+//! The consent's facts (tenant, provider, status, expiry) are a cache of
+//! PostgreSQL's, checked by the admit scripts first so that an admission needs no
+//! lookup: stored when a caller looked the consent up, and written through when a
+//! consent is registered or changes ([`Gate::mirror`]). Missing or refusing facts
+//! send the caller to the database ([`GateDecision::LookUp`]); facts that admit but
+//! are stale are caught by the admission statement, which checks the consent again.
 
 mod epoch;
 mod lua;
@@ -47,7 +56,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use futures_util::TryStreamExt as _;
 use redis::{ErrorKind, Script, ScriptInvocation, ServerErrorKind, Value};
 use refresh_core::{
-    ConsentId, Problem, ProviderId, QuotaRule, QuotaWindow, RefreshId, RequestedBy,
+    ConsentId, ConsentStatus, Problem, ProviderId, QuotaRule, QuotaWindow, RefreshId, RequestedBy,
     StaggerSettings, TenantId,
 };
 
@@ -70,12 +79,18 @@ pub struct GateConfig {
     pub lease: Duration,
 }
 
-/// One request to admit, after the caller has checked rules 1 and 2 against the database.
+/// One request to admit.
 #[derive(Clone, Debug)]
 pub struct GateRequest {
     pub consent_id: ConsentId,
+    /// The consent's tenant as looked up, or else the caller's: the mirrored facts
+    /// must name it (SPEC §2 rule 1).
     pub tenant_id: TenantId,
-    pub provider_id: ProviderId,
+    /// The consent's facts when the caller looked it up in the database and they
+    /// passed rules 1 and 2: they become the mirror (see [`Gate::mirror`]). `None`:
+    /// the mirrored facts decide rules 1 and 2, and missing or refusing ones answer
+    /// [`GateDecision::LookUp`].
+    pub facts: Option<ConsentFacts>,
     pub requested_by: RequestedBy,
     /// The id the refresh gets if admitted; the lock holds it.
     pub refresh_id: RefreshId,
@@ -83,11 +98,39 @@ pub struct GateRequest {
     pub count_quota: bool,
 }
 
+/// The facts of a consent that SPEC §2 rules 1 and 2 read, mirrored in Redis next to
+/// its lock so that the admit script checks them itself (PostgreSQL stays the
+/// record: the admission statement checks them again).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsentFacts {
+    pub tenant_id: TenantId,
+    pub provider_id: ProviderId,
+    pub status: ConsentStatus,
+    pub expires_at: DateTime<Utc>,
+}
+
+impl ConsentFacts {
+    /// As the admit script reads them: '<status> <expires at, ms> <tenant> <provider>'
+    /// (ids never hold a space).
+    fn encoded(&self) -> String {
+        format!(
+            "{} {} {} {}",
+            self.status.as_str(),
+            self.expires_at.timestamp_millis().max(0),
+            self.tenant_id,
+            self.provider_id
+        )
+    }
+}
+
 /// The gate's answer.
 #[derive(Clone, Debug)]
 pub enum GateDecision {
     Admitted(Ticket),
     Refused(Problem),
+    /// The consent's mirrored facts are missing, or refuse it (rules 1–2): only the
+    /// database can answer. Nothing was consumed; ask again with the facts looked up.
+    LookUp,
 }
 
 /// An admission: the lock is held by `refresh_id`, the quota counted, a start slot taken.
@@ -95,6 +138,8 @@ pub enum GateDecision {
 pub struct Ticket {
     pub refresh_id: RefreshId,
     pub consent_id: ConsentId,
+    /// The consent's provider (as looked up, or as mirrored).
+    pub provider_id: ProviderId,
     /// The start slot.
     pub not_before: DateTime<Utc>,
     /// Redis `TIME` at the decision: the admission time the quota counted.
@@ -226,8 +271,20 @@ enum Gated {
         previous: Option<String>,
         /// The lock already lasts until a lease past the slot.
         held_across: bool,
+        /// The consent's provider, as mirrored.
+        provider: String,
     },
     Refused(Problem),
+    LookUp,
+}
+
+/// What an admission script's reply other than an admission means: a refusal, a
+/// question for the database, or a failure.
+fn not_admitted(reply: AdmitReply, rules: &[&QuotaRule]) -> Result<Gated, GateError> {
+    match reply {
+        AdmitReply::LookUp => Ok(Gated::LookUp),
+        other => refusal(other, rules).map(Gated::Refused),
+    }
 }
 
 /// The refusal (or failure) an admission script's reply other than an admission means.
@@ -242,7 +299,7 @@ fn refusal(reply: AdmitReply, rules: &[&QuotaRule]) -> Result<Problem, GateError
         }
         AdmitReply::Skew { .. } => Err(GateError::skew("admit")),
         AdmitReply::Rebuild => Err(GateError::Rebuilding),
-        AdmitReply::Admitted { .. } => Err(GateError::reply(
+        AdmitReply::LookUp | AdmitReply::Admitted { .. } => Err(GateError::reply(
             "admit",
             "an admission without a start slot",
         )),
@@ -252,6 +309,10 @@ fn refusal(reply: AdmitReply, rules: &[&QuotaRule]) -> Result<Problem, GateError
 /// How far back a rebuild reads admissions: the longest quota window (a calendar
 /// day of 25 h) and a margin for clock skew between hosts.
 pub const REBUILD_LOOKBACK: TimeDelta = TimeDelta::hours(26);
+
+/// How long a consent's mirrored facts live unless written again (the admit scripts'
+/// `FACTS_TTL`): a consent not asked about for a week is looked up again.
+const FACTS_TTL_MS: i64 = 604_800_000;
 
 /// Writes a rebuild has in flight at once.
 const REBUILD_CONCURRENCY: usize = 64;
@@ -361,17 +422,22 @@ impl Gate {
     /// lock and counts first, and is undone if the bucket's script refuses, so in
     /// either case a refusal consumes nothing.
     pub async fn admit(&self, req: &GateRequest) -> Result<GateDecision, GateError> {
+        let scope = self.config.stagger.scope;
+        let bucket = match &req.facts {
+            Some(facts) => scope.bucket(&req.tenant_id, &facts.provider_id),
+            None => match scope.bucket_without_provider(&req.tenant_id) {
+                Some(bucket) => bucket,
+                // The bucket is named before the script runs: a bucket per provider
+                // needs the provider looked up first.
+                None => return Ok(GateDecision::LookUp),
+            },
+        };
         let counted: Vec<usize> = if req.count_quota {
             self.rule_indices(req.requested_by)
         } else {
             Vec::new()
         };
         let rules = self.rules_at(&counted);
-        let bucket = self
-            .config
-            .stagger
-            .scope
-            .bucket(&req.tenant_id, &req.provider_id);
         let autosync = req.requested_by == RequestedBy::Autosync;
         let gated = if self.conn.is_cluster() {
             self.admit_then_take_slot(req, &counted, &rules, &bucket, autosync)
@@ -380,7 +446,7 @@ impl Gate {
             self.admit_with_slot(req, &counted, &rules, &bucket, autosync)
                 .await?
         };
-        let (now, epoch, slot_now, slot, previous, held_across) = match gated {
+        let (now, epoch, slot_now, slot, previous, held_across, provider) = match gated {
             Gated::Admitted {
                 now,
                 epoch,
@@ -388,11 +454,17 @@ impl Gate {
                 slot,
                 previous,
                 held_across,
-            } => (now, epoch, slot_now, slot, previous, held_across),
+                provider,
+            } => (now, epoch, slot_now, slot, previous, held_across, provider),
             Gated::Refused(problem) => return Ok(GateDecision::Refused(problem)),
+            Gated::LookUp => return Ok(GateDecision::LookUp),
         };
-        let times = reply::instant(now).and_then(|n| Ok((n, reply::instant(slot)?)));
-        let (now, not_before) = match times {
+        let times = reply::instant(now).and_then(|n| {
+            let provider = ProviderId::parse(&provider)
+                .map_err(|e| format!("mirrored provider {provider:?}: {e}"))?;
+            Ok((n, reply::instant(slot)?, provider))
+        });
+        let (now, not_before, provider_id) = match times {
             Ok(times) => times,
             Err(detail) => {
                 self.forget_quietly(req.consent_id, req.refresh_id, &counted)
@@ -403,6 +475,7 @@ impl Gate {
         let ticket = Ticket {
             refresh_id: req.refresh_id,
             consent_id: req.consent_id,
+            provider_id,
             not_before,
             now,
             epoch,
@@ -456,6 +529,7 @@ impl Gate {
                 epoch,
                 slot,
                 previous,
+                provider,
             }) => Ok(Gated::Admitted {
                 now,
                 epoch,
@@ -463,8 +537,9 @@ impl Gate {
                 slot,
                 previous,
                 held_across: true,
+                provider,
             }),
-            Ok(AdmitSlotReply::Consent(refused)) => refusal(refused, rules).map(Gated::Refused),
+            Ok(AdmitSlotReply::Consent(refused)) => not_admitted(refused, rules),
             Ok(AdmitSlotReply::Full { retry_after_ms, .. }) => Ok(Gated::Refused(
                 Problem::backlog_full(TimeDelta::milliseconds(retry_after_ms)),
             )),
@@ -495,9 +570,13 @@ impl Gate {
             .eval("admit", &invocation)
             .await
             .and_then(|value| reply::parse_admit(value).map_err(|e| GateError::reply("admit", e)));
-        let (now, epoch) = match decided {
-            Ok(AdmitReply::Admitted { now, epoch }) => (now, epoch),
-            Ok(refused) => return refusal(refused, rules).map(Gated::Refused),
+        let (now, epoch, provider) = match decided {
+            Ok(AdmitReply::Admitted {
+                now,
+                epoch,
+                provider,
+            }) => (now, epoch, provider),
+            Ok(refused) => return not_admitted(refused, rules),
             Err(error) => {
                 if error.may_have_run() {
                     self.forget_quietly(req.consent_id, req.refresh_id, counted)
@@ -518,6 +597,7 @@ impl Gate {
                 slot,
                 previous,
                 held_across: false,
+                provider,
             }),
             Ok(SlotReply::Rebuild) => {
                 // The bucket's slot lost its state, the consent's did not: undo.
@@ -735,6 +815,41 @@ impl Gate {
                 .map(StartDecision::WaitUntil)
                 .map_err(|e| GateError::reply("take_start_slot", e)),
         }
+    }
+
+    /// Writes each consent's facts through to the mirror the admit scripts check
+    /// (`None`: the consent is gone), as registration and every change of a consent
+    /// do once committed. A change whose write-through fails (Redis down) is still
+    /// caught by the admission statement, which checks the consent again; the stale
+    /// facts are replaced by the first lookup they send a request to.
+    pub async fn mirror(
+        &self,
+        consents: &[(ConsentId, Option<ConsentFacts>)],
+    ) -> Result<(), GateError> {
+        futures_util::stream::iter(consents.iter().map(Ok))
+            .try_for_each_concurrent(REBUILD_CONCURRENCY, |(consent, facts)| async move {
+                let key = reply::facts_key(&self.config.namespace, *consent);
+                let mut conn = self.conn.clone();
+                let written = match facts {
+                    Some(facts) => {
+                        redis::cmd("SET")
+                            .arg(key)
+                            .arg(facts.encoded())
+                            .arg("PX")
+                            .arg(FACTS_TTL_MS)
+                            .query_async::<()>(&mut conn)
+                            .await
+                    }
+                    None => {
+                        redis::cmd("DEL")
+                            .arg(key)
+                            .query_async::<()>(&mut conn)
+                            .await
+                    }
+                };
+                written.map_err(|e| classify("mirror", e))
+            })
+            .await
     }
 
     /// Takes the rebuild lock for `owner` for `ttl` if no replica holds it.
@@ -1048,6 +1163,14 @@ impl Gate {
         rules: &[&QuotaRule],
     ) {
         invocation
+            .key(reply::facts_key(&self.config.namespace, req.consent_id))
+            .arg(req.tenant_id.as_str())
+            .arg(
+                req.facts
+                    .as_ref()
+                    .map(ConsentFacts::encoded)
+                    .unwrap_or_default(),
+            )
             .key(reply::lock_key(&self.config.namespace, req.consent_id))
             .arg(req.refresh_id.to_string())
             .arg(self.lease_ms);

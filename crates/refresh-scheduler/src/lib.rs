@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, TimeDelta, Utc};
 use futures_util::StreamExt as _;
 use refresh_admission::{Admitter, Decision, RefreshRequest};
-use refresh_core::{ConsentId, EventId, RefreshError, RequestedBy, error_chain};
+use refresh_core::{ConsentId, ConsentSnapshot, EventId, RefreshError, RequestedBy, error_chain};
 use refresh_pg::{AutosyncClaim, Finish, RemovedData, Retained, Store, StoreError};
-use refresh_redis::Gate;
+use refresh_redis::{ConsentFacts, Gate};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -180,6 +180,23 @@ impl Scheduler {
         outcome.map(|()| report)
     }
 
+    /// The changed consents' facts written through to the gate's mirror.
+    async fn write_through(&self, changed: &[ConsentSnapshot]) {
+        self.admitter
+            .write_through(changed.iter().map(|c| {
+                (
+                    c.consent_id,
+                    ConsentFacts {
+                        tenant_id: c.tenant_id.clone(),
+                        provider_id: c.provider_id.clone(),
+                        status: c.status,
+                        expires_at: c.expires_at,
+                    },
+                )
+            }))
+            .await;
+    }
+
     async fn steps(
         &self,
         now: DateTime<Utc>,
@@ -189,7 +206,9 @@ impl Scheduler {
         let batch = i64::from(self.config.batch_size);
         report.expired = self
             .repeat(stop, || async {
-                let n = self.store.expire_due(now, batch).await?.len() as u64;
+                let expired = self.store.expire_due(now, batch).await?;
+                self.write_through(&expired).await;
+                let n = expired.len() as u64;
                 Ok((n, n as i64 == batch))
             })
             .await?;
@@ -197,11 +216,12 @@ impl Scheduler {
 
         report.inactivated = self
             .repeat(stop, || async {
-                let n = self
+                let inactivated = self
                     .store
                     .inactivate_due(now, DEFAULT_INACTIVATION_DAYS, batch)
-                    .await?
-                    .len() as u64;
+                    .await?;
+                self.write_through(&inactivated).await;
+                let n = inactivated.len() as u64;
                 Ok((n, n as i64 == batch))
             })
             .await?;

@@ -513,7 +513,14 @@ async fn finish_error(
         Finish::Done(_) => {
             deps.metrics
                 .finished("ERROR", Some(code.as_str()), since(job.not_before));
-            info!(refresh_id = %job.refresh_id, code = %code.as_str(), "refresh ERROR")
+            info!(refresh_id = %job.refresh_id, code = %code.as_str(), "refresh ERROR");
+            // The bank revoked or expired the consent: the gate's mirrored facts are
+            // forgotten, so the next request for it asks the database (and is refused).
+            if consent_status.is_some()
+                && let Err(error) = deps.gate.mirror(&[(job.consent_id, None)]).await
+            {
+                warn!(error = %error_chain(&error), "cannot forget the consent's facts at the gate; the admission statement checks them");
+            }
         }
         Finish::Fenced => {
             debug!(refresh_id = %job.refresh_id, "the refresh was finished elsewhere")

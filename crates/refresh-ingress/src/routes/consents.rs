@@ -200,6 +200,10 @@ pub(crate) async fn revoke(
         .set_consent_status(consent.consent_id, ConsentStatus::Revoked, Utc::now())
         .await?;
     let consent = visible_consent(&state, &principal, consent.consent_id).await?;
+    state
+        .admitter
+        .write_through([(consent.consent_id, refresh_admission::facts_of(&consent))])
+        .await;
     let view = consent_view(&state, consent, source(&principal, RequestedBy::Api)).await?;
     Ok(json_response(StatusCode::OK, &view))
 }

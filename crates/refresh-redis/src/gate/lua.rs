@@ -50,9 +50,30 @@ local function usage(key, limit, window, now, day_start, day_stop)
 end
 ";
 
-/// Admission rules 3 and 4 for one consent, as two steps: the check, and (once
-/// every rule passed) the admission recorded.
+/// Admission rules 1 and 2 on the consent's facts as mirrored in Redis (see
+/// `Gate::mirror`), and rules 3 and 4 for one consent, as two steps: the check, and
+/// (once every rule passed) the admission recorded.
 const ADMIT_STEPS: &str = r"
+-- The consent's facts, '<status> <expires at, ms> <tenant> <provider>' (F: their key),
+-- first stored from `seed` when the caller looked them up in the database ('' if
+-- not); kept FACTS_TTL ms. `claimed`: the caller's tenant, '' for an operator.
+-- The provider if rules 1 and 2 pass on them; else nil and {'lookup', now}: the
+-- facts are missing or refuse, and the caller asks the database (the record).
+local FACTS_TTL = 604800000
+local function consent_facts(F, claimed, seed, now)
+  local facts = seed
+  if seed ~= '' then
+    redis.call('SET', F, seed, 'PX', FACTS_TTL)
+  else
+    facts = redis.call('GET', F)
+    if not facts then return nil, {'lookup', now} end
+  end
+  local status, expires, tenant, provider = string.match(facts, '^(%S+) (%d+) (%S+) (%S+)$')
+  if status ~= 'ACTIVE' or tonumber(expires) <= now or (claimed ~= '' and claimed ~= tenant) then
+    return nil, {'lookup', now}
+  end
+  return provider
+end
 -- K[1]: the consent's lock; K[2..n+1]: the quota sets of the rules counting this
 -- request (score = admission time, member = refresh id); K[n+2]: the slot's epoch.
 -- A[1]: refresh id; A[2]: lease (ms); then limit and window of each quota set;
@@ -101,11 +122,15 @@ end
 /// Admission rules 3 and 4 for one consent, and if both pass, the admission
 /// recorded: the consent's half of an admission on a cluster.
 const ADMIT: &str = r"
--- KEYS and ARGV as K and A of admit_check.
+-- KEYS[1]: the consent's facts; ARGV[1..2]: claimed tenant and seed of consent_facts.
+-- KEYS[2..] and ARGV[3..]: K and A of admit_check.
 local now = now_ms()
-local refused, day_start, day_stop = admit_check(KEYS, ARGV, now)
+local provider, lookup = consent_facts(KEYS[1], ARGV[1], ARGV[2], now)
+if not provider then return lookup end
+local K, A = {unpack(KEYS, 2, #KEYS)}, {unpack(ARGV, 3, #ARGV)}
+local refused, day_start, day_stop = admit_check(K, A, now)
 if refused then return refused end
-return {'ok', now, admit_record(KEYS, ARGV, now, day_start, day_stop, ARGV[2])}
+return {'ok', now, admit_record(K, A, now, day_start, day_stop, A[2]), provider}
 ";
 
 /// Undoes [`ADMIT`]; idempotent, because everything it removes is keyed by the refresh id.
@@ -191,11 +216,14 @@ return take_slot(KEYS, ARGV, now_ms())
 /// lock taken (for a lease past the start when that is more than half a lease away)
 /// and the admission counted, so a refusal writes nothing to undo.
 const ADMIT_WITH_SLOT: &str = r"
--- KEYS[1..3] and ARGV[1..5]: take_slot's K and A; KEYS[4..] and ARGV[6..]:
+-- KEYS[1..3] and ARGV[1..5]: take_slot's K and A; KEYS[4], ARGV[6..7]: the consent's
+-- facts, claimed tenant and seed of consent_facts; KEYS[5..] and ARGV[8..]:
 -- admit_check's K and A. Replies as the admit script's, or take_slot's 'full',
--- or {'ok', now, epoch, slot, the class's last slot before it or ''}.
-local admit_keys, admit_args = {unpack(KEYS, 4, #KEYS)}, {unpack(ARGV, 6, #ARGV)}
+-- or {'ok', now, epoch, slot, the class's last slot before it or '', provider}.
+local admit_keys, admit_args = {unpack(KEYS, 5, #KEYS)}, {unpack(ARGV, 8, #ARGV)}
 local now = now_ms()
+local provider, lookup = consent_facts(KEYS[4], ARGV[6], ARGV[7], now)
+if not provider then return lookup end
 local refused, day_start, day_stop = admit_check(admit_keys, admit_args, now)
 if refused then return refused end
 local slot = take_slot(KEYS, ARGV, now)
@@ -204,7 +232,7 @@ if slot[1] ~= 'slot' then return slot end
 local lease, wait = tonumber(admit_args[2]), slot[3] - now
 if wait > lease / 2 then lease = lease + wait end
 local epoch = admit_record(admit_keys, admit_args, now, day_start, day_stop, int(lease))
-return {'ok', now, epoch, slot[3], slot[4]}
+return {'ok', now, epoch, slot[3], slot[4], provider}
 ";
 
 /// Gives a slot back: it no longer keeps other slots away, and its chain moves back

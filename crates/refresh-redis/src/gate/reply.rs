@@ -16,6 +16,11 @@ pub(super) fn lock_key(namespace: &str, consent: ConsentId) -> String {
     format!("{namespace}:{{c:{consent}}}:lock")
 }
 
+/// The consent's admission facts as mirrored ([`super::ConsentFacts`]).
+pub(super) fn facts_key(namespace: &str, consent: ConsentId) -> String {
+    format!("{namespace}:{{c:{consent}}}:facts")
+}
+
 /// The admission times counted by quota rule `rule` (its index in `quota.rules`).
 pub(super) fn quota_key(namespace: &str, consent: ConsentId, rule: usize) -> String {
     format!("{namespace}:{{c:{consent}}}:q:{rule}")
@@ -74,9 +79,16 @@ pub(super) fn instant(ms: i64) -> Result<DateTime<Utc>, String> {
 /// The reply of the admission script.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum AdmitReply {
-    /// Rules 3 and 4 passed: the lock is taken and the admission counted, on the
-    /// state of the rebuild stamped `epoch`.
-    Admitted { now: i64, epoch: i64 },
+    /// Rules 1 to 4 passed: the lock is taken and the admission counted, on the
+    /// state of the rebuild stamped `epoch`; the consent's provider, as mirrored.
+    Admitted {
+        now: i64,
+        epoch: i64,
+        provider: String,
+    },
+    /// The consent's mirrored facts are missing or refuse (rules 1–2): the caller
+    /// asks the database. Nothing was written.
+    LookUp,
     /// Rule 3: `holder` is the refresh id in flight.
     Locked { now: i64, holder: String },
     /// Rule 4: these rules (positions among the counted rules) are exhausted.
@@ -128,8 +140,11 @@ pub(super) enum AdmitSlotReply {
         slot: i64,
         /// The class's last slot before it, to restore when the slot is given back.
         previous: Option<String>,
+        /// The consent's provider, as mirrored.
+        provider: String,
     },
-    /// Rule 3 or 4 refused, or the state is lost (never [`AdmitReply::Admitted`]).
+    /// Rules 1–4 refused or sent to the database, or the state is lost (never
+    /// [`AdmitReply::Admitted`]).
     Consent(AdmitReply),
     /// Rule 5 refused, as [`SlotReply::Full`]; nothing was written.
     Full { now: i64, retry_after_ms: i64 },
@@ -218,12 +233,14 @@ pub(super) fn parse_admit(value: Value) -> Result<AdmitReply, String> {
 fn admit_from(tag: &str, rest: &[Value]) -> Result<AdmitReply, String> {
     match tag {
         "ok" => {
-            arity(tag, rest, 2)?;
+            arity(tag, rest, 3)?;
             Ok(AdmitReply::Admitted {
                 now: int(&rest[0])?,
                 epoch: int(&rest[1])?,
+                provider: text(&rest[2])?,
             })
         }
+        "lookup" => Ok(AdmitReply::LookUp),
         "skew" => {
             arity(tag, rest, 1)?;
             Ok(AdmitReply::Skew {
@@ -294,13 +311,14 @@ pub(super) fn parse_admit_with_slot(value: Value) -> Result<AdmitSlotReply, Stri
     let (tag, rest) = tagged(value)?;
     match tag.as_str() {
         "ok" => {
-            arity(&tag, &rest, 4)?;
+            arity(&tag, &rest, 5)?;
             let previous = text(&rest[3])?;
             Ok(AdmitSlotReply::Admitted {
                 now: int(&rest[0])?,
                 epoch: int(&rest[1])?,
                 slot: int(&rest[2])?,
                 previous: (!previous.is_empty()).then_some(previous),
+                provider: text(&rest[4])?,
             })
         }
         "full" => {
@@ -571,11 +589,16 @@ mod tests {
             }
         };
         check(
-            array(vec![bulk("ok"), Value::Int(17), bulk("1700")]),
+            array(vec![bulk("ok"), Value::Int(17), bulk("1700"), bulk("sim")]),
             Ok(AdmitReply::Admitted {
                 now: 17,
                 epoch: 1700,
+                provider: "sim".to_owned(),
             }),
+        );
+        check(
+            array(vec![bulk("lookup"), Value::Int(17)]),
+            Ok(AdmitReply::LookUp),
         );
         check(
             array(vec![bulk("skew"), Value::Int(17)]),
@@ -631,11 +654,11 @@ mod tests {
         check(array(vec![]), Err("empty"));
         check(Value::Int(1), Err("expected an array"));
         check(
-            array(vec![bulk("ok"), bulk("x"), bulk("1")]),
+            array(vec![bulk("ok"), bulk("x"), bulk("1"), bulk("sim")]),
             Err("expected an integer"),
         );
         check(
-            array(vec![bulk("ok"), Value::Int(1), bulk("x")]),
+            array(vec![bulk("ok"), Value::Int(1), bulk("x"), bulk("sim")]),
             Err("expected an integer"),
         );
         check(
@@ -654,12 +677,14 @@ mod tests {
                 bulk("1700"),
                 Value::Int(12),
                 bulk("9:0190f5d2-6c1a-7b3e-8d4f-0a1b2c3d4e5f"),
+                bulk("sim"),
             ])),
             Ok(AdmitSlotReply::Admitted {
                 now: 10,
                 epoch: 1700,
                 slot: 12,
                 previous: Some("9:0190f5d2-6c1a-7b3e-8d4f-0a1b2c3d4e5f".to_owned()),
+                provider: "sim".to_owned(),
             })
         );
         assert_eq!(
@@ -669,12 +694,14 @@ mod tests {
                 bulk("1700"),
                 Value::Int(10),
                 bulk(""),
+                bulk("sim"),
             ])),
             Ok(AdmitSlotReply::Admitted {
                 now: 10,
                 epoch: 1700,
                 slot: 10,
                 previous: None,
+                provider: "sim".to_owned(),
             })
         );
         assert_eq!(
@@ -697,8 +724,13 @@ mod tests {
         );
         // The consent script's own "ok" (no slot) is not an admission here.
         assert_eq!(
-            parse(array(vec![bulk("ok"), Value::Int(10), bulk("1700")])),
-            Err("\"ok\" reply with 2 values, expected 4".to_owned())
+            parse(array(vec![
+                bulk("ok"),
+                Value::Int(10),
+                bulk("1700"),
+                bulk("sim")
+            ])),
+            Err("\"ok\" reply with 3 values, expected 5".to_owned())
         );
         assert_eq!(
             parse(array(vec![bulk("full"), Value::Int(10)])),
