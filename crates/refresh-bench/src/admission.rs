@@ -82,6 +82,13 @@ pub(crate) async fn bulk_consents(pg: &PgPool, prefix: &str, count: usize) -> Re
     .fetch_all(pg)
     .await
     .context("bulk-insert consents")?;
+    // As autovacuum would (the local PostgreSQL runs without it): otherwise the
+    // first read of each fresh row sets its hint bits, a cost that consents
+    // registered long before an admission do not carry.
+    sqlx::query("VACUUM ANALYZE consents")
+        .execute(pg)
+        .await
+        .context("vacuum the consents")?;
     Ok(rows
         .into_iter()
         .map(|(id, tenant)| Seeded { id, tenant })
