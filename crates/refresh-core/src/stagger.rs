@@ -23,11 +23,8 @@ impl StaggerScope {
     /// The name of the budget a refresh of `tenant` at `provider` draws from,
     /// for use in a key: `global`, `tenant.{tenantId}` or `provider.{providerId}`.
     pub fn bucket(self, tenant: &TenantId, provider: &ProviderId) -> String {
-        match self {
-            Self::Global => "global".to_owned(),
-            Self::Tenant => format!("tenant.{tenant}"),
-            Self::Provider => format!("provider.{provider}"),
-        }
+        self.bucket_without_provider(tenant)
+            .unwrap_or_else(|| format!("provider.{provider}"))
     }
 
     /// [`Self::bucket`] when the provider is not known: `None` for
