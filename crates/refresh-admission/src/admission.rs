@@ -15,13 +15,11 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use refresh_amqp::Broker;
 use refresh_core::{
-    Caller, CloudEvent, ConsentId, EventId, Job, Problem, ProblemCode, RefreshId, RefreshRecord,
-    RejectedRequest, RequestedBy, TenantId, TraceContext, consent_refusal,
+    Caller, CloudEvent, ConsentFacts, ConsentId, EventId, Job, Problem, ProblemCode, RefreshId,
+    RefreshRecord, RejectedRequest, RequestedBy, TenantId, TraceContext, consent_refusal,
 };
 use refresh_pg::{Admission, ConsentRow, KeyAnswer, KeyFence, OutboxEvent, Store, StoreError};
-use refresh_redis::{
-    ConsentFacts, Gate, GateDecision, GateError, GateRequest, QuotaStatus, Ticket,
-};
+use refresh_redis::{Gate, GateDecision, GateError, GateRequest, QuotaStatus, Ticket};
 use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
@@ -157,7 +155,7 @@ impl Admitter {
         let mut gate_request = GateRequest {
             consent_id: request.consent_id,
             tenant_id: tenant,
-            facts: looked.as_ref().map(facts_of),
+            facts: looked.as_ref().map(ConsentRow::facts),
             requested_by: request.requested_by,
             refresh_id: RefreshId::from_uuid(uuid::Uuid::now_v7()),
             count_quota: !request.initial,
@@ -171,7 +169,7 @@ impl Admitter {
                 Err(refused) => return Ok(refused),
             };
             gate_request.tenant_id = consent.tenant_id.clone();
-            gate_request.facts = Some(facts_of(consent));
+            gate_request.facts = Some(consent.facts());
             if matches!(decision, GateDecision::LookUp) {
                 decision = self.admit(&gate_request).await?;
             }
@@ -265,7 +263,7 @@ impl Admitter {
             // refuse_consent answers 404 for a missing consent.
             return Ok(consent.ok_or(Decision::Refused(Problem::consent_not_found())));
         };
-        let facts = consent.as_ref().map(facts_of);
+        let facts = consent.as_ref().map(ConsentRow::facts);
         if let Err(error) = self.gate.mirror(&[(request.consent_id, facts)]).await {
             tracing::warn!(error = %error, consent = %request.consent_id, "cannot write a consent's facts through to the gate");
         }
@@ -537,16 +535,6 @@ enum Enqueue {
     Unavailable(Unavailable),
     /// Whether it was written is unknown: the gate must stay.
     InDoubt(Unavailable),
-}
-
-/// The consent's facts the gate mirrors.
-pub fn facts_of(consent: &ConsentRow) -> ConsentFacts {
-    ConsentFacts {
-        tenant_id: consent.tenant_id.clone(),
-        provider_id: consent.provider_id.clone(),
-        status: consent.status,
-        expires_at: consent.expires_at,
-    }
 }
 
 /// SPEC §2 rules 1–2: unknown or another tenant's consent → 404; not active → 403.

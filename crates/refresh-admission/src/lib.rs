@@ -11,7 +11,7 @@ pub mod relay;
 pub mod writer;
 
 pub use admission::{
-    Admitter, Decision, RefreshRequest, Remember, Unavailable, facts_of, new_trace, trace_or_new,
+    Admitter, Decision, RefreshRequest, Remember, Unavailable, new_trace, trace_or_new,
 };
 pub use group::{Group, GroupError};
 pub use metrics::AdmissionMetrics;

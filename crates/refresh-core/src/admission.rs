@@ -1,8 +1,21 @@
 //! The consent checks of admission rules 1 and 2.
 
-use crate::ids::TenantId;
+use chrono::{DateTime, Utc};
+
+use crate::ids::{ProviderId, TenantId};
 use crate::problem::Problem;
 use crate::status::ConsentStatus;
+
+/// The facts of a consent that rules 1 and 2 read (and the stagger bucket and the
+/// job name), which the gate mirrors in Redis so that its admit script checks them
+/// itself; PostgreSQL's consent row stays the record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsentFacts {
+    pub tenant_id: TenantId,
+    pub provider_id: ProviderId,
+    pub status: ConsentStatus,
+    pub expires_at: DateTime<Utc>,
+}
 
 /// On whose behalf a request is made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -146,6 +146,18 @@ pub struct ConsentSnapshot {
     pub refreshing: bool,
 }
 
+impl ConsentSnapshot {
+    /// What the gate mirrors of the consent.
+    pub fn facts(&self) -> crate::ConsentFacts {
+        crate::ConsentFacts {
+            tenant_id: self.tenant_id.clone(),
+            provider_id: self.provider_id.clone(),
+            status: self.status,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
 impl ConsentStatus {
     /// The segment of the lifecycle event announcing a change to this status
     /// (`revoked`, `expired`, `inactivated`); none for `ACTIVE`.

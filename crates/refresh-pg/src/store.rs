@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use refresh_core::{
-    ConsentId, ConsentStatus, EventId, ProblemCode, ProviderId, RefreshError, RefreshId,
-    RefreshRecord, RefreshStatus, RefreshSummary, RequestedBy, TenantId, TraceContext,
+    ConsentFacts, ConsentId, ConsentStatus, EventId, ProblemCode, ProviderId, RefreshError,
+    RefreshId, RefreshRecord, RefreshStatus, RefreshSummary, RequestedBy, TenantId, TraceContext,
 };
 use secrecy::SecretString;
 use serde_json::Value;
@@ -76,6 +76,18 @@ pub struct ConsentRow {
     pub status: ConsentStatus,
     pub created_at: DateTime<Utc>,
     pub last_refreshed_at: Option<DateTime<Utc>>,
+}
+
+impl ConsentRow {
+    /// What the gate mirrors of the consent.
+    pub fn facts(&self) -> ConsentFacts {
+        ConsentFacts {
+            tenant_id: self.tenant_id.clone(),
+            provider_id: self.provider_id.clone(),
+            status: self.status,
+            expires_at: self.expires_at,
+        }
+    }
 }
 
 /// A consent to register.

@@ -56,7 +56,7 @@ use chrono::{DateTime, TimeDelta, Utc};
 use futures_util::TryStreamExt as _;
 use redis::{ErrorKind, Script, ScriptInvocation, ServerErrorKind, Value};
 use refresh_core::{
-    ConsentId, ConsentStatus, Problem, ProviderId, QuotaRule, QuotaWindow, RefreshId, RequestedBy,
+    ConsentFacts, ConsentId, Problem, ProviderId, QuotaRule, QuotaWindow, RefreshId, RequestedBy,
     StaggerSettings, TenantId,
 };
 
@@ -98,29 +98,16 @@ pub struct GateRequest {
     pub count_quota: bool,
 }
 
-/// The facts of a consent that SPEC §2 rules 1 and 2 read, mirrored in Redis next to
-/// its lock so that the admit script checks them itself (PostgreSQL stays the
-/// record: the admission statement checks them again).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ConsentFacts {
-    pub tenant_id: TenantId,
-    pub provider_id: ProviderId,
-    pub status: ConsentStatus,
-    pub expires_at: DateTime<Utc>,
-}
-
-impl ConsentFacts {
-    /// As the admit script reads them: '<status> <expires at, ms> <tenant> <provider>'
-    /// (ids never hold a space).
-    fn encoded(&self) -> String {
-        format!(
-            "{} {} {} {}",
-            self.status.as_str(),
-            self.expires_at.timestamp_millis().max(0),
-            self.tenant_id,
-            self.provider_id
-        )
-    }
+/// A consent's facts as the admit script reads them: '<status> <expires at, ms>
+/// <tenant> <provider>' (ids never hold a space).
+fn encoded(facts: &ConsentFacts) -> String {
+    format!(
+        "{} {} {} {}",
+        facts.status.as_str(),
+        facts.expires_at.timestamp_millis().max(0),
+        facts.tenant_id,
+        facts.provider_id
+    )
 }
 
 /// The gate's answer.
@@ -309,10 +296,6 @@ fn refusal(reply: AdmitReply, rules: &[&QuotaRule]) -> Result<Problem, GateError
 /// How far back a rebuild reads admissions: the longest quota window (a calendar
 /// day of 25 h) and a margin for clock skew between hosts.
 pub const REBUILD_LOOKBACK: TimeDelta = TimeDelta::hours(26);
-
-/// How long a consent's mirrored facts live unless written again (the admit scripts'
-/// `FACTS_TTL`): a consent not asked about for a week is looked up again.
-const FACTS_TTL_MS: i64 = 604_800_000;
 
 /// Writes a rebuild has in flight at once.
 const REBUILD_CONCURRENCY: usize = 64;
@@ -834,9 +817,9 @@ impl Gate {
                     Some(facts) => {
                         redis::cmd("SET")
                             .arg(key)
-                            .arg(facts.encoded())
+                            .arg(encoded(facts))
                             .arg("PX")
-                            .arg(FACTS_TTL_MS)
+                            .arg(lua::FACTS_TTL_MS)
                             .query_async::<()>(&mut conn)
                             .await
                     }
@@ -1165,12 +1148,7 @@ impl Gate {
         invocation
             .key(reply::facts_key(&self.config.namespace, req.consent_id))
             .arg(req.tenant_id.as_str())
-            .arg(
-                req.facts
-                    .as_ref()
-                    .map(ConsentFacts::encoded)
-                    .unwrap_or_default(),
-            )
+            .arg(req.facts.as_ref().map(encoded).unwrap_or_default())
             .key(reply::lock_key(&self.config.namespace, req.consent_id))
             .arg(req.refresh_id.to_string())
             .arg(self.lease_ms);

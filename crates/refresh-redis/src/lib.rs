@@ -9,7 +9,8 @@ mod session;
 
 pub use conn::{ConnectionManager, RedisError, RedisSettings, connect, delete_namespace, health};
 pub use gate::{
-    AdmittedRefresh, ConsentFacts, Gate, GateConfig, GateDecision, GateError, GateRequest,
-    QuotaStatus, REBUILD_LOOKBACK, RebuildReport, START_MARGIN_MS, StartDecision, Ticket,
+    AdmittedRefresh, Gate, GateConfig, GateDecision, GateError, GateRequest, QuotaStatus,
+    REBUILD_LOOKBACK, RebuildReport, START_MARGIN_MS, StartDecision, Ticket,
 };
+pub use refresh_core::ConsentFacts;
 pub use session::Sessions;

@@ -28,7 +28,7 @@ use futures_util::StreamExt as _;
 use refresh_admission::{Admitter, Decision, RefreshRequest};
 use refresh_core::{ConsentId, ConsentSnapshot, EventId, RefreshError, RequestedBy, error_chain};
 use refresh_pg::{AutosyncClaim, Finish, RemovedData, Retained, Store, StoreError};
-use refresh_redis::{ConsentFacts, Gate};
+use refresh_redis::Gate;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -183,17 +183,7 @@ impl Scheduler {
     /// The changed consents' facts written through to the gate's mirror.
     async fn write_through(&self, changed: &[ConsentSnapshot]) {
         self.admitter
-            .write_through(changed.iter().map(|c| {
-                (
-                    c.consent_id,
-                    ConsentFacts {
-                        tenant_id: c.tenant_id.clone(),
-                        provider_id: c.provider_id.clone(),
-                        status: c.status,
-                        expires_at: c.expires_at,
-                    },
-                )
-            }))
+            .write_through(changed.iter().map(|c| (c.consent_id, c.facts())))
             .await;
     }
 

@@ -202,7 +202,7 @@ pub(crate) async fn revoke(
     let consent = visible_consent(&state, &principal, consent.consent_id).await?;
     state
         .admitter
-        .write_through([(consent.consent_id, refresh_admission::facts_of(&consent))])
+        .write_through([(consent.consent_id, consent.facts())])
         .await;
     let view = consent_view(&state, consent, source(&principal, RequestedBy::Api)).await?;
     Ok(json_response(StatusCode::OK, &view))

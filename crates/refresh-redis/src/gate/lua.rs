@@ -56,10 +56,9 @@ end
 const ADMIT_STEPS: &str = r"
 -- The consent's facts, '<status> <expires at, ms> <tenant> <provider>' (F: their key),
 -- first stored from `seed` when the caller looked them up in the database ('' if
--- not); kept FACTS_TTL ms. `claimed`: the caller's tenant, '' for an operator.
+-- not); kept FACTS_TTL ms (set by `facts_ttl`). `claimed`: the caller's tenant, '' for an operator.
 -- The provider if rules 1 and 2 pass on them; else nil and {'lookup', now}: the
 -- facts are missing or refuse, and the caller asks the database (the record).
-local FACTS_TTL = 604800000
 local function consent_facts(F, claimed, seed, now)
   local facts = seed
   if seed ~= '' then
@@ -379,6 +378,16 @@ enum WhenFull {
     ReadsOnly,
 }
 
+/// How long a consent's mirrored facts live unless written again: a consent not
+/// asked about for a week is looked up again.
+pub(super) const FACTS_TTL_MS: i64 = 604_800_000;
+
+/// [`FACTS_TTL_MS`] for the admit scripts, so that they and `Gate::mirror` keep
+/// facts equally long.
+fn facts_ttl() -> String {
+    format!("\nlocal FACTS_TTL = {FACTS_TTL_MS}\n")
+}
+
 fn script(when_full: WhenFull, parts: &[&str]) -> Script {
     let shebang = match when_full {
         Refused => "#!lua\n",
@@ -391,7 +400,7 @@ fn script(when_full: WhenFull, parts: &[&str]) -> Script {
 }
 
 pub(super) static ADMIT_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| script(Refused, &[PRELUDE, QUOTA, ADMIT_STEPS, ADMIT]));
+    LazyLock::new(|| script(Refused, &[PRELUDE, &facts_ttl(), QUOTA, ADMIT_STEPS, ADMIT]));
 pub(super) static RELEASE_ADMISSION_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| script(Runs, &[RELEASE_ADMISSION]));
 pub(super) static COUNTED_BEFORE_SCRIPT: LazyLock<Script> =
@@ -401,7 +410,14 @@ pub(super) static TAKE_SLOT_SCRIPT: LazyLock<Script> =
 pub(super) static ADMIT_WITH_SLOT_SCRIPT: LazyLock<Script> = LazyLock::new(|| {
     script(
         Refused,
-        &[PRELUDE, QUOTA, ADMIT_STEPS, TAKE_SLOT_STEP, ADMIT_WITH_SLOT],
+        &[
+            PRELUDE,
+            &facts_ttl(),
+            QUOTA,
+            ADMIT_STEPS,
+            TAKE_SLOT_STEP,
+            ADMIT_WITH_SLOT,
+        ],
     )
 });
 pub(super) static RETURN_SLOT_SCRIPT: LazyLock<Script> =
